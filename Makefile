@@ -1,0 +1,37 @@
+# Two commands from a fresh clone:  `make demo` (the main job on the embedded digits data) and `make test`.
+# Both create or reuse the virtualenv $(VENV) and install what they need into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+# CPU-friendly torch pins per machine type (any torch>=2.2 works; these are the tested ones)
+TORCH_x86_64 := torch==2.14.1 torchvision==0.29.1
+TORCH_aarch64 := torch==2.9.1 torchvision==0.24.1
+TORCH := $(or $(TORCH_$(ARCH)),torch torchvision)
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test test-all bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/symstitch zoo --arch resnet20 --seeds 0-1 --out $(DEMO_OUT)/zoo \
+		--config configs/zoo/resnet20.yaml --data configs/data/digits.yaml --trainer.max_epochs 15
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+bench: install
+	$(PY) experiments/benchmarks/data.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

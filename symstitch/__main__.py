@@ -1,0 +1,5 @@
+import sys
+
+from symstitch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: every test runs in its own folder with a clean distributed / W&B environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WANDB_MODE", "WANDB_SILENT", "WANDB_API_KEY", "LOCAL_RANK",
+             "NODE_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Run in a fresh folder; restore the environment Lightning and W&B write into."""
+    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc W&B login leaks in
+    (tmp_path / "home").mkdir()
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a ``python -m symstitch`` subprocess: no W&B login, no leftover DDP variables."""
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+    env["HOME"] = str(tmp_path / "home")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
