@@ -49,6 +49,7 @@ def _make_cli_class():
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
+    from symstitch.checkpoints import read_checkpoint
     from symstitch.data import DataModule, dataset_info
 
     class SymstitchCLI(LightningCLI):
@@ -69,6 +70,13 @@ def _make_cli_class():
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults({"model": {"class_path": "symstitch.training.ClassifierModule"}})
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            cfg = self.config.get(self.config.get("subcommand")) if self.config.get("subcommand") else self.config
+            ckpt_path = cfg.get("ckpt_path") if cfg is not None else None
+            if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+                read_checkpoint(ckpt_path)  # a clear CheckpointError before Lightning unpickles it
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -122,6 +130,7 @@ def build_cli(args: Optional[Sequence[str]] = None, run: bool = True):
     """A :class:`SymstitchCLI` (run=False: parsed and instantiated, nothing trained yet)."""
     import warnings
 
+    default_wandb_offline()
     with warnings.catch_warnings():
         # args given from Python (tests, the zoo) while sys.argv holds another program's options
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -160,9 +169,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         build_cli(None if from_sys else argv)
+    except user_errors() as err:
+        print(f"symstitch: error: {err}", file=sys.stderr)
+        return 2
     finally:
         finish_wandb()
     return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as one message, without a traceback."""
+    from symstitch.checkpoints import CheckpointError
+    from symstitch.data import DatasetChecksumError, DatasetNotFoundError
+
+    return (CheckpointError, DatasetNotFoundError, DatasetChecksumError)
 
 
 if __name__ == "__main__":

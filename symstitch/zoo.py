@@ -208,7 +208,27 @@ def main(argv: Sequence[str]) -> int:
         parser.error(f"unknown architecture {args.arch!r}; available: {', '.join(models.available())}")
     entries = train_zoo(args.arch, parse_seeds(args.seeds), args.out, fit_args)
     _print_table(entries, Path(args.out) / MANIFEST)
+    figure = plot_library(Path(args.out), args.arch)
+    if figure:
+        print(f"zoo: training curves in {figure}")
     return 0
+
+
+def plot_library(out: Path, arch: str) -> Optional[Path]:
+    """``<out>/<arch>_curves.png``: train and validation accuracy per epoch of every seed of ``arch``."""
+    from symstitch.plots import training_curves
+
+    runs, datasets = {}, set()
+    for key, entry in Manifest(out).load().items():
+        if entry["arch"] == arch:
+            logs = sorted((out / key).glob("fit/version_*/metrics.csv"))
+            if logs:
+                runs[f"seed {entry['seed']} (test {entry['test_acc']:.3f})"] = logs[-1]
+                datasets.add(entry["dataset"])
+    if not runs:
+        return None
+    dataset = ", ".join(sorted(datasets))
+    return training_curves(runs, out / f"{arch}_curves.png", title=f"{arch} on {dataset}")
 
 
 def _print_table(entries: list[dict], manifest_path: Path) -> None:

@@ -42,12 +42,24 @@ def test_bad_config_key_is_a_clear_error(capsys):
     assert "batchsize" in capsys.readouterr().err
 
 
-def test_missing_cifar_names_folder_and_flag(tmp_path):
-    with pytest.raises(DatasetNotFoundError) as err:
-        main(["fit", "--data.dataset", "cifar10", "--data.root", str(tmp_path / "nowhere"), *TINY, *QUIET,
-              "--trainer.max_epochs", "1", "--trainer.logger", "false"])
-    message = str(err.value)
+def test_missing_cifar_names_folder_and_flag(tmp_path, capsys):
+    code = main(["fit", "--data.dataset", "cifar10", "--data.root", str(tmp_path / "nowhere"), *TINY, *QUIET,
+                 "--trainer.max_epochs", "1", "--trainer.logger", "false"])
+    message = capsys.readouterr().err
+    assert code == 2 and message.startswith("symstitch: error:") and "Traceback" not in message
     assert str(tmp_path / "nowhere") in message and "--data.download true" in message
+    with pytest.raises(DatasetNotFoundError):  # the Python API raises the typed error
+        DataModule(dataset="cifar10", root=str(tmp_path / "nowhere")).setup()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\x80\x04K\x01."])
+def test_bad_checkpoint_path_is_a_clear_error(tmp_path, capsys, content):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    code = main(["fit", "--data.dataset", "digits", *TINY, *QUIET, "--trainer.max_epochs", "1",
+                 "--trainer.logger", "false", "--ckpt_path", str(bad)])
+    message = capsys.readouterr().err
+    assert code == 2 and str(bad) in message and "Traceback" not in message
 
 
 def test_fit_end_to_end_csv_and_offline_wandb(tmp_path, monkeypatch):
@@ -93,7 +105,6 @@ def test_ddp_two_ranks_end_identical(tmp_path):
     assert tensor_digest(module_params) == report["ranks"][1]["parameters"]
 
 
-@pytest.mark.slow
 def test_acceptance_resnet20_digits_95(tmp_path):
     """README acceptance: ResNet-20, the zoo config, digits, 15 epochs → ≥ 95 % test accuracy."""
     main(["fit", "--config", str(CONFIGS / "zoo/resnet20.yaml"), "--data.dataset", "digits",
