@@ -80,6 +80,11 @@ class StagedNet(nn.Module):
         return [(p, self.get_submodule(path)) for p, path in self._stage_paths]
 
     @property
+    def num_classes(self) -> int:
+        """Output size: that of the last ``nn.Linear`` of the head."""
+        return [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+    @property
     def head(self) -> nn.Module:
         return self.get_submodule(self._head_path)
 
