@@ -25,10 +25,10 @@ demo: install
 		--config configs/zoo/resnet20.yaml --data configs/data/digits.yaml --trainer.max_epochs 15
 
 test: install
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 test-all: install
-	$(PY) -m pytest -q -m ""
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m ""
 
 bench: install
 	$(PY) experiments/benchmarks/data.py

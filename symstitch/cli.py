@@ -32,6 +32,20 @@ def _zoo(argv: Sequence[str]) -> int:
 COMMANDS.register("zoo")(_zoo)
 
 
+@COMMANDS.register("check")
+def _check(argv: Sequence[str]) -> int:
+    from symstitch.check import main as check_main
+
+    return check_main(argv)
+
+
+@COMMANDS.register("projection")
+def _projection(argv: Sequence[str]) -> int:
+    from symstitch.projection import main as projection_main
+
+    return projection_main(argv)
+
+
 def trainer_defaults() -> dict:
     """Defaults for every trainer: CSV + W&B logging, bf16 autocast on GPU, DDP consistency checks."""
     from symstitch.callbacks import DDPConsistency
@@ -150,6 +164,8 @@ library:
 
 DESCRIPTIONS = {
     "zoo": "train many seeds of an architecture into a model library with a manifest",
+    "check": "sanity report: a random symmetry g applied at every point preserves the function",
+    "projection": "the projection experiment: insert G_σ / orthogonal matrices per layer, retrain, plot",
 }
 
 

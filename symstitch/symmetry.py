@@ -392,6 +392,15 @@ def _sites(model: StagedNet) -> dict[str, Site]:
     return {}
 
 
+def next_layer(model: StagedNet, point: str) -> nn.Module:
+    """The layer holding W_{l+1}, the one that can absorb φ_σ(g)^{-1} for a g acting at ``point``."""
+    sites = _sites(model)
+    if point not in sites:
+        raise ValueError(f"no weight-space action at {point!r} of {type(model).__name__}; it is defined at: "
+                         + (", ".join(sites) or "(none)"))
+    return sites[point].next_layer
+
+
 def actionable_points(model: StagedNet) -> tuple[str, ...]:
     """The feature points of ``model`` where :func:`act` is defined, in forward order."""
     return tuple(_sites(model))
