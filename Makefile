@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARCH := $(shell uname -m)
-# CPU-friendly torch pins per machine type (any torch>=2.2 works; these are the tested ones)
+# tested torch pins per machine type (any torch>=2.2 works; on a GPU machine install the CUDA build you need first)
 TORCH_x86_64 := torch==2.14.1 torchvision==0.29.1
 TORCH_aarch64 := torch==2.9.1 torchvision==0.24.1
 TORCH := $(or $(TORCH_$(ARCH)),torch torchvision)

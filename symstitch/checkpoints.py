@@ -31,11 +31,11 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path} was refused by the weights-only loader (it holds objects other than tensors and plain "
-            f"containers, so it was not unpickled): {first}"
+            f"{path} was refused by the weights-only loader: it is not a PyTorch checkpoint of tensors and "
+            "plain containers (a corrupt file, another format, or one that asks to import code); nothing in "
+            "it was run"
         ) from None
     except Exception as err:  # garbage bytes fail in many ways inside the unpickler (IndexError, EOFError, …)
         raise CheckpointError(

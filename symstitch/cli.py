@@ -52,6 +52,7 @@ def trainer_defaults() -> dict:
 
     return {
         "default_root_dir": DEFAULT_RUN_DIR,
+        "max_epochs": 30,
         "logger": default_loggers("fit"),
         "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
         "callbacks": [DDPConsistency()],  # persistent: always present, whatever the config says
@@ -101,24 +102,37 @@ def _make_cli_class():
             # `--trainer.default_root_dir X` moves the default loggers' folders too
             root = cfg.trainer.default_root_dir
             loggers = cfg.trainer.logger
-            if root and root != DEFAULT_RUN_DIR and isinstance(loggers, list):
-                for lg in loggers:
-                    args_ = lg.get("init_args") if hasattr(lg, "get") else None
-                    if args_ is not None and args_.get("save_dir") == DEFAULT_RUN_DIR:
-                        args_.save_dir = root
+            for lg in loggers if isinstance(loggers, list) else []:
+                args_ = lg.get("init_args") if hasattr(lg, "get") else None
+                if args_ is None or not args_.get("save_dir"):
+                    continue
+                if root and root != DEFAULT_RUN_DIR and args_.save_dir == DEFAULT_RUN_DIR:
+                    args_.save_dir = root
+                # absolute: W&B's long-lived service process resolves relative folders in its own cwd
+                args_.save_dir = os.path.abspath(args_.save_dir)
 
         def after_fit(self) -> None:
+            from lightning.pytorch.utilities.model_helpers import is_overridden
+
             trainer = self.trainer
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            if is_overridden("test_step", self.model) and self.datamodule is not None:
+                # the final network on the test split (the validation split may be carved from train)
+                (tested,) = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+                metrics.update({k: float(v) for k, v in tested.items()})
             log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
             if trainer.is_global_zero and log_dir:
                 result = {
-                    "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+                    "metrics": metrics,
                     "checkpoint": (trainer.checkpoint_callback.best_model_path or None)
                     if trainer.checkpoint_callback
                     else None,
                     "epochs": trainer.current_epoch,
                     "global_step": trainer.global_step,
                 }
+                summary = getattr(self.model, "summary", None)
+                if callable(summary):  # e.g. the stitching layer learned: permutation, scales, sparsity
+                    result["model"] = summary()
                 out = Path(log_dir) / "result.json"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_suffix(".json.tmp")
@@ -177,16 +191,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         commands = "\n".join(f"  {name:<11} {DESCRIPTIONS.get(name, '')}" for name in COMMANDS)
         print(USAGE.format(commands=commands))
         return 0 if argv else 2
-    if argv[0] in COMMANDS:
-        return COMMANDS.get(argv[0])(argv[1:]) or 0
-    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+    if argv[0] not in COMMANDS and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         known = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
         print(f"symstitch: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
         return 2
     try:
+        if argv[0] in COMMANDS:
+            return COMMANDS.get(argv[0])(argv[1:]) or 0
         build_cli(None if from_sys else argv)
     except user_errors() as err:
-        print(f"symstitch: error: {err}", file=sys.stderr)
+        if os.environ.get("SYMSTITCH_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"symstitch: error: {message}\n(set SYMSTITCH_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     finally:
         finish_wandb()
@@ -194,11 +211,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: printed as one message, without a traceback."""
+    """Errors that are the user's to fix (bad names, paths, files, settings): one message, no traceback.
+
+    Unknown registry names raise KeyError and invalid settings ValueError, both with messages that say
+    what is valid; ``SYMSTITCH_DEBUG=1`` shows the traceback anyway.
+    """
     from symstitch.checkpoints import CheckpointError
     from symstitch.data import DatasetChecksumError, DatasetNotFoundError
 
-    return (CheckpointError, DatasetNotFoundError, DatasetChecksumError)
+    return (CheckpointError, DatasetNotFoundError, DatasetChecksumError, KeyError, ValueError)
 
 
 if __name__ == "__main__":

@@ -519,11 +519,23 @@ class DataModule(pl.LightningDataModule):
         self.setup()
         return self._eval_loader(self.test_set)
 
+    def _rank_generator(self, device: torch.device) -> Optional[torch.Generator]:
+        """Under several processes, a generator per rank: every rank runs with the same global seed, and
+        would otherwise draw the same shifts and flips for the same batch positions. ``None`` (the global
+        generator, seeded by ``seed_everything``) in a single process."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        if getattr(self, "_generator", None) is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(torch.initial_seed() + 7919 * trainer.global_rank)
+        return self._generator
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """On the device: augment training batches, then normalise every batch to float32."""
         x, y = batch
         if self.trainer is not None and self.trainer.training:
             x = augment_batch(
-                x, padding=self.crop_padding, flip=self.flip, cutout=self.cutout, channels_last=self.channels_last
+                x, padding=self.crop_padding, flip=self.flip, cutout=self.cutout, channels_last=self.channels_last,
+                generator=self._rank_generator(x.device),
             )
         return normalize_batch(x, self.mean, self.std, self.channels_last), y

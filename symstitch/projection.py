@@ -10,6 +10,11 @@ convolution and BatchNorm, right before σ), freeze every layer up to l and retr
 - M Haar-random orthogonal: σ(M z) is in general not a linear function of σ(z), so nothing guarantees it;
 - M = I: the control, retraining alone.
 
+SPEC §4 says "after the convolution of layer l"; where BatchNorm sits between the convolution and σ, M goes
+after the BatchNorm, so that it meets σ directly and the intertwiner identity applies exactly (inserted
+between the convolution and BatchNorm, M would be followed by a per-channel affine map first). For the
+networks without BatchNorm the two places coincide.
+
 What is retrained is chosen by name: ``rest`` (SPEC §4: every layer after l) or ``next`` (only the layer
 right after l, W_{l+1}: the sharpest form of the test, since that single linear map can absorb a G_σ
 insertion exactly, W_{l+1} φ_σ(M)^{-1}, but not an orthogonal one).
@@ -249,7 +254,8 @@ def run_grid(
     with Progress() as progress:
         task = progress.add_task("projection cells", total=len(cells))
         for source, ckpt, point, kind, repeat in cells:
-            cell_dir = out / "cells" / source / f"{retrain}-{point}" / f"{kind}-r{repeat}"
+            # every setting that changes a cell's outcome is in its path: other settings, other cells
+            cell_dir = out / "cells" / source / f"{retrain}-e{epochs}-lr{lr:g}" / point / f"{kind}-r{repeat}"
             result = cell_dir / "result.json"
             if not result.exists():
                 clean_file = out / "cells" / source / "clean.json"
@@ -372,22 +378,24 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--lr", type=float, default=0.05, help="retraining learning rate (SGD, cosine)")
     parser.add_argument("--retrain", choices=["rest", "next"], default="rest",
                         help="retrain every layer after l (rest, SPEC §4) or only the next one (next)")
-    parser.add_argument("--data-root", default="data", help="dataset folder (for CIFAR)")
     parser.add_argument("--out", default="runs/projection", help="results folder")
     args, fit_args = parser.parse_known_args(argv)
     from symstitch.zoo import Manifest, key_of, train_zoo
 
-    sources, datasets = {}, set()
+    import yaml
+
+    sources, data = {}, []
     for arch in args.models.split(","):
         (entry,) = train_zoo(arch, [args.seed], args.zoo, fit_args)
         sources[key_of(arch, args.seed).replace("/", "-")] = Manifest(args.zoo).checkpoint(entry)
-        datasets.add(entry["dataset"])
-    if len(datasets) != 1:
-        parser.error(f"the networks were trained on different datasets: {sorted(datasets)}")
+        trained_on = yaml.safe_load((Path(args.zoo) / entry["config"]).read_text())["data"]
+        data.append({"dataset": trained_on["dataset"], "root": trained_on.get("root", "data")})
+    if any(d != data[0] for d in data):
+        parser.error(f"the networks were trained on different data: {data}")
     records = run_grid(
         sources, Path(args.out), kinds=args.kinds.split(","),
         points=None if args.points == "all" else args.points.split(","), repeats=args.repeats,
-        epochs=args.epochs, lr=args.lr, retrain=args.retrain, data={"dataset": datasets.pop(), "root": args.data_root},
+        epochs=args.epochs, lr=args.lr, retrain=args.retrain, data=data[0],
     )
     paths = write_report(records, Path(args.out))
     print(Path(paths["md"]).read_text())

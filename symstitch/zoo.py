@@ -28,7 +28,10 @@ import yaml
 MANIFEST = "manifest.json"
 
 #: Config keys that do not change the trained network (left out of the configuration hash).
-_NOT_HASHED = ("seed_everything", "trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar")
+_NOT_HASHED = (
+    "seed_everything", "trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "data.root", "data.download", "data.num_workers", "data.verify_checksums",
+)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -80,11 +83,11 @@ class Manifest:
         except (json.JSONDecodeError, KeyError) as err:
             raise ValueError(f"{self.path} is not a symstitch zoo manifest: {err}") from None
 
-    def add(self, key: str, entry: dict) -> bool:
-        """Record ``entry``; False (and nothing written) when ``key`` is already there."""
+    def add(self, key: str, entry: dict, replace: bool = False) -> bool:
+        """Record ``entry``; False (and nothing written) when ``key`` is already there, unless ``replace``."""
         with self.locked():
             models = self.load()
-            if key in models:
+            if key in models and not replace:
                 return False
             models[key] = entry
             write_atomic(self.path, json.dumps({"models": dict(sorted(models.items()))}, indent=2) + "\n")
@@ -141,11 +144,16 @@ def train_seed(arch: str, seed: int, out: Path, fit_args: Sequence[str], expecte
                 f"{out} already holds {arch} models trained with another configuration (hash "
                 f"{expected_hash}, this run {digest}); a library must not mix them: use another --out"
             )
+        trainer = cli.trainer
+        if trainer.world_size > 1:
+            raise ValueError(
+                "symstitch zoo trains one process per seed; for several devices per seed run `symstitch fit` "
+                "once per seed (e.g. a SLURM array), or run several zoo processes on disjoint --seeds"
+            )
         if seed_dir.exists():
             print(f"zoo: discarding the unfinished run in {seed_dir}")
             shutil.rmtree(seed_dir)
         seed_dir.mkdir(parents=True)
-        trainer = cli.trainer
         trainer.fit(cli.model, datamodule=cli.datamodule)
         tested = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         if not trainer.is_global_zero:
@@ -185,7 +193,8 @@ def train_zoo(arch: str, seeds: Sequence[int], out: Path | str, fit_args: Sequen
         if not entry:
             continue
         reference = reference or entry["config_hash"]
-        if not manifest.add(key_of(arch, seed), entry):
+        stale = key_of(arch, seed) in done  # recorded, but its checkpoint had gone missing: retrained
+        if not manifest.add(key_of(arch, seed), entry, replace=stale):
             print(f"zoo: {key_of(arch, seed)} was recorded by another process meanwhile; kept that one")
     done = manifest.load()
     return [done[key_of(arch, s)] for s in seeds if key_of(arch, s) in done]

@@ -82,6 +82,7 @@ def test_fit_end_to_end_csv_and_offline_wandb(tmp_path, monkeypatch):
         pred = net(normalize_batch(dm.test_set.x, dm.mean, dm.std)).argmax(1)
     acc = (pred == dm.test_set.y).float().mean().item()
     assert result["metrics"]["val/acc"] == pytest.approx(acc, abs=1e-6)
+    assert result["metrics"]["test/acc"] == pytest.approx(acc, abs=1e-6)  # val_split 0: the same split
     assert acc > 0.7
 
 
@@ -110,4 +111,4 @@ def test_acceptance_resnet20_digits_95(tmp_path):
     main(["fit", "--config", str(CONFIGS / "zoo/resnet20.yaml"), "--data.dataset", "digits",
           "--trainer.max_epochs", "15", "--config", str(CONFIGS / "logger/csv.yaml"), *QUIET])
     result = json.loads(Path("runs/fit/version_0/result.json").read_text())
-    assert result["metrics"]["val/acc"] >= 0.95
+    assert result["metrics"]["test/acc"] >= 0.95

@@ -14,6 +14,8 @@ from symstitch.projection import ProjectionModule, projection_points, run_grid, 
 from symstitch.symmetry import feature, intertwiner_group, monomial_inverse, next_layer
 from symstitch.training import ClassifierModule
 
+from .conftest import CONFIGS
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -88,7 +90,7 @@ def test_grid_is_resumable_and_reported(trained, tmp_path, monkeypatch):
     for r in records:
         if r["matrix"] == "identity":  # inserting I changes nothing before retraining
             assert r["inserted_acc"] == pytest.approx(r["clean_acc"], abs=1e-9)
-    assert len(list(out.glob("cells/relu-net/*/*/result.json"))) == 4
+    assert len(list(out.glob("cells/relu-net/rest-e1-lr0.05/*/*/result.json"))) == 4
 
     def no_work(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
@@ -107,3 +109,17 @@ def test_points(trained):
 
     assert projection_points(models.build("mcnn", width=0.25)) == ("layer1.act", "layer2.act", "layer3.act", "layer4.act")
     assert projection_points(models.build("resnet20", width=0.25))[:2] == ("stem.act", "layer1.0.act2")
+
+
+@pytest.mark.slow
+def test_acceptance_group_insertions_recover_on_digits(tmp_path):
+    """Issue acceptance: G_ReLU insertions come back to the clean accuracy (within 1 point) at every layer."""
+    from symstitch.projection import main
+
+    assert main(["--models", "mcnn", "--kinds", "group", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"),
+                 "--data.dataset", "digits", "--model.arch_kwargs", "{width: 0.5}", "--trainer.max_epochs", "20",
+                 "--config", str(CONFIGS / "logger/csv.yaml"), "--trainer.enable_progress_bar", "false"]) == 0
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("cells/*/*/*/*/result.json")]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["recovered_acc"] >= r["clean_acc"] - 0.01, r

@@ -70,6 +70,36 @@ def test_table_row_intertwines(name, kw, kind):
     assert sorted(perm.tolist()) == list(range(7))
 
 
+def _just_outside(kind) -> torch.Tensor:
+    """A 7×7 matrix just outside a group of this kind."""
+    P = S.compose(torch.tensor([3, 0, 6, 1, 5, 2, 4]), torch.ones(7, dtype=torch.float64))
+    if kind is S.InvertibleScaledPermutations:  # any invertible diagonal is inside: leave the monomials
+        return P + 0.3 * torch.eye(7, dtype=torch.float64)
+    d = torch.ones(7, dtype=torch.float64)
+    d[2] = -1.5 if kind is S.PositiveScaledPermutations else 2.0  # a negative / a non-unit scale
+    return P @ torch.diag(d)
+
+
+@pytest.mark.parametrize("name, kw, kind", TABLE, ids=[f"{n}{kw.get('degree', '')}" for n, kw, _ in TABLE])
+def test_table_row_negative(name, kw, kind):
+    """For every row: a matrix just outside G_σ is rejected, and no matrix B at all (best least-squares
+    B, not just φ(A)) satisfies σ(A x) = B σ(x)."""
+    group = S.intertwiner_group(name, **kw)
+    sigma = S.activation_fn(name, **kw)
+    A = _just_outside(kind)
+    assert not group.contains(A)
+    x = torch.randn(7, 400, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    Y, X = sigma(A @ x), sigma(x)
+    B = torch.linalg.lstsq(X.T, Y.T).solution.T
+    residual = (B @ X - Y).norm() / Y.norm()
+    assert residual > 1e-2, residual
+    # the control: for a member, the same least-squares fit is exact
+    g = group.sample(7, generator=torch.Generator().manual_seed(3))
+    Yg = sigma(g @ x)
+    Bg = torch.linalg.lstsq(X.T, Yg.T).solution.T
+    assert (Bg @ X - Yg).norm() / Yg.norm() < 1e-8
+
+
 def test_tables_phi():
     g = S.intertwiner_group("poly3").sample(5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(S.intertwiner_group("poly", degree=3).phi(g), g**3)

@@ -75,17 +75,18 @@ def test_zoo_killed_mid_run_then_rerun_trains_each_seed_once(tmp_path):
     manifest = lib / "manifest.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if manifest.exists() and "mcnn/seed0" in manifest.read_text():
-            break
+        if manifest.exists() and "mcnn/seed0" in manifest.read_text() and (lib / "mcnn/seed1/fit").exists():
+            break  # seed 0 recorded and seed 1 training
         time.sleep(0.05)
     assert proc.poll() is None, "the zoo ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = json.loads(manifest.read_text())["models"]
     assert "mcnn/seed0" in first and len(first) < 3
+    assert "mcnn/seed1" in killed_mid_seed_candidates(first, lib)
     seed0_ckpt = lib / first["mcnn/seed0"]["checkpoint"]
     stamp = seed0_ckpt.stat().st_mtime_ns
-    killed_mid_seed = [k for k in ("mcnn/seed1", "mcnn/seed2") if k not in first and (lib / k).exists()]
+    killed_mid_seed = killed_mid_seed_candidates(first, lib)
 
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -99,3 +100,8 @@ def test_zoo_killed_mid_run_then_rerun_trains_each_seed_once(tmp_path):
     for key, entry in final.items():
         assert (lib / entry["checkpoint"]).is_file()
         assert list((lib / key).glob("fit/version_*")) == [lib / key / "fit/version_0"]  # trained once
+
+
+def killed_mid_seed_candidates(recorded: dict, lib: Path) -> list[str]:
+    """Seeds with a folder but no manifest record: the run that the kill interrupted."""
+    return [k for k in ("mcnn/seed1", "mcnn/seed2") if k not in recorded and (lib / k).exists()]
