@@ -6,3 +6,12 @@ groups, after "On the Symmetries of Deep Learning Models and their Internal Repr
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `symstitch.stitch(...)` without importing Lightning at `import symstitch`
+    if name == "stitch":
+        from symstitch.stitching import stitch
+
+        return stitch
+    raise AttributeError(f"module 'symstitch' has no attribute {name!r}")

@@ -1,0 +1,303 @@
+"""Model stitching (SPEC §2): S(x) = B_{>p}(T(A_{≤p}(x))), where only the stitching layer T trains.
+
+A (source) and B (target) are trained networks of the same architecture, cut at the stitch point p. They are
+frozen: no gradients, eval mode throughout (BatchNorm running statistics never change), parameters AND
+buffers bit-identical before and after stitching. The stitching penalty is
+
+    penalty(p) = (acc(A) + acc(B)) / 2 − acc(S),
+
+all three measured on the same evaluation split with torchmetrics objects (exact under DDP).
+
+G_σ stitches (``birkhoff``, ``softsort``) train in phases: relaxed for ``relaxed_epochs`` epochs, then
+:meth:`~symstitch.stitch_layers.StitchLayer.harden` (Hungarian rounding: T becomes a true P·D) and the
+remaining epochs fine-tune only the scales and bias. Evaluation always uses the hardened form: during the
+relaxed phase a hardened copy of T is evaluated.
+
+The projection onto the constraint set runs in :meth:`StitchingModule.on_after_optimizer_step`, called
+exactly once after every real optimizer step by a torch optimizer step post-hook registered at fit start —
+so steps skipped by a mixed-precision GradScaler and micro-batches of gradient accumulation do not count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from symstitch.checkpoints import CheckpointError, classifier_spec, load_classifier, read_checkpoint
+from symstitch.models import StagedNet
+from symstitch.stitch_layers import StitchLayer, build_stitch_layer
+from symstitch.training import configure_schedule
+
+
+def resolve_model(ref: Union[str, Path]) -> Path:
+    """A checkpoint path, or a model-library entry ``<zoo folder>:<arch>/seed<k>`` → its checkpoint path."""
+    ref = str(ref)
+    path = Path(ref)
+    if path.is_file():
+        return path
+    if ":" in ref:
+        from symstitch.zoo import Manifest
+
+        root, key = ref.rsplit(":", 1)
+        manifest = Manifest(root)
+        models = manifest.load()
+        if key not in models:
+            raise CheckpointError(
+                f"{manifest.path} has no model {key!r}; it has: {', '.join(models) or '(none)'}"
+            )
+        return manifest.checkpoint(models[key])
+    raise CheckpointError(f"{ref!r} is neither a checkpoint file nor a model-library entry '<zoo>:<arch>/seed<k>'")
+
+
+def load_pair(source: Union[str, Path], target: Union[str, Path], point: str) -> tuple[StagedNet, StagedNet]:
+    """Source and target networks, checked to be stitchable at ``point`` (before anything trains)."""
+    paths = resolve_model(source), resolve_model(target)
+    specs = [classifier_spec(read_checkpoint(p), p) for p in paths]
+    if specs[0] != specs[1]:
+        raise ValueError(
+            f"source and target must share an architecture to be stitched: {paths[0]} is {specs[0]}, "
+            f"{paths[1]} is {specs[1]}"
+        )
+    nets = load_classifier(paths[0]), load_classifier(paths[1])
+    nets[0].check_stitch_point(point)  # unknown point → the list of valid ones
+    shapes = [n.feature_shapes()[point] for n in nets]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"representations at {point!r} differ in shape: source {shapes[0]}, target {shapes[1]}")
+    return nets
+
+
+def _freeze(net: StagedNet) -> StagedNet:
+    net.requires_grad_(False)
+    return net.eval()
+
+
+class StitchingModule(pl.LightningModule):
+    """Trains a stitching layer between a frozen source prefix and a frozen target suffix.
+
+    Args:
+        source: source network A: a classifier checkpoint or a model-library entry ``<zoo>:<arch>/seed<k>``.
+        target: target network B, likewise.
+        point: the stitch point p (``net.stitch_points``).
+        layer: stitching layer by registry name: ``standard``, ``birkhoff``, ``softsort``, ``lasso``, ``lowrank``.
+        layer_kwargs: its options (e.g. ``{alpha: 0.01, projection: euclidean}``, ``{rank: 8}``, ``{norm: before}``).
+        relaxed_epochs: epochs before ``harden()`` for layers that have a hardened form (then fine-tuning);
+            ``None`` hardens only at the end of fit.
+        init: ``random`` (the layer's own start) or ``data``: the layer's data-driven start from A's and B's
+            activations on a few training batches (least squares for ``standard``/``lasso``, channel
+            matching for ``birkhoff``).
+        optimizer, scheduler: for the stitching layer's parameters.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        target: str,
+        point: str,
+        layer: str = "birkhoff",
+        layer_kwargs: Optional[dict[str, Any]] = None,
+        relaxed_epochs: Optional[int] = None,
+        init: Literal["random", "data"] = "random",
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: Optional[LRSchedulerCallable] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.source_net, self.target_net = (_freeze(n) for n in load_pair(source, target, point))
+        self.point = point
+        channels = self.source_net.feature_shapes()[point][0]
+        self.stitch = build_stitch_layer(layer, channels, activation=self.source_net.activation, **(layer_kwargs or {}))
+        if init not in ("random", "data"):
+            raise ValueError(f"init is 'random' or 'data', got {init!r}")
+        if init == "data" and not hasattr(self.stitch, "init_from_data"):
+            raise ValueError(f"the {layer!r} layer has no data-driven initialisation; use init='random'")
+        self.optimizer, self.scheduler = optimizer, scheduler
+        num_classes = self.source_net.num_classes
+        self.accuracy = torch.nn.ModuleDict(
+            {k: MulticlassAccuracy(num_classes, average="micro") for k in ("stitch", "source", "target")}
+        )
+        self._hooks: list = []
+        self.__dict__["_eval_layer"] = None  # the evaluated form; not a registered submodule
+
+    # ------------------------------------------------------------------ frozen parts stay frozen
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.source_net.eval()
+        self.target_net.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def stitched(self, x: torch.Tensor, layer: Optional[StitchLayer] = None) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.source_net.forward_to(x, self.point)
+        return self.target_net.forward_from((layer or self.stitch)(h), self.point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stitched(x)
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        self.train()
+        if self.hparams.init == "data":
+            self._init_from_data()
+        for opt in self.trainer.optimizers:
+            self._hooks.append(opt.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
+
+    def on_fit_end(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        if hasattr(self.stitch, "harden"):
+            self.stitch.harden()  # the result is always the exact evaluated form
+
+    def on_after_optimizer_step(self) -> None:
+        """Projection onto the constraint set: runs once after every real optimizer step."""
+        self.stitch.on_after_optimizer_step()
+
+    def on_train_epoch_start(self) -> None:
+        relaxed = self.hparams.relaxed_epochs
+        if relaxed is not None and self.current_epoch >= relaxed and not self.stitch.hardened:
+            self.stitch.harden()
+
+    @torch.no_grad()
+    def _init_from_data(self, batches: int = 4) -> None:
+        loader = self.trainer.datamodule.train_dataloader()
+        h_a, h_b = [], []
+        for i, batch in enumerate(loader):
+            if i == batches:
+                break
+            batch = self.trainer.datamodule.on_after_batch_transfer(
+                self.trainer.strategy.batch_to_device(batch, self.device), 0
+            )
+            h_a.append(self.source_net.forward_to(batch[0], self.point))
+            h_b.append(self.target_net.forward_to(batch[0], self.point))
+        self.stitch.init_from_data(torch.cat(h_a), torch.cat(h_b))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.stitched(x), y) + self.stitch.regularization()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.stitch.parameters() if p.requires_grad]
+        return configure_schedule(self, self.optimizer(params), self.scheduler)
+
+    # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        self.__dict__["_eval_layer"] = self._hardened_layer()
+
+    def on_test_epoch_start(self) -> None:
+        self.__dict__["_eval_layer"] = self._hardened_layer()
+
+    def _hardened_layer(self) -> StitchLayer:
+        """The exact evaluated form of T (a hardened copy while T is still relaxed)."""
+        if self.stitch.hardened:
+            return self.stitch
+        layer = copy.deepcopy(self.stitch)
+        layer.harden()
+        return layer.eval()
+
+    def _evaluate(self, batch, prefix: str) -> None:
+        x, y = batch
+        outputs = {
+            "stitch": self.stitched(x, self._eval_layer),
+            "source": self.source_net(x),
+            "target": self.target_net(x),
+        }
+        for name, logits in outputs.items():
+            self.accuracy[name].update(logits, y)
+
+    def _log_epoch(self, prefix: str) -> None:
+        acc = {name: metric.compute() for name, metric in self.accuracy.items()}
+        for name, value in acc.items():
+            self.log(f"{prefix}{name}/acc", value, sync_dist=False)
+        penalty = (acc["source"] + acc["target"]) / 2 - acc["stitch"]
+        self.log(f"{prefix}stitch/penalty", penalty, prog_bar=True, sync_dist=False)
+        for metric in self.accuracy.values():
+            metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test/")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test/")
+
+    # ------------------------------------------------------------------ result
+    def summary(self) -> dict:
+        """The learned layer, for result files: its description (permutation, scales, sparsity, rank)."""
+        return {"point": self.point, "layer": self.hparams.layer, **self.stitch.describe()}
+
+
+@dataclass
+class StitchResult:
+    """What :func:`stitch` returns; ``permutation`` where the layer defines one."""
+
+    point: str
+    layer_name: str
+    penalty: float
+    stitched_acc: float
+    source_acc: float
+    target_acc: float
+    layer: StitchLayer = field(repr=False)
+    permutation: Optional[list[int]] = None
+    description: dict = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k != "layer"}
+        return json.dumps(data, indent=2)
+
+
+def stitch(
+    source: Union[str, Path],
+    target: Union[str, Path],
+    point: str,
+    layer: str = "birkhoff",
+    datamodule: Optional[pl.LightningDataModule] = None,
+    layer_kwargs: Optional[dict] = None,
+    relaxed_epochs: Optional[int] = None,
+    init: str = "random",
+    optimizer: OptimizerCallable = torch.optim.Adam,
+    **trainer_kwargs: Any,
+) -> StitchResult:
+    """Stitch ``source`` into ``target`` at ``point`` and evaluate, from Python (a notebook, a script).
+
+    ``trainer_kwargs`` go to ``lightning.pytorch.Trainer`` (defaults: 5 epochs, no logger, no checkpoints).
+    """
+    from symstitch.data import DataModule
+
+    datamodule = datamodule or DataModule(dataset="digits")
+    module = StitchingModule(str(source), str(target), point, layer=layer, layer_kwargs=layer_kwargs,
+                             relaxed_epochs=relaxed_epochs, init=init, optimizer=optimizer)
+    defaults = dict(max_epochs=5, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                    enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
+    trainer.fit(module, datamodule=datamodule)
+    (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    described = module.stitch.describe()
+    perm = getattr(module.stitch, "permutation", None)
+    return StitchResult(
+        point=point,
+        layer_name=layer,
+        penalty=float(res["test/stitch/penalty"]),
+        stitched_acc=float(res["test/stitch/acc"]),
+        source_acc=float(res["test/source/acc"]),
+        target_acc=float(res["test/target/acc"]),
+        layer=module.stitch,
+        permutation=[int(i) for i in perm] if perm is not None else None,
+        description=described,
+    )

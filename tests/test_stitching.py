@@ -1,0 +1,134 @@
+"""Stitching end to end, with exact ground truth: B = g·A is A up to a symmetry, so the G_ReLU stitch
+must find g's permutation and (almost) no penalty."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from symstitch.checkpoints import CheckpointError
+from symstitch.data import DataModule
+from symstitch.stitching import StitchingModule, load_pair, stitch
+from symstitch.symmetry import act, decompose, intertwiner_group
+from symstitch.training import ClassifierModule
+
+from .conftest import CONFIGS, cli_env
+
+POINT = "layer2.act"
+
+
+def _train(seed: int, width: float = 0.25, epochs: int = 3) -> tuple[ClassifierModule, pl.Trainer]:
+    pl.seed_everything(seed, verbose=False)
+    module = ClassifierModule("mcnn", arch_kwargs={"width": width}, num_classes=10)
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule=DataModule(dataset="digits"))
+    return module, trainer
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """A (seed 0), B = g·A at POINT (a random positive-scaled permutation), C (seed 1), W (other width)."""
+    root = tmp_path_factory.mktemp("stitch")
+    module, trainer = _train(0)
+    trainer.save_checkpoint(root / "A.ckpt", weights_only=True)
+    n = module.net.feature_shapes()[POINT][0]
+    g = intertwiner_group("relu").sample(n, generator=torch.Generator().manual_seed(7))
+    moved = act(module.net, POINT, g)
+    ckpt = torch.load(root / "A.ckpt", weights_only=True)
+    ckpt["state_dict"] = {f"net.{k}": v for k, v in moved.state_dict().items()}
+    torch.save(ckpt, root / "B.ckpt")
+    _, trainer_c = _train(1)
+    trainer_c.save_checkpoint(root / "C.ckpt", weights_only=True)
+    _, trainer_w = _train(2, width=0.5, epochs=1)
+    trainer_w.save_checkpoint(root / "W.ckpt", weights_only=True)
+    return {"root": root, "g": g, **{k: root / f"{k}.ckpt" for k in "ABCW"}}
+
+
+def test_birkhoff_from_a_random_start(nets):
+    """From a random doubly-stochastic start the task loss alone finds most of g's permutation and a small
+    penalty; which channels it confuses varies with the seed (they are near-interchangeable for B's suffix)."""
+    pl.seed_everything(0, verbose=False)
+    result = stitch(nets["A"], nets["B"], POINT, layer="birkhoff", relaxed_epochs=6, max_epochs=8,
+                    layer_kwargs={"alpha": 0.01}, optimizer=lambda p: torch.optim.Adam(p, lr=0.02))
+    perm, _ = decompose(nets["g"])
+    right = sum(a == b for a, b in zip(result.permutation, perm.tolist()))
+    assert right >= len(perm) // 2  # chance: 1 channel
+    assert result.penalty <= 0.05
+
+
+def test_frozen_networks_are_bit_identical_after_stitching(nets):
+    module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="birkhoff", relaxed_epochs=1)
+    before = {k: v.clone() for k, v in module.state_dict().items() if not k.startswith("stitch.")}
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_train_batches=3).fit(module, datamodule=DataModule(dataset="digits"))
+    after = module.state_dict()
+    assert before.keys() == {k for k in after if not k.startswith("stitch.")}
+    for k, v in before.items():  # parameters AND BatchNorm running statistics
+        assert torch.equal(v, after[k]), k
+    assert not module.source_net.training and not module.target_net.training
+
+
+def test_projection_once_per_real_step_and_doubly_stochastic(nets):
+    module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="birkhoff")
+    calls = []
+    project = module.stitch.on_after_optimizer_step
+
+    def checked_projection():
+        project()
+        W = module.stitch.W.detach()
+        calls.append(max((W.sum(0) - 1).abs().max().item(), (W.sum(1) - 1).abs().max().item(),
+                         (-W).clamp_min(0).max().item()))
+
+    module.stitch.on_after_optimizer_step = checked_projection
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_train_batches=8, accumulate_grad_batches=2,
+                         num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.fit(module, datamodule=DataModule(dataset="digits"))
+    assert len(calls) == trainer.global_step == 4  # 8 micro-batches, 4 real steps
+    assert max(calls) < 1e-5
+
+
+def test_errors_before_any_training(nets, tmp_path):
+    with pytest.raises(ValueError, match="valid stitch points: layer1.act, layer2.act"):
+        load_pair(nets["A"], nets["C"], "layer2.relu")
+    with pytest.raises(ValueError, match="share an architecture"):
+        load_pair(nets["A"], nets["W"], POINT)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_pair(bad, nets["C"], POINT)
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        load_pair(tmp_path / "missing.ckpt", nets["C"], POINT)
+
+
+def test_cli_fit_writes_result_json(nets, tmp_path):
+    from symstitch.cli import main
+
+    main(["fit", "--config", str(CONFIGS / "stitch/birkhoff.yaml"), "--model.source", str(nets["A"]),
+          "--model.target", str(nets["B"]), "--model.point", POINT, "--trainer.max_epochs", "2",
+          "--model.relaxed_epochs", "1", "--config", str(CONFIGS / "logger/csv.yaml"),
+          "--trainer.enable_progress_bar", "false"])
+    result = json.loads((tmp_path / "runs/fit/version_0/result.json").read_text())
+    assert {"stitch/acc", "source/acc", "target/acc", "stitch/penalty"} <= set(result["metrics"])
+    m = result["metrics"]
+    assert m["stitch/penalty"] == pytest.approx((m["source/acc"] + m["target/acc"]) / 2 - m["stitch/acc"], abs=1e-6)
+    assert result["model"]["point"] == POINT and len(result["model"]["permutation"]) == nets["g"].shape[0]
+
+
+def test_ddp_stitch_weights_identical_on_both_ranks(nets, tmp_path):
+    cmd = [sys.executable, "-m", "symstitch", "fit", "--config", str(CONFIGS / "stitch/birkhoff.yaml"),
+           "--model.source", str(nets["A"]), "--model.target", str(nets["C"]), "--model.point", POINT,
+           "--model.relaxed_epochs", "null", "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--config", str(CONFIGS / "logger/csv.yaml"),
+           "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs/fit/version_0/ranks.json").read_text())
+    assert report["consistent"] and len({r["parameters"] for r in report["ranks"]}) == 1
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]
