@@ -33,6 +33,17 @@ def _isolated(tmp_path, monkeypatch):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: one intra-op thread is faster and steadier than two on a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """Environment for a ``python -m symstitch`` subprocess: no W&B login, no leftover DDP variables."""
     env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}

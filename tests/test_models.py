@@ -14,13 +14,7 @@ NAMES = models.available()
 CNNS = [n for n in NAMES if n != "cct"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier than two on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def small(name: str, **kwargs) -> models.StagedNet:

@@ -20,13 +20,7 @@ NAMES = SL.STITCH_LAYERS.available()
 PROJECTIONS = SL.PROJECTIONS.available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier than two on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def _layer(name: str, seed: int = 0, **kw) -> SL.StitchLayer:

@@ -16,13 +16,7 @@ SMALL = 0.25
 MCNN_FAMILY = ["mcnn", "mcnn_nobn", "mcnn_sigmoid", "cwcnn", "cwcnn_nobn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier than two on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 haar_orthogonal = S.haar_orthogonal
