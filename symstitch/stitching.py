@@ -174,12 +174,15 @@ class StitchingModule(pl.LightningModule):
         for i, batch in enumerate(loader):
             if i == batches:
                 break
-            batch = self.trainer.datamodule.on_after_batch_transfer(
-                self.trainer.strategy.batch_to_device(batch, self.device), 0
-            )
+            # the strategy runs the transfer hooks too (augmentation and normalisation on the device)
+            batch = self.trainer.strategy.batch_to_device(batch, self.device)
             h_a.append(self.source_net.forward_to(batch[0], self.point))
             h_b.append(self.target_net.forward_to(batch[0], self.point))
         self.stitch.init_from_data(torch.cat(h_a), torch.cat(h_b))
+        # each rank saw its own batches: every rank starts from rank 0's fit (DDP never re-syncs weights)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in [*self.stitch.parameters(), *self.stitch.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -50,6 +50,18 @@ def nets(tmp_path_factory):
     return {"root": root, "g": g, **{k: root / f"{k}.ckpt" for k in "ABCW"}}
 
 
+def test_birkhoff_recovers_the_symmetry_exactly(nets):
+    """Data-driven start (channel matching), relaxed phase on the task loss, Hungarian hardening, scales
+    fine-tuned: the permutation is g's, the scales g's, and the stitched network is as good as A and B."""
+    result = stitch(nets["A"], nets["B"], POINT, layer="birkhoff", init="data", relaxed_epochs=3, max_epochs=5,
+                    layer_kwargs={"alpha": 0.01}, optimizer=lambda p: torch.optim.Adam(p, lr=0.005))
+    perm, _ = decompose(nets["g"])
+    assert result.permutation == perm.tolist()
+    assert result.penalty <= 0.005
+    T = result.layer.matrix().double()
+    assert intertwiner_group("relu").contains(T)  # a true P·D (its scales are tuned by the task loss)
+
+
 def test_birkhoff_from_a_random_start(nets):
     """From a random doubly-stochastic start the task loss alone finds most of g's permutation and a small
     penalty; which channels it confuses varies with the seed (they are near-interchangeable for B's suffix)."""
