@@ -23,6 +23,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(VENV)/bin/symstitch zoo --arch resnet20 --seeds 0-1 --out $(DEMO_OUT)/zoo \
 		--config configs/zoo/resnet20.yaml --data configs/data/digits.yaml --trainer.max_epochs 15
+	$(VENV)/bin/symstitch stitch --source $(DEMO_OUT)/zoo:resnet20/seed0 --target $(DEMO_OUT)/zoo:resnet20/seed1 \
+		--layers standard,birkhoff --out $(DEMO_OUT)/stitch
 
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q

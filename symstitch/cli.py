@@ -32,6 +32,13 @@ def _zoo(argv: Sequence[str]) -> int:
 COMMANDS.register("zoo")(_zoo)
 
 
+@COMMANDS.register("stitch")
+def _stitch(argv: Sequence[str]) -> int:
+    from symstitch.stitching import main as stitch_main
+
+    return stitch_main(argv)
+
+
 @COMMANDS.register("check")
 def _check(argv: Sequence[str]) -> int:
     from symstitch.check import main as check_main
@@ -178,6 +185,7 @@ library:
 
 DESCRIPTIONS = {
     "zoo": "train many seeds of an architecture into a model library with a manifest",
+    "stitch": "stitch two networks at every stitch point with several layers; penalty table and plot",
     "check": "sanity report: a random symmetry g applied at every point preserves the function",
     "projection": "the projection experiment: insert G_σ / orthogonal matrices per layer, retrain, plot",
 }

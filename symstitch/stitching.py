@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -233,6 +234,21 @@ class StitchingModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("")
+        self._log_permutation()
+
+    def _log_permutation(self) -> None:
+        """The evaluated T of a G stitch (a scaled permutation matrix) as an image, for W&B dashboards."""
+        if self.trainer.sanity_checking or not hasattr(self.stitch, "permutation"):
+            return
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if loggers and self.trainer.is_global_zero:
+            T = (self._eval_layer or self.stitch).matrix().detach().abs().float().cpu()
+            image = (T / T.max().clamp_min(1e-12)).numpy()
+            for lg in loggers:
+                lg.log_image("stitch/matrix", [image], step=self.global_step,
+                             caption=[f"{self.hparams.layer} at {self.point} (|T|, rows: target channels)"])
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test/")
@@ -289,8 +305,12 @@ def stitch(
     defaults = dict(max_epochs=5, logger=False, enable_checkpointing=False, enable_model_summary=False,
                     enable_progress_bar=False, num_sanity_val_steps=0)
     trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
-    trainer.fit(module, datamodule=datamodule)
-    (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    with warnings.catch_warnings():
+        # the frozen source and target are in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec")
+        trainer.fit(module, datamodule=datamodule)
+        (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
     described = module.stitch.describe()
     perm = getattr(module.stitch, "permutation", None)
     return StitchResult(
@@ -304,3 +324,120 @@ def stitch(
         permutation=[int(i) for i in perm] if perm is not None else None,
         description=described,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every stitch point × layer for one pair: `symstitch stitch`
+
+
+def datamodule_for(checkpoint: Union[str, Path]):
+    """The DataModule a checkpoint was trained with (its saved hyper-parameters), else digits."""
+    from symstitch.data import DataModule
+
+    saved = read_checkpoint(resolve_model(checkpoint)).get("datamodule_hyper_parameters") or {}
+    return DataModule(**{k: v for k, v in saved.items() if k in DataModule.__init__.__code__.co_varnames})
+
+
+def stitch_all(source: str, target: str, out: Path, *, points: Optional[list[str]] = None,
+               layers: tuple[str, ...] = ("standard", "birkhoff"), epochs: int = 4, relaxed_epochs: int = 3,
+               lr: float = 0.005, init: str = "data") -> list[dict]:
+    """Stitch ``source`` into ``target`` at every point with every layer; one result file per cell, finished
+    cells are read back instead of recomputed."""
+    from rich.progress import Progress
+
+    net = load_classifier(resolve_model(source))
+    points = points or list(net.stitch_points)
+    for p in points:
+        net.check_stitch_point(p)
+    cells = [(layer, p) for layer in layers for p in points]
+    rows = []
+    with Progress() as progress:
+        task = progress.add_task("stitching", total=len(cells))
+        for layer, point in cells:
+            path = out / "cells" / f"{layer}-e{epochs}-lr{lr:g}-{init}" / f"{point}.json"
+            if not path.exists():
+                pl.seed_everything(0, verbose=False)
+                result = stitch(source, target, point, layer=layer, datamodule=datamodule_for(source),
+                                relaxed_epochs=relaxed_epochs if layer in ("birkhoff", "softsort") else None,
+                                init=init if layer in ("standard", "birkhoff") else "random",
+                                optimizer=lambda params: torch.optim.Adam(params, lr=lr), max_epochs=epochs)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(result.to_json())
+                tmp.replace(path)
+            rows.append(json.loads(path.read_text()))
+            progress.advance(task)
+    return rows
+
+
+def penalty_plot(rows: list[dict], points: list[str], out: Path, title: str = "") -> Path:
+    """Stitching penalty (points of accuracy) against stitch point, one line per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(points) + 2), 3.6))
+    for layer in sorted({r["layer_name"] for r in rows}):
+        by_point = {r["point"]: r["penalty"] for r in rows if r["layer_name"] == layer}
+        xs = [i for i, p in enumerate(points) if p in by_point]
+        ax.plot(xs, [100 * by_point[points[i]] for i in xs], marker="o", label=layer)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(points)), points, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("stitching penalty (points)")
+    ax.set_title(title or "stitching penalty per stitch point")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv) -> int:
+    import argparse
+    import csv
+
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="symstitch stitch",
+                                     description="Stitch two networks at every stitch point with several layers.")
+    parser.add_argument("--source", required=True, help="checkpoint or model-library entry <zoo>:<arch>/seed<k>")
+    parser.add_argument("--target", required=True, help="likewise")
+    parser.add_argument("--points", default="all", help="comma-separated stitch points, or all")
+    parser.add_argument("--layers", default="standard,birkhoff", help="stitching layers (registry names)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--relaxed-epochs", type=int, default=3, help="for birkhoff/softsort, before hardening")
+    parser.add_argument("--lr", type=float, default=0.005, help="Adam learning rate")
+    parser.add_argument("--init", choices=["data", "random"], default="data", help="start of standard/birkhoff")
+    parser.add_argument("--out", default="runs/stitch", help="results folder")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one progress bar, not 2 lines a cell
+    out = Path(args.out)
+    load_pair(args.source, args.target, load_classifier(resolve_model(args.source)).stitch_points[0])  # checks
+    points = None if args.points == "all" else args.points.split(",")
+    rows = stitch_all(args.source, args.target, out, points=points, layers=tuple(args.layers.split(",")),
+                      epochs=args.epochs, relaxed_epochs=args.relaxed_epochs, lr=args.lr, init=args.init)
+    order = list(dict.fromkeys(r["point"] for r in rows))
+    columns = ["layer_name", "point", "penalty", "stitched_acc", "source_acc", "target_acc"]
+    with open(out / "penalties.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: r[c] for c in columns})
+    png = penalty_plot(rows, order, out / "penalties.png", title=f"{Path(str(args.source)).name} → {Path(str(args.target)).name}")
+    table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points")
+    table.add_column("stitch point", no_wrap=True)
+    layers = list(dict.fromkeys(r["layer_name"] for r in rows))
+    for layer in layers:
+        table.add_column(layer, justify="right")
+    for point in order:
+        cells = {r["layer_name"]: r for r in rows if r["point"] == point}
+        table.add_row(point, *[f"{100 * cells[l]['penalty']:+.2f}" if l in cells else "" for l in layers])
+    Console().print(table)
+    print(f"stitch: {out / 'penalties.csv'}, {png}")
+    return 0

@@ -124,8 +124,10 @@ def test_cli_fit_writes_result_json(nets, tmp_path):
 
     main(["fit", "--config", str(CONFIGS / "stitch/birkhoff.yaml"), "--model.source", str(nets["A"]),
           "--model.target", str(nets["B"]), "--model.point", POINT, "--trainer.max_epochs", "2",
-          "--model.relaxed_epochs", "1", "--config", str(CONFIGS / "logger/csv.yaml"),
-          "--trainer.enable_progress_bar", "false"])
+          "--model.relaxed_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    # CSV and (offline) W&B: the learned matrix is logged as an image every validation epoch
+    images = list((tmp_path / "runs/wandb").glob("offline-run-*/files/media/images/stitch/matrix*.png"))
+    assert len(images) == 2, images
     result = json.loads((tmp_path / "runs/fit/version_0/result.json").read_text())
     assert {"stitch/acc", "source/acc", "target/acc", "stitch/penalty"} <= set(result["metrics"])
     m = result["metrics"]
@@ -144,3 +146,16 @@ def test_ddp_stitch_weights_identical_on_both_ranks(nets, tmp_path):
     report = json.loads((tmp_path / "runs/fit/version_0/ranks.json").read_text())
     assert report["consistent"] and len({r["parameters"] for r in report["ranks"]}) == 1
     assert [r["rank"] for r in report["ranks"]] == [0, 1]
+
+
+def test_stitch_command_every_point_resumable(nets, tmp_path, monkeypatch):
+    from symstitch import stitching
+
+    argv = ["--source", str(nets["A"]), "--target", str(nets["B"]), "--points", "layer1.act,layer2.act",
+            "--epochs", "1", "--relaxed-epochs", "0", "--out", str(tmp_path / "st")]
+    assert stitching.main(argv) == 0
+    rows = (tmp_path / "st/penalties.csv").read_text().strip().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("layer_name,point,penalty")
+    assert (tmp_path / "st/penalties.png").stat().st_size > 5000
+    monkeypatch.setattr(stitching, "stitch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    assert stitching.main(argv) == 0  # every cell read back
