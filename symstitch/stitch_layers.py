@@ -25,6 +25,8 @@ Training contract, for whoever runs the loop:
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
@@ -266,7 +268,7 @@ SCALES: dict[type[IntertwinerGroup], type[Scales]] = {
 # Stitching layers
 
 
-class StitchLayer(nn.Module):
+class StitchLayer(nn.Module, abc.ABC):
     """y = norm_after( T · norm_before(x) + b ) over the channels; subclasses define T = :meth:`matrix`.
 
     Args:
@@ -294,9 +296,10 @@ class StitchLayer(nn.Module):
         self._hardened = False
 
     # -- what subclasses define
+    @abc.abstractmethod
     def matrix(self) -> Tensor:
         """The current effective C_out×C_in matrix T (relaxed or evaluated form, see the module docstring)."""
-        raise NotImplementedError
+        ...
 
     def _harden(self) -> None:
         """Fix the evaluated form (called once, under no_grad)."""
@@ -492,17 +495,20 @@ class MonomialStitch(StitchLayer):
         self.register_buffer("P", torch.zeros(self.channels, self.channels))
 
     # -- what subclasses define
+    @abc.abstractmethod
     def relaxed_permutation(self) -> Tensor:
         """The relaxed C×C permutation."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _assignment(self) -> Tensor:
         """The hard π its relaxed permutation rounds to."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def relaxed_permutation_parameters(self) -> list[nn.Parameter]:
         """The parameters of the relaxed permutation (frozen by ``harden()``)."""
-        raise NotImplementedError
+        ...
 
     def _project_relaxed(self) -> None:
         """Project the relaxed permutation's parameters (before ``harden()`` only)."""

@@ -31,6 +31,8 @@ leaves the network function unchanged, and the representation at the feature poi
 
 from __future__ import annotations
 
+import abc
+
 import copy
 import math
 import re
@@ -207,7 +209,7 @@ def activation_fn(activation: ActivationLike, **kw: Any) -> Callable[[Tensor], T
 # Intertwiner groups: one class per kind of allowed diagonal D
 
 
-class IntertwinerGroup:
+class IntertwinerGroup(abc.ABC):
     """G_σ = { P·D } for one activation σ; subclasses say which diagonals D are allowed.
 
     Args:
@@ -229,11 +231,13 @@ class IntertwinerGroup:
         return f"<{self.name}>"
 
     # -- the allowed diagonals, per kind
+    @abc.abstractmethod
     def sample_scales(self, n: int, generator: Optional[torch.Generator]) -> Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def allowed_scales(self, d: Tensor, atol: float) -> bool:
-        raise NotImplementedError
+        ...
 
     def _log_normal(self, n: int, generator: Optional[torch.Generator]) -> Tensor:
         s = self.scale_spread
