@@ -210,7 +210,7 @@ class StitchingModule(pl.LightningModule):
         layer.harden()
         return layer.eval()
 
-    def _evaluate(self, batch, prefix: str) -> None:
+    def _evaluate(self, batch) -> None:
         x, y = batch
         outputs = {
             "stitch": self.stitched(x, self._eval_layer),
@@ -230,7 +230,7 @@ class StitchingModule(pl.LightningModule):
             metric.reset()
 
     def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "")
+        self._evaluate(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("")
@@ -251,7 +251,7 @@ class StitchingModule(pl.LightningModule):
                              caption=[f"{self.hparams.layer} at {self.point} (|T|, rows: target channels)"])
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test/")
+        self._evaluate(batch)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test/")
