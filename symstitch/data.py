@@ -531,8 +531,14 @@ class DataModule(pl.LightningDataModule):
         return self._generator
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """On the device: augment training batches, then normalise every batch to float32."""
+        """On the device: augment training batches, then normalise every batch to float32.
+
+        Floating-point batches are not images but ready inputs (e.g. the cached prefix activations a
+        stitching module trains on): they pass through untouched.
+        """
         x, y = batch
+        if x.is_floating_point():
+            return x, y
         if self.trainer is not None and self.trainer.training:
             x = augment_batch(
                 x, padding=self.crop_padding, flip=self.flip, cutout=self.cutout, channels_last=self.channels_last,

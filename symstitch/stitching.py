@@ -96,6 +96,11 @@ class StitchingModule(pl.LightningModule):
             activations on a few training batches (least squares for ``standard``/``lasso``, channel
             matching for ``birkhoff``).
         optimizer, scheduler: for the stitching layer's parameters.
+        prefix_cache: ``None`` (default), or the dtype (``float32``, ``bfloat16``) of a cache of A_{≤p}(x) for
+            every training image, computed once at fit start: training then skips the frozen prefix and
+            augmentation (the stitch sees the un-augmented training images). Validation and test still run
+            the whole source, stitched and target networks on the evaluation images. Needs the package's
+            :class:`~symstitch.data.DataModule`; the cache lives in host memory (N·C·H·W values).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class StitchingModule(pl.LightningModule):
         init: Literal["random", "data"] = "random",
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: Optional[LRSchedulerCallable] = None,
+        prefix_cache: Optional[Literal["float32", "bfloat16"]] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -125,7 +131,10 @@ class StitchingModule(pl.LightningModule):
         self.accuracy = torch.nn.ModuleDict(
             {k: MulticlassAccuracy(num_classes, average="micro") for k in ("stitch", "source", "target")}
         )
+        if prefix_cache not in (None, "float32", "bfloat16"):
+            raise ValueError(f"prefix_cache is None, 'float32' or 'bfloat16'; got {prefix_cache!r}")
         self._hooks: list = []
+        self._uncached_train_set = None  # the DataModule's image train set while the cache replaces it
         self.__dict__["_eval_layer"] = None  # the evaluated form; not a registered submodule
 
     # ------------------------------------------------------------------ frozen parts stay frozen
@@ -149,6 +158,8 @@ class StitchingModule(pl.LightningModule):
         self.train()
         if self.hparams.init == "data":
             self._init_from_data()
+        if self.hparams.prefix_cache:
+            self._cache_prefix(getattr(torch, self.hparams.prefix_cache))
         for opt in self.trainer.optimizers:
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
 
@@ -156,6 +167,8 @@ class StitchingModule(pl.LightningModule):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._uncached_train_set is not None:
+            self.trainer.datamodule.train_set, self._uncached_train_set = self._uncached_train_set, None
         if hasattr(self.stitch, "harden"):
             self.stitch.harden()  # the result is always the exact evaluated form
 
@@ -185,9 +198,36 @@ class StitchingModule(pl.LightningModule):
             for tensor in [*self.stitch.parameters(), *self.stitch.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
 
+    @torch.no_grad()
+    def _cache_prefix(self, dtype: torch.dtype) -> None:
+        """Swap the DataModule's training images for A_{≤p}(x) of each un-augmented training image.
+
+        Stored (N, H, W, C) on the host, so that a batch read back as (N, C, H, W) is channels_last. The
+        DataModule passes floating-point batches through untouched; :meth:`on_fit_end` restores the images.
+        """
+        from symstitch.data import DataModule, TensorImageDataset, normalize_batch
+
+        dm = self.trainer.datamodule
+        if not isinstance(dm, DataModule):
+            raise ValueError("prefix_cache needs symstitch.data.DataModule (it reads its in-memory training images)")
+        dm.setup()
+        images, labels = dm.train_set.x, dm.train_set.y
+        parts = []
+        for i in range(0, len(images), dm.eval_batch_size):
+            x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
+            h = self.source_net.forward_to(x, self.point)
+            parts.append(h.movedim(1, -1).to("cpu", dtype).contiguous() if h.dim() == 4 else h.to("cpu", dtype))
+        self._uncached_train_set = dm.train_set
+        dm.train_set = TensorImageDataset(torch.cat(parts), labels)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self.stitched(x), y) + self.stitch.regularization()
+        if self._uncached_train_set is not None:  # x holds cached A_{≤p}(x), stored channels-last
+            h = (x.movedim(-1, 1) if x.dim() == 4 else x).float()
+            logits = self.target_net.forward_from(self.stitch(h), self.point)
+        else:
+            logits = self.stitched(x)
+        loss = F.cross_entropy(logits, y) + self.stitch.regularization()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -291,17 +331,20 @@ def stitch(
     relaxed_epochs: Optional[int] = None,
     init: str = "random",
     optimizer: OptimizerCallable = torch.optim.Adam,
+    prefix_cache: Optional[str] = None,
     **trainer_kwargs: Any,
 ) -> StitchResult:
     """Stitch ``source`` into ``target`` at ``point`` and evaluate, from Python (a notebook, a script).
 
-    ``trainer_kwargs`` go to ``lightning.pytorch.Trainer`` (defaults: 5 epochs, no logger, no checkpoints).
+    The arguments are those of :class:`StitchingModule`; ``trainer_kwargs`` go to ``lightning.pytorch.Trainer``
+    (defaults: 5 epochs, no logger, no checkpoints).
     """
     from symstitch.data import DataModule
 
     datamodule = datamodule or DataModule(dataset="digits")
     module = StitchingModule(str(source), str(target), point, layer=layer, layer_kwargs=layer_kwargs,
-                             relaxed_epochs=relaxed_epochs, init=init, optimizer=optimizer)
+                             relaxed_epochs=relaxed_epochs, init=init, optimizer=optimizer,
+                             prefix_cache=prefix_cache)
     defaults = dict(max_epochs=5, logger=False, enable_checkpointing=False, enable_model_summary=False,
                     enable_progress_bar=False, num_sanity_val_steps=0)
     trainer = pl.Trainer(**{**defaults, **trainer_kwargs})

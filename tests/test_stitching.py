@@ -86,6 +86,27 @@ def test_frozen_networks_are_bit_identical_after_stitching(nets):
     assert not module.source_net.training and not module.target_net.training
 
 
+def test_prefix_cache_trains_exactly_like_the_full_forward(nets):
+    """Without augmentation, training on cached A_{≤p}(x) is the same computation as running the prefix each
+    step: same batches, same loss, so the same stitch weights; the DataModule gets its images back."""
+    weights, starts = {}, {}
+    for cache in (None, "float32"):
+        pl.seed_everything(3, verbose=False)
+        dm = DataModule(dataset="digits", crop_padding=0, flip=False)
+        module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", prefix_cache=cache)
+        starts[cache] = module.stitch.matrix().detach().clone()
+        pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
+                   num_sanity_val_steps=0).fit(module, datamodule=dm)
+        weights[cache] = module.stitch.matrix().detach()
+        assert dm.train_set.x.dtype == torch.uint8 and dm.train_set.x.shape[1:] == (3, 32, 32)
+    assert torch.equal(starts[None], starts["float32"])
+    assert (weights[None] - starts[None]).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(weights["float32"], weights[None], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix_cache"):
+        StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", prefix_cache="int8")
+
+
 def test_projection_once_per_real_step_and_doubly_stochastic(nets):
     module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="birkhoff")
     calls = []
