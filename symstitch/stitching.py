@@ -383,7 +383,7 @@ def datamodule_for(checkpoint: Union[str, Path]):
 
 def stitch_all(source: str, target: str, out: Path, *, points: Optional[list[str]] = None,
                layers: tuple[str, ...] = ("standard", "birkhoff"), epochs: int = 4, relaxed_epochs: int = 3,
-               lr: float = 0.005, init: str = "data") -> list[dict]:
+               lr: float = 0.005, init: str = "data", prefix_cache: Optional[str] = None) -> list[dict]:
     """Stitch ``source`` into ``target`` at every point with every layer; one result file per cell, finished
     cells are read back instead of recomputed."""
     from rich.progress import Progress
@@ -397,13 +397,15 @@ def stitch_all(source: str, target: str, out: Path, *, points: Optional[list[str
     with Progress() as progress:
         task = progress.add_task("stitching", total=len(cells))
         for layer, point in cells:
-            path = out / "cells" / f"{layer}-e{epochs}-lr{lr:g}-{init}" / f"{point}.json"
+            cached = f"-cache{prefix_cache}" if prefix_cache else ""
+            path = out / "cells" / f"{layer}-e{epochs}-lr{lr:g}-{init}{cached}" / f"{point}.json"
             if not path.exists():
                 pl.seed_everything(0, verbose=False)
                 result = stitch(source, target, point, layer=layer, datamodule=datamodule_for(source),
                                 relaxed_epochs=relaxed_epochs if layer in ("birkhoff", "softsort") else None,
                                 init=init if layer in ("standard", "birkhoff") else "random",
-                                optimizer=lambda params: torch.optim.Adam(params, lr=lr), max_epochs=epochs)
+                                optimizer=lambda params: torch.optim.Adam(params, lr=lr), max_epochs=epochs,
+                                prefix_cache=prefix_cache)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(result.to_json())
@@ -455,6 +457,8 @@ def main(argv) -> int:
     parser.add_argument("--relaxed-epochs", type=int, default=3, help="for birkhoff/softsort, before hardening")
     parser.add_argument("--lr", type=float, default=0.005, help="Adam learning rate")
     parser.add_argument("--init", choices=["data", "random"], default="data", help="start of standard/birkhoff")
+    parser.add_argument("--prefix-cache", choices=["float32", "bfloat16"], default=None,
+                        help="train on cached source activations of the un-augmented training images")
     parser.add_argument("--out", default="runs/stitch", help="results folder")
     args = parser.parse_args(argv)
     import logging
@@ -464,7 +468,8 @@ def main(argv) -> int:
     load_pair(args.source, args.target, load_classifier(resolve_model(args.source)).stitch_points[0])  # checks
     points = None if args.points == "all" else args.points.split(",")
     rows = stitch_all(args.source, args.target, out, points=points, layers=tuple(args.layers.split(",")),
-                      epochs=args.epochs, relaxed_epochs=args.relaxed_epochs, lr=args.lr, init=args.init)
+                      epochs=args.epochs, relaxed_epochs=args.relaxed_epochs, lr=args.lr, init=args.init,
+                      prefix_cache=args.prefix_cache)
     order = list(dict.fromkeys(r["point"] for r in rows))
     columns = ["layer_name", "point", "penalty", "stitched_acc", "source_acc", "target_acc"]
     with open(out / "penalties.csv", "w", newline="") as f:
