@@ -53,6 +53,27 @@ def _projection(argv: Sequence[str]) -> int:
     return projection_main(argv)
 
 
+@COMMANDS.register("sweep")
+def _sweep(argv: Sequence[str]) -> int:
+    from symstitch.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
+@COMMANDS.register("align")
+def _align(argv: Sequence[str]) -> int:
+    from symstitch.align import main as align_main
+
+    return align_main(argv)
+
+
+@COMMANDS.register("report")
+def _report(argv: Sequence[str]) -> int:
+    from symstitch.report import main as report_main
+
+    return report_main(argv)
+
+
 def trainer_defaults() -> dict:
     """Defaults for every trainer: CSV + W&B logging, bf16 autocast on GPU, DDP consistency checks."""
     from symstitch.callbacks import DDPConsistency
@@ -188,6 +209,9 @@ DESCRIPTIONS = {
     "stitch": "stitch two networks at every stitch point with several layers; penalty table and plot",
     "check": "sanity report: a random symmetry g applied at every point preserves the function",
     "projection": "the projection experiment: insert G_σ / orthogonal matrices per layer, retrain, plot",
+    "align": "similarity of every feature-point pair of two networks (Procrustes, CKA): CSV, heatmaps",
+    "sweep": "run an experiment grid of experiments/*.yaml, resumable cell by cell (or --emit slurm)",
+    "report": "tidy CSVs, figures and a markdown summary of sweep results",
 }
 
 

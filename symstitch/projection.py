@@ -258,16 +258,20 @@ def run_grid(
             cell_dir = out / "cells" / source / f"{retrain}-e{epochs}-lr{lr:g}" / point / f"{kind}-r{repeat}"
             result = cell_dir / "result.json"
             if not result.exists():
-                clean_file = out / "cells" / source / "clean.json"
-                if not clean_file.exists():
-                    clean = _accuracy(_PlainClassifier(ckpt), datamodule, out / "cells" / source / "clean")
-                    _write_json(clean_file, {"clean_acc": clean})
                 record = run_cell(source, ckpt, point, kind, repeat, epochs, lr, datamodule, cell_dir, retrain)
-                record["clean_acc"] = json.loads(clean_file.read_text())["clean_acc"]
+                record["clean_acc"] = clean_accuracy(ckpt, datamodule, out / "cells" / source)
                 _write_json(result, record)
             records.append(json.loads(result.read_text()))
             progress.advance(task)
     return records
+
+
+def clean_accuracy(checkpoint: Path, datamodule: pl.LightningDataModule, root: Path) -> float:
+    """Test accuracy of the unmodified network, measured once and kept in ``root/clean.json``."""
+    path = root / "clean.json"
+    if not path.exists():
+        _write_json(path, {"clean_acc": _accuracy(_PlainClassifier(checkpoint), datamodule, root)})
+    return json.loads(path.read_text())["clean_acc"]
 
 
 class _PlainClassifier(pl.LightningModule):

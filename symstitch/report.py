@@ -1,0 +1,683 @@
+"""``symstitch report RESULTS_DIR``: tidy tables, figures and a markdown report from sweep results.
+
+A sweep (``symstitch sweep``) leaves one JSON file per finished cell under ``<out>/cells/``::
+
+    {"experiment": "stitch" | "align" | "projection" | "zoo", "key": …, "cell": {…}, "result": {…},
+     "seconds": …, "finished": "YYYY-mm-ddTHH:MM:SS"}
+
+:func:`collect` gathers every such file below a folder (one sweep folder, or a folder holding several);
+:func:`write_report` turns them into
+
+- tidy CSVs: ``stitch.csv`` (one row per cell), ``align.csv`` (one row per pair, metric and pair of points),
+  ``zoo.csv`` (one row per model); projection cells go through :func:`symstitch.projection.write_report`
+  into ``projection/``;
+- figures: ``stitch_penalty.png`` (penalty against stitch point, one line per stitching layer, mean ± standard
+  deviation over pairs and repeats), ``align_<metric>.png`` (mean similarity over pairs for every pair of
+  points) and ``align_diagonal.png`` (similarity of the same point in both networks);
+- ``report.md``: what was found, the figures, and the numbers measured from them, including a comparison with
+  the paper's qualitative findings that is computed from the data, never assumed.
+
+Similarities that were not computed (``null`` in a cell file) stay NaN throughout: empty in ``align.csv``,
+grey in the heatmaps, left out of every mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+EXPERIMENTS = ("zoo", "stitch", "align", "projection")
+
+#: stitching layers that realise G_ReLU (a permutation times positive scales)
+G_RELU_LAYERS = ("birkhoff", "softsort")
+#: unconstrained stitching
+STANDARD_LAYER = "standard"
+#: our reading of "near zero" for unconstrained stitching, in points of accuracy (not a number from the paper)
+NEAR_ZERO_POINTS = 2.0
+
+STITCH_COLUMNS = ["arch", "source", "target", "layer", "point", "point_index", "repeat", "penalty", "stitched_acc",
+                  "source_acc", "target_acc"]
+ALIGN_COLUMNS = ["arch", "source", "target", "metric", "cka_mode", "point_a", "point_b", "value"]
+ZOO_COLUMNS = ["arch", "seed", "dataset", "test_acc"]
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the cell files
+
+
+def _cell_files(root: Path) -> list[Path]:
+    files = {p.resolve(): p for p in root.rglob("cells/**/*.json") if p.is_file()}
+    if root.name == "cells":  # the cells folder itself was given
+        files.update({p.resolve(): p for p in root.rglob("*.json") if p.is_file()})
+    return [files[k] for k in sorted(files)]
+
+
+def collect(root: Path) -> dict[str, list[dict]]:
+    """Every cell result below ``root``, grouped by experiment: ``{experiment: [record, …]}``.
+
+    A record is the cell file's content plus ``"file"`` (its path). Files that do not parse, or are not cell
+    results (no ``experiment``, no ``cell``/``result`` objects), are skipped with a warning.
+    """
+    root = Path(root)
+    found: dict[str, list[dict]] = {}
+    for path in _cell_files(root):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            _warn(f"skipping {path}: not readable JSON ({e})")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("experiment"), str):
+            _warn(f"skipping {path}: not a cell result (no \"experiment\")")
+            continue
+        if not isinstance(record.get("cell", {}), dict) or not isinstance(record.get("result"), dict):
+            _warn(f"skipping {path}: not a cell result (no \"result\" object)")
+            continue
+        record.setdefault("cell", {})
+        record["file"] = str(path)
+        found.setdefault(record["experiment"], []).append(record)
+    return found
+
+
+def _float(value: Any) -> float:
+    """A number from a cell file; None, strings and other non-numbers become NaN."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return "" if value is None else value
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _csv_value(row.get(c)) for c in columns})
+    return path
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (NaN when n < 2) and n of the finite values."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+
+
+def _spearman(values: Sequence[float]) -> Optional[float]:
+    """Spearman rank correlation of ``values`` against their position; None when undefined."""
+    v = [x for x in values if math.isfinite(x)]
+    if len(v) < 3 or len(v) != len(values) or max(v) == min(v):
+        return None
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(np.arange(len(v)), v).statistic)
+    return rho if math.isfinite(rho) else None
+
+
+def _pts(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.2f}"
+
+
+def _rho(rho: Optional[float]) -> str:
+    return "undefined" if rho is None else f"{rho:+.3f}"
+
+
+def _sim(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stitching
+
+
+def _stitch_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for rec in records:
+        c, r = rec["cell"], rec["result"]
+        try:
+            row = {"arch": str(c["arch"]), "source": str(c["source"]), "target": str(c["target"]),
+                   "layer": str(c["layer"]), "point": str(c["point"]), "point_index": c.get("point_index"),
+                   "repeat": c.get("repeat", 0), "penalty": _float(r["penalty"]),
+                   "stitched_acc": _float(r.get("stitched_acc")), "source_acc": _float(r.get("source_acc")),
+                   "target_acc": _float(r.get("target_acc"))}
+        except KeyError as e:
+            _warn(f"skipping stitch cell {rec.get('file')}: missing {e}")
+            continue
+        rows.append(row)
+    key = lambda r: (r["arch"], r["layer"], r["point_index"] if r["point_index"] is not None else 1 << 30,  # noqa: E731
+                     r["point"], r["source"], r["target"], str(r["repeat"]))
+    return sorted(rows, key=key)
+
+
+def _point_order(rows: list[dict]) -> list[str]:
+    """Stitch points in depth order (``point_index``; order of appearance where it is missing)."""
+    index: dict[str, float] = {}
+    for i, r in enumerate(rows):
+        pi = r["point_index"]
+        rank = float(pi) if isinstance(pi, (int, float)) and not isinstance(pi, bool) else 1e9 + i
+        index[r["point"]] = min(index.get(r["point"], rank), rank)
+    return sorted(index, key=lambda p: (index[p], p))
+
+
+def stitch_summary(rows: list[dict]) -> dict[str, dict]:
+    """``{arch: {"points": [...], "layers": {layer: {"points", "mean", "std", "n"}}}}``, penalties in points."""
+    summary: dict[str, dict] = {}
+    for arch in sorted({r["arch"] for r in rows}):
+        arch_rows = [r for r in rows if r["arch"] == arch]
+        points = _point_order(arch_rows)
+        layers = {}
+        for layer in sorted({r["layer"] for r in arch_rows}):
+            pts, means, stds, ns = [], [], [], []
+            for p in points:
+                vals = [100 * r["penalty"] for r in arch_rows if r["layer"] == layer and r["point"] == p]
+                m, s, n = _mean_std(vals)
+                if n:
+                    pts.append(p), means.append(m), stds.append(s), ns.append(n)
+            layers[layer] = {"points": pts, "mean": means, "std": stds, "n": ns}
+        pairs = sorted({(r["source"], r["target"]) for r in arch_rows})
+        summary[arch] = {"points": points, "layers": layers, "pairs": pairs,
+                         "repeats": sorted({str(r["repeat"]) for r in arch_rows})}
+    return summary
+
+
+def stitch_penalty_plot(summary: dict[str, dict], out: Path) -> Path:
+    """Penalty (points) against stitch point, one line per layer; error bars = std over pairs and repeats."""
+    plt = _plt()
+    archs = list(summary)
+    width = max(5.5, 0.55 * max(len(summary[a]["points"]) for a in archs) + 2.5)
+    fig, axes = plt.subplots(len(archs), 1, figsize=(width, 3.8 * len(archs)), squeeze=False)
+    for ax, arch in zip(axes[:, 0], archs):
+        points = summary[arch]["points"]
+        for layer, s in summary[arch]["layers"].items():
+            xs = [points.index(p) for p in s["points"]]
+            yerr = [sd if n > 1 else np.nan for sd, n in zip(s["std"], s["n"])]
+            n_lo, n_hi = min(s["n"]), max(s["n"])
+            n_text = f"n={n_lo}" if n_lo == n_hi else f"n={n_lo}–{n_hi}"
+            ax.errorbar(xs, s["mean"], yerr=yerr, marker="o", markersize=4, capsize=3, label=f"{layer} ({n_text})")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(points)), points, rotation=45, ha="right", fontsize=8)
+        ax.set_xlabel("stitch point (depth order)")
+        ax.set_ylabel("stitching penalty (points)")
+        n_pairs = len(summary[arch]["pairs"])
+        ax.set_title(f"{arch}: stitching penalty, mean ± std over {n_pairs} pair(s) × repeats", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "stitch_penalty.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _is_g_relu(layer: str) -> bool:
+    name = layer.lower()
+    return any(name == g or re.match(rf"{g}[_\-.]", name) for g in G_RELU_LAYERS)
+
+
+def _thirds(means: list[float]) -> tuple[float, float, int]:
+    k = max(1, len(means) // 3)
+    return float(np.mean(means[:k])), float(np.mean(means[-k:])), k
+
+
+def g_relu_verdict(means: list[float]) -> tuple[str, str]:
+    """Paper: G_ReLU penalty small early and growing with depth. Returns (verdict, the measured evidence)."""
+    if len(means) < 2:
+        return "cannot be tested", "fewer than 2 stitch points"
+    first, last, k = _thirds(means)
+    rho = _spearman(means)
+    grows = first < last
+    evidence = (f"first-third mean {_pts(first)} pts (first {k} of {len(means)} points) "
+                f"{'<' if grows else '≥'} last-third mean {_pts(last)} pts (last {k}); Spearman ρ = {_rho(rho)}")
+    if rho is None and len(means) < 3:
+        evidence += " (fewer than 3 points: judged on the first/last comparison alone)"
+        agrees = grows
+    else:
+        agrees = grows and rho is not None and rho > 0
+    return ("agrees" if agrees else "does not agree"), evidence
+
+
+def standard_verdict(means: list[float]) -> tuple[str, str]:
+    """Paper: unconstrained stitching has a penalty near zero (ours: every mean ≤ NEAR_ZERO_POINTS)."""
+    finite = [m for m in means if math.isfinite(m)]
+    if not finite:
+        return "cannot be tested", "no penalties"
+    worst = max(finite)
+    ok = worst <= NEAR_ZERO_POINTS
+    return ("agrees" if ok else "does not agree"), (
+        f"max mean penalty {_pts(worst)} pts {'≤' if ok else '>'} {NEAR_ZERO_POINTS:g} pts")
+
+
+def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path], dict]:
+    summary = stitch_summary(rows)
+    png = stitch_penalty_plot(summary, out)
+    lines = ["## Stitching", "",
+             "Penalty = (acc(source) + acc(target))/2 − acc(stitched), in points of test accuracy (×100); "
+             "mean over pairs and repeats, error bars: sample standard deviation (none where n = 1).", "",
+             f"![stitching penalty per stitch point]({png.name})", "", "Data: [stitch.csv](stitch.csv)", ""]
+    for arch, s in summary.items():
+        lines += [f"### {arch}", "",
+                  f"{len(s['pairs'])} pair(s) ({', '.join(f'{a}→{b}' for a, b in s['pairs'])}), "
+                  f"{len(s['repeats'])} repeat(s), {len(s['points'])} stitch point(s), "
+                  f"{len(s['layers'])} stitching layer(s).", "",
+                  "| layer | n per point | first point | middle point | last point | max | "
+                  "Spearman ρ (mean penalty vs depth) |",
+                  "|---|---|---|---|---|---|---|"]
+        for layer, ls in s["layers"].items():
+            m, p = ls["mean"], ls["points"]
+            mid = (len(m) - 1) // 2
+            imax = int(np.nanargmax(m)) if any(math.isfinite(x) for x in m) else 0
+            n_text = str(ls["n"][0]) if len(set(ls["n"])) == 1 else f"{min(ls['n'])}–{max(ls['n'])}"
+            lines.append(f"| {layer} | {n_text} | {_pts(m[0])} ({p[0]}) | {_pts(m[mid])} ({p[mid]}) | "
+                         f"{_pts(m[-1])} ({p[-1]}) | {_pts(m[imax])} ({p[imax]}) | {_rho(_spearman(m))} |")
+        lines.append("")
+    lines += ["### Against the paper's findings", "",
+              "Verdicts are computed from the numbers above, nothing else.", "",
+              "(a) Paper: the G_ReLU stitching penalty (layers " + ", ".join(f"`{g}`" for g in G_RELU_LAYERS) +
+              ") is small in early layers and grows with depth. Tested here as: mean penalty over the first "
+              "third of the stitch points (k = ⌊n/3⌋, at least 1) below the mean over the last third, and a "
+              "positive Spearman correlation of mean penalty with depth.", ""]
+    verdicts: dict[str, list] = {"g_relu": [], "standard": []}
+    tested = False
+    for arch, s in summary.items():
+        for layer, ls in s["layers"].items():
+            if _is_g_relu(layer):
+                verdict, evidence = g_relu_verdict(ls["mean"])
+                verdicts["g_relu"].append((arch, layer, verdict))
+                lines.append(f"- {arch}, `{layer}`: {evidence} → **{verdict}**.")
+                tested = True
+    if not tested:
+        lines.append("- no G_ReLU stitching layer in these results: not tested.")
+    lines += ["", f"(b) Paper: unconstrained stitching (`{STANDARD_LAYER}`) has a penalty near zero. Our threshold "
+              f"for \"near zero\" (not the paper's): a mean penalty of at most {NEAR_ZERO_POINTS:g} points at every "
+              "stitch point.", ""]
+    tested = False
+    for arch, s in summary.items():
+        ls = s["layers"].get(STANDARD_LAYER)
+        if ls:
+            verdict, evidence = standard_verdict(ls["mean"])
+            verdicts["standard"].append((arch, STANDARD_LAYER, verdict))
+            lines.append(f"- {arch}: {evidence} → **{verdict}**.")
+            tested = True
+    if not tested:
+        lines.append(f"- no `{STANDARD_LAYER}` stitching layer in these results: not tested.")
+    lines.append("")
+    return lines, [png], {"summary": summary, "verdicts": verdicts}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Alignment
+
+
+def _align_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Tidy rows and the per-record matrices (``{arch, source, target, metric, points_a, points_b, values}``)."""
+    modes: dict[str, set] = {}
+    for rec in records:
+        modes.setdefault(str(rec["cell"].get("metric")), set()).add(rec["cell"].get("cka_mode"))
+    rows, mats = [], []
+    for rec in records:
+        c, r = rec["cell"], rec["result"]
+        try:
+            pa, pb = [str(p) for p in r["points_a"]], [str(p) for p in r["points_b"]]
+            values = np.array([[_float(v) for v in row] for row in r["values"]], dtype=float).reshape(len(pa), len(pb))
+            metric = str(c["metric"])
+            arch, source, target = str(c.get("arch", "")), str(c["source"]), str(c["target"])
+        except (KeyError, TypeError, ValueError) as e:
+            _warn(f"skipping align cell {rec.get('file')}: malformed ({type(e).__name__}: {e})")
+            continue
+        label = metric if len(modes.get(metric, ())) <= 1 else f"{metric}_{c.get('cka_mode')}"
+        mats.append({"arch": arch, "source": source, "target": target, "metric": label, "points_a": pa,
+                     "points_b": pb, "values": values, "errors": r.get("errors") or {}})
+        for i, a in enumerate(pa):
+            for j, b in enumerate(pb):
+                rows.append({"arch": arch, "source": source, "target": target, "metric": label,
+                             "cka_mode": c.get("cka_mode"), "point_a": a, "point_b": b, "value": values[i, j]})
+    rows.sort(key=lambda r: (r["arch"], r["metric"], r["source"], r["target"]))
+    return rows, mats
+
+
+def _union(lists: Iterable[list[str]]) -> list[str]:
+    return list(dict.fromkeys(p for lst in lists for p in lst))
+
+
+def align_summary(mats: list[dict]) -> dict[tuple[str, str], dict]:
+    """``{(metric, arch): {...}}``: the mean over pairs of every (point A, point B), NaN where never computed."""
+    summary = {}
+    for metric, arch in sorted({(m["metric"], m["arch"]) for m in mats}):
+        group = [m for m in mats if (m["metric"], m["arch"]) == (metric, arch)]
+        pa, pb = _union(m["points_a"] for m in group), _union(m["points_b"] for m in group)
+        stack = np.full((len(group), len(pa), len(pb)), np.nan)
+        for k, m in enumerate(group):
+            ia = [pa.index(p) for p in m["points_a"]]
+            ib = [pb.index(p) for p in m["points_b"]]
+            stack[k][np.ix_(ia, ib)] = m["values"]
+        counts = np.isfinite(stack).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(counts > 0, np.nansum(stack, 0) / np.maximum(counts, 1), np.nan)
+        raw_nan = int(sum(np.isnan(m["values"]).sum() for m in group))
+        raw_total = int(sum(m["values"].size for m in group))
+        diag = [(pa.index(p), pb.index(p)) for p in pa if p in pb]
+        diag_set = set(diag)
+        diag_vals = [mean[i, j] for i, j in diag if np.isfinite(mean[i, j])]
+        off_vals = [mean[i, j] for i in range(len(pa)) for j in range(len(pb))
+                    if (i, j) not in diag_set and np.isfinite(mean[i, j])]
+        on_diag, rows_counted = 0, 0
+        for i, j in diag:
+            row = mean[i]
+            if not np.isfinite(row).any() or not np.isfinite(mean[i, j]):
+                continue
+            rows_counted += 1
+            on_diag += bool(mean[i, j] >= np.nanmax(row))
+        summary[(metric, arch)] = {
+            "points_a": pa, "points_b": pb, "mean": mean, "stack": stack,
+            "pairs": [(m["source"], m["target"]) for m in group],
+            "same_points": all(m["points_a"] == m["points_b"] for m in group),
+            "diag_mean": float(np.mean(diag_vals)) if diag_vals else math.nan,
+            "off_mean": float(np.mean(off_vals)) if off_vals else math.nan,
+            "rows_on_diag": on_diag, "rows_counted": rows_counted,
+            "nan_raw": raw_nan, "total_raw": raw_total, "nan_mean": int(np.isnan(mean).sum()),
+            "errors": sum(len(m["errors"]) for m in group),
+        }
+    return summary
+
+
+def align_heatmap(metric: str, entries: list[tuple[str, dict]], out: Path) -> Path:
+    """``align_<metric>.png``: one heatmap per architecture; NaN (never computed) in grey."""
+    plt = _plt()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    fig, axes = plt.subplots(1, len(entries), squeeze=False,
+                             figsize=(max(4.8, 0.4 * max(len(s["points_b"]) for _, s in entries) + 2.8) * len(entries),
+                                      max(4.0, 0.4 * max(len(s["points_a"]) for _, s in entries) + 2.2)))
+    for ax, (arch, s) in zip(axes[0], entries):
+        data = np.ma.masked_invalid(s["mean"])
+        finite = s["mean"][np.isfinite(s["mean"])]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if vmin == vmax:
+            vmin, vmax = vmin - 0.5, vmax + 0.5
+        im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(s["points_b"])), s["points_b"], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(s["points_a"])), s["points_a"], fontsize=8)
+        ax.set_xlabel("model B point")
+        ax.set_ylabel("model A point")
+        nan_note = f", {s['nan_mean']} NaN (grey)" if s["nan_mean"] else ""
+        ax.set_title(f"{metric} ({arch}): mean over {len(s['pairs'])} pair(s){nan_note}", fontsize=10)
+        fig.colorbar(im, ax=ax, label="similarity")
+    fig.tight_layout()
+    path = out / f"align_{_safe_name(metric)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def align_diagonal_plot(summary: dict[tuple[str, str], dict], out: Path) -> Optional[Path]:
+    """``align_diagonal.png``: similarity of point p of A with point p of B, a group of bars per metric."""
+    archs = sorted({arch for (_, arch), s in summary.items() if s["same_points"]})
+    if not archs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(archs), 1, squeeze=False, figsize=(9, 3.9 * len(archs)))
+    for ax, arch in zip(axes[:, 0], archs):
+        metrics = [(metric, s) for (metric, a), s in summary.items() if a == arch and s["same_points"]]
+        points = _union(s["points_a"] for _, s in metrics)
+        width = 0.8 / len(points)
+        colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(points)))
+        for k, p in enumerate(points):
+            xs, ys, errs = [], [], []
+            for g, (_, s) in enumerate(metrics):
+                if p not in s["points_a"]:
+                    continue
+                i, j = s["points_a"].index(p), s["points_b"].index(p)
+                m, sd, n = _mean_std(list(s["stack"][:, i, j]))
+                xs.append(g - 0.4 + width * (k + 0.5)), ys.append(m), errs.append(sd if n > 1 else np.nan)
+            ax.bar(xs, ys, width=width, yerr=errs, capsize=2, color=colors[k], label=p)
+        ax.set_xticks(range(len(metrics)), [m for m, _ in metrics])
+        ax.set_xlabel("metric")
+        ax.set_ylabel("similarity at (p, p)")
+        n_pairs = max(len(s["pairs"]) for _, s in metrics)
+        ax.set_title(f"{arch}: same point in both networks, mean over pairs (≤ {n_pairs}), error bars: std")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, ncol=max(1, math.ceil(len(points) / 8)), title="point p", title_fontsize=7,
+                  bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    path = out / "align_diagonal.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _align_section(mats: list[dict], out: Path) -> tuple[list[str], list[Path], dict]:
+    summary = align_summary(mats)
+    pngs = []
+    for metric in sorted({m for m, _ in summary}):
+        pngs.append(align_heatmap(metric, [(a, s) for (m, a), s in summary.items() if m == metric], out))
+    diag_png = align_diagonal_plot(summary, out)
+    lines = ["## Alignment", "",
+             "Similarity of every point of model A with every point of model B, averaged over pairs of models "
+             "(entries that were not computed are NaN and left out of the means). The diagonal is point p of A "
+             "with the same point p of B.", ""]
+    for png in pngs:
+        lines += [f"![{png.stem}]({png.name})", ""]
+    if diag_png:
+        lines += [f"![similarity on the diagonal]({diag_png.name})", ""]
+    lines += ["Data: [align.csv](align.csv)", "",
+              "| metric | architecture | pairs | mean diagonal | mean off-diagonal | rows with their max on the "
+              "diagonal | NaN entries |",
+              "|---|---|---|---|---|---|---|"]
+    for (metric, arch), s in summary.items():
+        frac = s["rows_on_diag"] / s["rows_counted"] if s["rows_counted"] else math.nan
+        frac_text = f"{s['rows_on_diag']}/{s['rows_counted']} ({frac:.0%})" if s["rows_counted"] else "n/a"
+        lines.append(f"| {metric} | {arch} | {len(s['pairs'])} | {_sim(s['diag_mean'])} | {_sim(s['off_mean'])} | "
+                     f"{frac_text} | {s['nan_raw']} of {s['total_raw']} |")
+    lines.append("")
+    nan_notes = [f"{metric} ({arch}): {s['nan_raw']} of {s['total_raw']} similarities were not computed (NaN)"
+                 + (f", {s['nan_mean']} entr{'y' if s['nan_mean'] == 1 else 'ies'} of the mean heatmap "
+                    "never computed in any pair (grey)" if s["nan_mean"] else "")
+                 + (f"; {s['errors']} error message(s) recorded in the cell files" if s["errors"] else "")
+                 for (metric, arch), s in summary.items() if s["nan_raw"] or s["errors"]]
+    if nan_notes:
+        lines += ["NaN entries:", ""] + [f"- {n}." for n in nan_notes] + [""]
+    return lines, pngs + ([diag_png] if diag_png else []), {"summary": summary}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model library and projection
+
+
+def _zoo_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for rec in records:
+        c, r = rec["cell"], rec["result"]
+        rows.append({"arch": r.get("arch", c.get("arch")), "seed": r.get("seed", c.get("seed")),
+                     "dataset": r.get("dataset"), "test_acc": _float(r.get("test_acc"))})
+    return sorted(rows, key=lambda r: (str(r["arch"]), str(r["dataset"]), _float(r["seed"]), str(r["seed"])))
+
+
+def _zoo_section(rows: list[dict]) -> list[str]:
+    lines = ["## Model library", "", "Data: [zoo.csv](zoo.csv)", "",
+             "| architecture | seed | dataset | test accuracy |", "|---|---|---|---|"]
+    for r in rows:
+        acc = f"{100 * r['test_acc']:.2f} %" if math.isfinite(r["test_acc"]) else "n/a"
+        lines.append(f"| {r['arch']} | {r['seed']} | {r['dataset']} | {acc} |")
+    lines += ["", "| architecture | dataset | models | mean test accuracy | std |", "|---|---|---|---|---|"]
+    for arch, dataset in sorted({(str(r["arch"]), str(r["dataset"])) for r in rows}):
+        m, s, n = _mean_std([r["test_acc"] for r in rows if (str(r["arch"]), str(r["dataset"])) == (arch, dataset)])
+        std = f"{100 * s:.2f}" if math.isfinite(s) else "–"
+        lines.append(f"| {arch} | {dataset} | {n} | {100 * m:.2f} % | {std} |" if n else
+                     f"| {arch} | {dataset} | 0 | n/a | – |")
+    lines.append("")
+    return lines
+
+
+def _projection_section(records: list[dict], out: Path) -> tuple[list[str], list[Path], dict[str, Path]]:
+    from symstitch.projection import write_report as projection_report
+
+    results = [rec["result"] for rec in records]
+    paths = projection_report(results, out / "projection")
+    text = paths["md"].read_text().splitlines()
+    body = [ln for ln in text if not ln.startswith("# ")]
+    while body and not body[0].strip():
+        body.pop(0)
+    body = [ln.replace("](projection.", "](projection/projection.") for ln in body]
+    lines = ["## Projection", "", *body, "", "Full summary: [projection/projection.md](projection/projection.md)", ""]
+    return lines, [paths["png"]], paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return (rows[0], rows[1:]) if rows else ([], [])
+
+
+def _log_wandb(root: Path, out: Path, csvs: dict[str, Path], figures: list[Path], stats: dict) -> None:
+    """One W&B run (offline unless configured) holding the tables and figures; failures only warn."""
+    try:
+        from symstitch.loggers import default_wandb_offline
+
+        default_wandb_offline()
+        import wandb
+
+        run = wandb.init(project="symstitch", dir=str(out), job_type="report", name=f"report-{root.resolve().name}",
+                         config={"results_dir": str(root)})
+        try:
+            for name, path in csvs.items():
+                columns, data = _read_csv(path)
+                if columns:
+                    wandb.log({f"{name}_table": wandb.Table(columns=columns, data=data)})
+            for png in figures:
+                wandb.log({f"figures/{png.stem}": wandb.Image(str(png))})
+            run.summary.update(stats)
+        finally:
+            wandb.finish()
+    except Exception as e:  # noqa: BLE001 - W&B must never cost the files already written
+        _warn(f"W&B logging failed ({type(e).__name__}: {e}); the report files are complete")
+
+
+def write_report(root: Path, out: Optional[Path] = None, wandb: bool = False) -> Path:
+    """Read every cell below ``root``, write the CSVs, figures and ``report.md`` into ``out`` (default
+    ``root/report``); returns the path of ``report.md``. ``wandb``: also log tables and figures to W&B."""
+    return _write(root, out, wandb)[0]
+
+
+def _write(root: Path, out: Optional[Path], wandb: bool) -> tuple[Path, dict[str, Any]]:
+    """:func:`write_report`, also returning the headline numbers (cell counts, verdicts, alignment means)."""
+    root = Path(root)
+    out = Path(out) if out is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    found = collect(root)
+    counts = {e: len(found.get(e, [])) for e in EXPERIMENTS}
+    others = {e: len(v) for e, v in found.items() if e not in EXPERIMENTS}
+    lines = [f"# symstitch report: {root.resolve().name}", "",
+             f"Results folder: `{root}` · {time.strftime('%Y-%m-%d %H:%M:%S')}", "",
+             "## What was found", "", "| experiment | cells |", "|---|---|"]
+    lines += [f"| {e} | {n} |" for e, n in counts.items()]
+    lines += [f"| {e} (not reported) | {n} |" for e, n in others.items()]
+    lines.append("")
+    if not any(counts.values()):
+        lines += [f"No cell results (`cells/**/*.json`) under `{root}`.", ""]
+
+    csvs: dict[str, Path] = {}
+    figures: list[Path] = []
+    stats: dict[str, Any] = {f"cells/{e}": n for e, n in counts.items()}
+
+    if found.get("zoo"):
+        rows = _zoo_rows(found["zoo"])
+        csvs["zoo"] = _write_csv(out / "zoo.csv", ZOO_COLUMNS, rows)
+        lines += _zoo_section(rows)
+    if found.get("stitch"):
+        rows = _stitch_rows(found["stitch"])
+        csvs["stitch"] = _write_csv(out / "stitch.csv", STITCH_COLUMNS, rows)
+        if rows:
+            section, pngs, info = _stitch_section(rows, out)
+            lines += section
+            figures += pngs
+            for kind, verdicts in info["verdicts"].items():
+                for arch, layer, verdict in verdicts:
+                    stats[f"stitch/{arch}/{layer}/{kind}_verdict"] = verdict
+    if found.get("align"):
+        rows, mats = _align_rows(found["align"])
+        csvs["align"] = _write_csv(out / "align.csv", ALIGN_COLUMNS, rows)
+        if mats:
+            section, pngs, info = _align_section(mats, out)
+            lines += section
+            figures += pngs
+            for (metric, arch), s in info["summary"].items():
+                stats[f"align/{arch}/{metric}/diag_mean"] = s["diag_mean"]
+                stats[f"align/{arch}/{metric}/off_mean"] = s["off_mean"]
+    if found.get("projection"):
+        try:
+            section, pngs, paths = _projection_section(found["projection"], out)
+            lines += section
+            figures += pngs
+            csvs["projection"] = paths["csv"]
+        except (KeyError, TypeError, ValueError) as e:
+            _warn(f"projection cells could not be reported ({type(e).__name__}: {e})")
+            lines += ["## Projection", "", f"The projection cells could not be reported: {type(e).__name__}: {e}.", ""]
+
+    md = out / "report.md"
+    md.write_text("\n".join(lines).rstrip("\n") + "\n")
+    if wandb:
+        _log_wandb(root, out, csvs, figures, stats)
+    return md, stats
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="symstitch report",
+        description="Tables, figures and a markdown report from the cell results of one or more sweeps.")
+    parser.add_argument("results_dir", metavar="RESULTS_DIR",
+                        help="a sweep's results folder (with cells/), or a folder holding several")
+    parser.add_argument("--out", default=None, help="where to write the report (default: RESULTS_DIR/report)")
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
+                        help="also log the tables and figures to one W&B run (offline unless W&B is configured)")
+    args = parser.parse_args(argv)
+    root = Path(args.results_dir)
+    if not root.is_dir():
+        print(f"error: {root} is not a folder", file=sys.stderr)
+        return 2
+    md, stats = _write(root, Path(args.out) if args.out else None, wandb=args.wandb)
+    cells = {k.split("/", 1)[1]: n for k, n in stats.items() if k.startswith("cells/") and n}
+    print(f"report: {md}")
+    print("cells: " + (", ".join(f"{e} {n}" for e, n in cells.items()) or f"none found under {root}"))
+    for key, value in stats.items():
+        if key.endswith("_verdict"):
+            print(f"stitch {' '.join(key.split('/')[1:-1])} against the paper: {value}")
+    return 0 if cells else 1

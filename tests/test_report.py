@@ -1,0 +1,273 @@
+"""``symstitch report``: synthetic cell files with known numbers → CSVs, figures, report.md, W&B."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from symstitch import report
+
+ARCH = "mcnn"
+# depth order differs from alphabetical order on purpose
+POINTS = ["conv", "block1", "block2", "avgpool"]
+PAIRS = [("mcnn/seed0", "mcnn/seed1"), ("mcnn/seed0", "mcnn/seed2")]
+
+# penalties (fractions) per layer and pair, in depth order
+GROWING = {
+    # means in points [2, 3, 5, 9], std √2 at every point, Spearman +1
+    "birkhoff": [[0.01, 0.02, 0.04, 0.08], [0.03, 0.04, 0.06, 0.10]],
+    # means [1.5, 1.0, 0.5, 0.0], max 1.5 ≤ 2
+    "standard": [[0.01, 0.01, 0.00, 0.00], [0.02, 0.01, 0.01, 0.00]],
+}
+SHRINKING = {
+    # means [9, 5, 3, 2], Spearman −1
+    "birkhoff": [[0.08, 0.04, 0.02, 0.01], [0.10, 0.06, 0.04, 0.03]],
+    # means [5, 1, 1, 1], max 5 > 2
+    "standard": [[0.04, 0.01, 0.01, 0.01], [0.06, 0.01, 0.01, 0.01]],
+}
+
+ALIGN_POINTS = ["a", "b", "c"]
+M1 = [[0.9, 0.5, 0.2], [0.4, 0.6, 0.9], [0.1, 0.6, 0.7]]
+M2 = [[0.7, 0.3, None], [0.6, 0.6, 0.9], [0.3, 0.2, 0.9]]
+# mean over the pairs, NaN left out: [[0.8, 0.4, 0.2], [0.5, 0.6, 0.9], [0.2, 0.4, 0.8]]
+#   diagonal mean 2.2/3 = 0.733, off-diagonal mean 2.6/6 = 0.433, rows with their max on the diagonal: 2 of 3
+
+
+def _write_cell(root: Path, name: str, experiment: str, cell: dict, result: dict) -> None:
+    path = root / "cells" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"experiment": experiment, "key": name, "cell": cell, "result": result,
+                                "seconds": 1.0, "finished": "2024-01-01T00:00:00"}))
+
+
+def _stitch_cells(root: Path, penalties: dict) -> None:
+    for layer, per_pair in penalties.items():
+        for (source, target), values in zip(PAIRS, per_pair):
+            for i, (point, penalty) in enumerate(zip(POINTS, values)):
+                cell = {"arch": ARCH, "source": source, "target": target, "source_seed": 0,
+                        "target_seed": int(target[-1]), "point": point, "point_index": i, "layer": layer,
+                        "repeat": 0}
+                result = {"penalty": penalty, "stitched_acc": 0.9 - penalty, "source_acc": 0.9, "target_acc": 0.9,
+                          "permutation": [0, 1], "model": {"x": 1}}
+                _write_cell(root, f"stitch/{layer}/{target[-5:]}/{point}-r0", "stitch", cell, result)
+
+
+def _align_cells(root: Path) -> None:
+    for k, ((source, target), values) in enumerate(zip(PAIRS, [M1, M2])):
+        cell = {"arch": ARCH, "source": source, "target": target, "metric": "cka_linear", "cka_mode": "exact"}
+        result = {"points_a": ALIGN_POINTS, "points_b": ALIGN_POINTS, "values": values,
+                  "errors": {"a|c": "degenerate"} if k == 1 else {}}
+        _write_cell(root, f"align/cka_linear/pair{k}", "align", cell, result)
+    cell = {"arch": ARCH, "source": PAIRS[0][0], "target": PAIRS[0][1], "metric": "procrustes_relu",
+            "cka_mode": None}
+    result = {"points_a": ALIGN_POINTS, "points_b": ALIGN_POINTS,
+              "values": [[0.95, 0.5, 0.3], [0.5, 0.9, 0.5], [0.3, 0.5, 0.85]], "errors": {}}
+    _write_cell(root, "align/procrustes_relu/pair0", "align", cell, result)
+
+
+def _projection_cells(root: Path) -> None:
+    for kind, recovered in (("group", 0.97), ("orthogonal", 0.6)):
+        record = {"network": "mcnn-seed0", "activation": "relu", "point": "block1", "layer": 1, "matrix": kind,
+                  "retrain": "next", "repeat": 0, "clean_acc": 0.98, "inserted_acc": 0.1, "recovered_acc": recovered,
+                  "epochs": 2, "lr": 0.05}
+        _write_cell(root, f"projection/{kind}", "projection", {"network": "mcnn-seed0", "matrix": kind}, record)
+
+
+def _zoo_cells(root: Path) -> None:
+    for seed, acc in ((0, 0.9812), (1, 0.9755)):
+        entry = {"arch": ARCH, "seed": seed, "dataset": "digits", "test_acc": acc, "checkpoint": "x.ckpt"}
+        _write_cell(root, f"zoo/{ARCH}-seed{seed}", "zoo", {"arch": ARCH, "seed": seed}, entry)
+
+
+def _sweeps(root: Path, penalties: dict = GROWING, projection: bool = True) -> Path:
+    """A folder holding several sweep folders, plus junk that must be skipped."""
+    _stitch_cells(root / "stitch_sweep", penalties)
+    _align_cells(root / "align_sweep")
+    _zoo_cells(root / "zoo_sweep")
+    if projection:
+        _projection_cells(root / "projection_sweep")
+    (root / "align_sweep" / "cells" / "broken.json").write_text('{"experiment": "align", "key": ')
+    (root / "align_sweep" / "cells" / "other.json").write_text('{"something": 1}')
+    return root
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One full report (projection included), built once for the tests that only read it."""
+    root = _sweeps(tmp_path_factory.mktemp("results"))
+    md = report.write_report(root)
+    return root, md
+
+
+def test_collect_groups_and_skips_junk(tmp_path, capsys):
+    root = _sweeps(tmp_path / "results", projection=False)
+    found = report.collect(root)
+    assert {k: len(v) for k, v in found.items()} == {"stitch": 16, "align": 3, "zoo": 2}
+    err = capsys.readouterr().err
+    assert "broken.json" in err and "not readable JSON" in err
+    assert "other.json" in err and "no \"experiment\"" in err
+    # the cells folder itself also works
+    assert len(report.collect(root / "zoo_sweep" / "cells")["zoo"]) == 2
+
+
+def test_stitch_csv(built):
+    root, md = built
+    rows = _csv(md.parent / "stitch.csv")
+    assert list(rows[0]) == report.STITCH_COLUMNS
+    assert len(rows) == 16
+    birkhoff = [r for r in rows if r["layer"] == "birkhoff" and r["target"] == "mcnn/seed1"]
+    assert [r["point"] for r in birkhoff] == POINTS  # depth order, not alphabetical
+    assert [float(r["penalty"]) for r in birkhoff] == GROWING["birkhoff"][0]
+    assert [int(r["point_index"]) for r in birkhoff] == [0, 1, 2, 3]
+    assert float(birkhoff[0]["stitched_acc"]) == pytest.approx(0.89)
+
+
+def test_stitch_summary_numbers(built):
+    rows = report._stitch_rows(report.collect(built[0])["stitch"])
+    s = report.stitch_summary(rows)[ARCH]
+    assert s["points"] == POINTS
+    b = s["layers"]["birkhoff"]
+    assert b["mean"] == pytest.approx([2, 3, 5, 9])
+    assert b["std"] == pytest.approx([math.sqrt(2)] * 4)
+    assert b["n"] == [2, 2, 2, 2]
+    assert report._spearman(b["mean"]) == pytest.approx(1.0)
+    assert s["layers"]["standard"]["mean"] == pytest.approx([1.5, 1.0, 0.5, 0.0])
+    assert report._spearman([1.0, 1.0, 1.0]) is None and report._spearman([1.0, 2.0]) is None
+
+
+def test_report_md_states_measured_numbers(built):
+    _, md = built
+    text = md.read_text()
+    assert "| stitch | 16 |" in text and "| align | 3 |" in text and "| zoo | 2 |" in text
+    assert "| projection | 2 |" in text
+    # per layer: first, middle, last, max, Spearman
+    assert "| birkhoff | 2 | 2.00 (conv) | 3.00 (block1) | 9.00 (avgpool) | 9.00 (avgpool) | +1.000 |" in text
+    assert "| standard | 2 | 1.50 (conv) | 1.00 (block1) | 0.00 (avgpool) | 1.50 (conv) | -1.000 |" in text
+    # against the paper: growing G_ReLU penalty and small standard penalty agree
+    assert ("first-third mean 2.00 pts (first 1 of 4 points) < last-third mean 9.00 pts (last 1); "
+            "Spearman ρ = +1.000 → **agrees**") in text
+    assert "max mean penalty 1.50 pts ≤ 2 pts → **agrees**" in text
+    assert "**does not agree**" not in text
+    # figures linked with relative paths
+    for link in ("(stitch_penalty.png)", "(align_cka_linear.png)", "(align_procrustes_relu.png)",
+                 "(align_diagonal.png)", "(projection/projection.png)"):
+        assert link in text
+    # alignment: diagonal / off-diagonal means, rows with their max on the diagonal, NaN count
+    assert "| cka_linear | mcnn | 2 | 0.733 | 0.433 | 2/3 (67%) | 1 of 18 |" in text
+    assert "| procrustes_relu | mcnn | 1 | 0.900 | 0.433 | 3/3 (100%) | 0 of 9 |" in text
+    assert "cka_linear (mcnn): 1 of 18 similarities were not computed (NaN)" in text
+    # model library
+    assert "| mcnn | 0 | digits | 98.12 % |" in text and "| mcnn | 1 | digits | 97.55 % |" in text
+    # projection, through projection.write_report
+    assert "| mcnn-seed0 | relu | group | next | 0.980 |" in text
+
+
+def test_opposite_data_gives_opposite_verdicts(tmp_path):
+    root = _sweeps(tmp_path / "results", SHRINKING, projection=False)
+    text = report.write_report(root, tmp_path / "out").read_text()
+    assert ("first-third mean 9.00 pts (first 1 of 4 points) ≥ last-third mean 2.00 pts (last 1); "
+            "Spearman ρ = -1.000 → **does not agree**") in text
+    assert "max mean penalty 5.00 pts > 2 pts → **does not agree**" in text
+    assert "**agrees**" not in text
+    assert "| birkhoff | 2 | 9.00 (conv) | 5.00 (block1) | 2.00 (avgpool) | 9.00 (conv) | -1.000 |" in text
+
+
+def test_verdict_edge_cases():
+    assert report.g_relu_verdict([1.0])[0] == "cannot be tested"
+    verdict, evidence = report.g_relu_verdict([1.0, 2.0])
+    assert verdict == "agrees" and "undefined" in evidence
+    assert report.g_relu_verdict([3.0, 3.0, 3.0])[0] == "does not agree"
+    # first third below the last third, but no rank correlation with depth (ρ = 0)
+    verdict, evidence = report.g_relu_verdict([0.0, 9.0, 8.0, 1.0, 0.5])
+    assert verdict == "does not agree" and "<" in evidence and "ρ = +0.000" in evidence
+    assert report.standard_verdict([0.0, 2.0])[0] == "agrees"
+    assert report.standard_verdict([0.0, 2.01])[0] == "does not agree"
+
+
+def test_align_csv_keeps_nan_empty(built):
+    rows = _csv(built[1].parent / "align.csv")
+    assert len(rows) == 27  # 2 pairs × 9 + 1 pair × 9
+    cka = [r for r in rows if r["metric"] == "cka_linear"]
+    by_key = {(r["target"], r["point_a"], r["point_b"]): r["value"] for r in cka}
+    assert by_key[("mcnn/seed2", "a", "c")] == ""  # null stays empty, never 1
+    assert by_key[("mcnn/seed1", "a", "c")] == "0.2"
+    assert sum(r["value"] == "" for r in rows) == 1
+    assert all(float(r["value"]) != 1.0 for r in rows if r["value"])
+    summary = report.align_summary(report._align_rows(report.collect(built[0])["align"])[1])
+    mean = summary[("cka_linear", ARCH)]["mean"]
+    assert mean[0, 2] == pytest.approx(0.2)  # the mean over the pairs where it was computed
+    assert summary[("cka_linear", ARCH)]["nan_raw"] == 1
+
+
+def test_all_nan_entry_stays_nan():
+    mats = [{"arch": "m", "source": "s", "target": "t", "metric": "cka_relu", "points_a": ["a", "b"],
+             "points_b": ["a", "b"], "values": [[1.0, None], [0.3, 0.8]], "errors": {}}]
+    records = [{"experiment": "align", "cell": {k: m[k] for k in ("arch", "source", "target", "metric")},
+                "result": {k: m[k] for k in ("points_a", "points_b", "values", "errors")}} for m in mats]
+    rows, parsed = report._align_rows(records)
+    s = report.align_summary(parsed)[("cka_relu", "m")]
+    assert math.isnan(s["mean"][0, 1]) and s["nan_mean"] == 1
+    assert [r["value"] for r in rows if (r["point_a"], r["point_b"]) == ("a", "b")][0] != 1.0
+
+
+def test_zoo_csv(built):
+    rows = _csv(built[1].parent / "zoo.csv")
+    assert [(r["arch"], r["seed"], r["dataset"], float(r["test_acc"])) for r in rows] == [
+        (ARCH, "0", "digits", 0.9812), (ARCH, "1", "digits", 0.9755)]
+
+
+def test_figures_exist(built):
+    out = built[1].parent
+    for name in ("stitch_penalty.png", "align_cka_linear.png", "align_procrustes_relu.png", "align_diagonal.png",
+                 "projection/projection.png"):
+        assert (out / name).stat().st_size > 5000, name
+    rows = _csv(out / "projection" / "projection.csv")
+    assert [r["matrix"] for r in rows] == ["group", "orthogonal"]
+
+
+def test_main(tmp_path, capsys):
+    root = _sweeps(tmp_path / "results", projection=False)
+    assert report.main([str(root), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'rep' / 'report.md'}" in out
+    assert "stitch 16" in out and "stitch mcnn birkhoff against the paper: agrees" in out
+    assert (tmp_path / "rep" / "stitch.csv").exists()
+    assert report.main([str(root)]) == 0  # default out: RESULTS_DIR/report
+    assert (root / "report" / "report.md").exists()
+    assert report.main([str(root)]) == 0  # rerun over its own earlier report
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 1
+    assert report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_wandb_failure_keeps_files(tmp_path, monkeypatch, capsys):
+    import symstitch.loggers
+
+    def boom():
+        raise RuntimeError("no W&B here")
+
+    monkeypatch.setattr(symstitch.loggers, "default_wandb_offline", boom)
+    root = _sweeps(tmp_path / "results", projection=False)
+    md = report.write_report(root, tmp_path / "out", wandb=True)
+    assert md.exists() and (tmp_path / "out" / "stitch.csv").exists()
+    assert "W&B logging failed" in capsys.readouterr().err
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = _sweeps(tmp_path / "results", projection=False)
+    out = tmp_path / "out"
+    report.write_report(root, out, wandb=True)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list(runs[0].glob("files/media/images/figures/stitch_penalty*.png"))
