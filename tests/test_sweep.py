@@ -1,0 +1,134 @@
+"""Sweeps: grid expansion, one atomic result file per cell, resume after SIGKILL, SLURM emission, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from symstitch.sweep import load_sweep
+
+from .conftest import REPO, cli_env
+
+TINY = ["--model.init_args.arch_kwargs", "{width: 0.25}", "--trainer.max_epochs", "1",
+        "--config", str(REPO / "configs/logger/csv.yaml"), "--trainer.enable_progress_bar", "false"]
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Two 1-epoch quarter-width mCNNs on digits, trained by a zoo sweep."""
+    root = tmp_path_factory.mktemp("sweep")
+    config = _write(root / "zoo.yaml", {
+        "experiment": "zoo", "out": str(root / "zoo"), "models": {"mcnn": "0-1"},
+        "fit_args": ["--config", str(REPO / "configs/zoo/{arch}.yaml"), "--data",
+                     str(REPO / "configs/data/digits.yaml"), *TINY],
+    })
+    subprocess.run([sys.executable, "-m", "symstitch", "sweep", "--config", str(config), "--no-progress"],
+                   check=True, cwd=root, env=cli_env(root), capture_output=True, text=True)
+    return root
+
+
+def _stitch_config(zoo_root: Path, folder: Path, **over) -> Path:
+    config = {
+        "experiment": "stitch", "out": str(folder / "stitch"), "zoo": str(zoo_root / "zoo"), "arch": "mcnn",
+        "seeds": "0-1", "points": ["layer1.act", "layer2.act"], "layers": ["standard", "birkhoff"],
+        "stitch_config": str(REPO / "configs/stitch/{layer}.yaml"),
+        "fit_args": ["--trainer.max_epochs", "1", "--model.init_args.relaxed_epochs", "0",
+                     "--config", str(REPO / "configs/logger/csv.yaml"), "--trainer.enable_progress_bar", "false"],
+        **over,
+    }
+    return _write(folder / "stitch.yaml", config)
+
+
+def test_zoo_sweep_records_every_model(zoo):
+    cells = sorted((zoo / "zoo" / "cells").rglob("*.json"))
+    assert [c.relative_to(zoo / "zoo" / "cells").as_posix() for c in cells] == ["mcnn/seed0.json", "mcnn/seed1.json"]
+    manifest = json.loads((zoo / "zoo" / "manifest.json").read_text())
+    for cell in cells:
+        record = json.loads(cell.read_text())
+        assert record["experiment"] == "zoo"
+        assert record["result"]["test_acc"] == manifest["models"][record["key"]]["test_acc"]
+
+
+def test_grid_expansion_and_cell_keys(zoo, tmp_path):
+    sweep = load_sweep(_stitch_config(zoo, tmp_path, repeats=2))
+    cells = sweep.cells()
+    assert len(cells) == 1 * 2 * 2 * 2  # pairs × layers × points × repeats
+    assert len({c.key for c in cells}) == len(cells)
+    assert cells[0].key == "mcnn/s0-s1/standard/layer1.act/r0"
+    assert cells[0].params["point_index"] == 0 and cells[2].params["point_index"] == 1
+
+
+def test_killed_sweep_resumes_without_recomputing(zoo, tmp_path):
+    """SIGKILL once the first cell has finished; the rerun runs only the missing cells, each exactly once."""
+    config = _stitch_config(zoo, tmp_path)
+    command = [sys.executable, "-m", "symstitch", "sweep", "--config", str(config), "--no-progress"]
+    cells_dir = tmp_path / "stitch" / "cells"
+    proc = subprocess.Popen(command, cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(cells_dir.rglob("*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: (p.stat().st_mtime_ns, p.read_text()) for p in cells_dir.rglob("*.json")}
+    assert 1 <= len(finished) < 4, "kill the sweep between its first and last cell"
+
+    out = subprocess.run(command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{len(finished)} finished, running {4 - len(finished)}" in out.stdout
+    results = sorted(cells_dir.rglob("*.json"))
+    assert len(results) == 4
+    for path, (mtime, text) in finished.items():  # not recomputed
+        assert path.stat().st_mtime_ns == mtime and path.read_text() == text
+    keys = [json.loads(p.read_text())["key"] for p in results]
+    assert sorted(keys) == sorted(c.key for c in load_sweep(config).cells())
+    for p in results:
+        r = json.loads(p.read_text())["result"]
+        assert r["penalty"] == pytest.approx((r["source_acc"] + r["target_acc"]) / 2 - r["stitched_acc"], abs=1e-6)
+
+    again = subprocess.run(command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    assert "4 finished, running 0" in again.stdout
+
+
+def test_emit_slurm_and_single_cell(zoo, tmp_path):
+    config = _stitch_config(zoo, tmp_path, slurm={"gpus": 2, "time": "00:10:00", "partition": "gpu"})
+    sweep = load_sweep(config)
+    script = sweep.emit_slurm().read_text()
+    assert "#SBATCH --array=0-3%32" in script
+    assert "#SBATCH --gres=gpu:2" in script and "#SBATCH --ntasks-per-node=2" in script
+    assert "#SBATCH --partition=gpu" in script
+    assert "--cell $SLURM_ARRAY_TASK_ID" in script and str(config.resolve()) in script
+    # what one array task runs
+    records = sweep.run(only=[2], progress=False)
+    assert [r["key"] for r in records] == [sweep.cells()[2].key]
+
+
+def test_errors(zoo, tmp_path):
+    with pytest.raises(ValueError, match="unknown key.*pointz"):
+        load_sweep(_stitch_config(zoo, tmp_path, pointz="all"))
+    with pytest.raises(KeyError, match="unknown stitch layer 'birkof'"):
+        load_sweep(_stitch_config(zoo, tmp_path, layers=["birkof"])).cells()
+    with pytest.raises(ValueError, match="valid stitch points"):
+        load_sweep(_stitch_config(zoo, tmp_path, points=["layer9.act"])).cells()
+    with pytest.raises(ValueError, match="lacks mcnn seeds \\[7\\]"):
+        load_sweep(_stitch_config(zoo, tmp_path, seeds="0,7")).cells()
+    with pytest.raises(KeyError, match="unknown experiment"):
+        load_sweep(_write(tmp_path / "x.yaml", {"experiment": "stich"}))
+    # a folder holding another grid's results is never reused
+    first = load_sweep(_stitch_config(zoo, tmp_path))
+    first.claim_folder()
+    with pytest.raises(ValueError, match="another sweep configuration"):
+        load_sweep(_stitch_config(zoo, tmp_path, repeats=2)).claim_folder()
