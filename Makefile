@@ -7,7 +7,6 @@ ARCH := $(shell uname -m)
 TORCH_x86_64 := torch==2.14.1 torchvision==0.29.1
 TORCH_aarch64 := torch==2.9.1 torchvision==0.24.1
 TORCH := $(or $(TORCH_$(ARCH)),torch torchvision)
-DEMO_OUT ?= runs/demo
 
 .PHONY: install demo test test-all bench clean
 
@@ -21,10 +20,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/symstitch zoo --arch resnet20 --seeds 0-1 --out $(DEMO_OUT)/zoo \
-		--config configs/zoo/resnet20.yaml --data configs/data/digits.yaml --trainer.max_epochs 15
-	$(VENV)/bin/symstitch stitch --source $(DEMO_OUT)/zoo:resnet20/seed0 --target $(DEMO_OUT)/zoo:resnet20/seed1 \
-		--layers standard,birkhoff --out $(DEMO_OUT)/stitch
+	$(VENV)/bin/symstitch sweep --config experiments/zoo_digits.yaml
+	$(VENV)/bin/symstitch sweep --config experiments/stitch_digits.yaml
+	$(VENV)/bin/symstitch sweep --config experiments/align_digits.yaml
+	$(VENV)/bin/symstitch report runs/digits
 
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q

@@ -154,12 +154,20 @@ class StitchingModule(pl.LightningModule):
         return self.stitched(x)
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        # before configure_optimizers, which may already ask the fit loop for its train loader (step counts)
+        if stage == "fit" and self.hparams.prefix_cache and self._uncached_train_set is None:
+            self.source_net.to(self.trainer.strategy.root_device)
+            self._cache_prefix(getattr(torch, self.hparams.prefix_cache))
+
+    def teardown(self, stage: str) -> None:
+        if self._uncached_train_set is not None:  # the DataModule gets its images back, also after an error
+            self.trainer.datamodule.train_set, self._uncached_train_set = self._uncached_train_set, None
+
     def on_fit_start(self) -> None:
         self.train()
         if self.hparams.init == "data":
             self._init_from_data()
-        if self.hparams.prefix_cache:
-            self._cache_prefix(getattr(torch, self.hparams.prefix_cache))
         for opt in self.trainer.optimizers:
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
 
@@ -167,8 +175,6 @@ class StitchingModule(pl.LightningModule):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        if self._uncached_train_set is not None:
-            self.trainer.datamodule.train_set, self._uncached_train_set = self._uncached_train_set, None
         if hasattr(self.stitch, "harden"):
             self.stitch.harden()  # the result is always the exact evaluated form
 
@@ -183,16 +189,27 @@ class StitchingModule(pl.LightningModule):
 
     @torch.no_grad()
     def _init_from_data(self, batches: int = 4) -> None:
-        loader = self.trainer.datamodule.train_dataloader()
-        h_a, h_b = [], []
-        for i, batch in enumerate(loader):
-            if i == batches:
-                break
-            # the strategy runs the transfer hooks too (augmentation and normalisation on the device)
-            batch = self.trainer.strategy.batch_to_device(batch, self.device)
-            h_a.append(self.source_net.forward_to(batch[0], self.point))
-            h_b.append(self.target_net.forward_to(batch[0], self.point))
-        self.stitch.init_from_data(torch.cat(h_a), torch.cat(h_b))
+        dm = self.trainer.datamodule
+        if self._uncached_train_set is not None:  # training sees un-augmented images: so does the start
+            from symstitch.data import normalize_batch
+
+            images = self._uncached_train_set.x
+            idx = torch.randperm(len(images))[: batches * dm.batch_size]
+            h_a = dm.train_set.x[idx].to(self.device)
+            h_a = (h_a.movedim(-1, 1) if h_a.dim() == 4 else h_a).float()
+            x = normalize_batch(images[idx].to(self.device), dm.mean, dm.std, dm.channels_last)
+            h_b = self.target_net.forward_to(x, self.point)
+        else:
+            h_a, h_b = [], []
+            for i, batch in enumerate(dm.train_dataloader()):
+                if i == batches:
+                    break
+                # the strategy runs the transfer hooks too (augmentation and normalisation on the device)
+                batch = self.trainer.strategy.batch_to_device(batch, self.device)
+                h_a.append(self.source_net.forward_to(batch[0], self.point))
+                h_b.append(self.target_net.forward_to(batch[0], self.point))
+            h_a, h_b = torch.cat(h_a), torch.cat(h_b)
+        self.stitch.init_from_data(h_a, h_b)
         # each rank saw its own batches: every rank starts from rank 0's fit (DDP never re-syncs weights)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for tensor in [*self.stitch.parameters(), *self.stitch.buffers()]:
@@ -203,7 +220,7 @@ class StitchingModule(pl.LightningModule):
         """Swap the DataModule's training images for A_{≤p}(x) of each un-augmented training image.
 
         Stored (N, H, W, C) on the host, so that a batch read back as (N, C, H, W) is channels_last. The
-        DataModule passes floating-point batches through untouched; :meth:`on_fit_end` restores the images.
+        DataModule passes floating-point batches through untouched; :meth:`teardown` restores the images.
         """
         from symstitch.data import DataModule, TensorImageDataset, normalize_batch
 

@@ -15,7 +15,7 @@ from symstitch.checkpoints import CheckpointError
 from symstitch.data import DataModule
 from symstitch.stitching import StitchingModule, load_pair, stitch
 from symstitch.symmetry import act, decompose, intertwiner_group
-from symstitch.training import ClassifierModule
+from symstitch.training import ClassifierModule, WarmupCosine
 
 from .conftest import CONFIGS, cli_env
 
@@ -93,7 +93,8 @@ def test_prefix_cache_trains_exactly_like_the_full_forward(nets):
     for cache in (None, "float32"):
         pl.seed_everything(3, verbose=False)
         dm = DataModule(dataset="digits", crop_padding=0, flip=False)
-        module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", prefix_cache=cache)
+        module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", prefix_cache=cache,
+                                 scheduler=lambda opt: WarmupCosine(opt, warmup=0.1))  # needs the loader early
         starts[cache] = module.stitch.matrix().detach().clone()
         pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
