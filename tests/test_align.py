@@ -1,0 +1,56 @@
+"""`symstitch align` end to end: a network against its symmetry-transformed copy (exact ground truth)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from symstitch.align import main
+from symstitch.symmetry import act, intertwiner_group
+from symstitch.training import ClassifierModule
+
+POINT = "layer2.act"
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    torch.manual_seed(0)
+    module = ClassifierModule("mcnn", arch_kwargs={"width": 0.25}, num_classes=10).eval()
+    for m in module.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    paths = {}
+    for name, net in (("A", module.net), ("B", None)):
+        if net is None:
+            n = module.net.feature_shapes()[POINT][0]
+            g = intertwiner_group("relu").sample(n, generator=torch.Generator().manual_seed(3))
+            net = act(module.net, POINT, g)
+        paths[name] = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                    "hyper_parameters": dict(module.hparams)}, paths[name])
+    return paths
+
+
+def test_align_net_vs_its_transformed_copy(pair, tmp_path):
+    out = tmp_path / "align"
+    assert main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "120", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "report" / "align.csv")))
+    value = {(r["metric"], r["point_a"], r["point_b"]): float(r["value"]) for r in rows}
+    points = sorted({r["point_a"] for r in rows})
+    assert len(rows) == 4 * len(points) ** 2  # every metric, every pair
+    for metric in ("procrustes_relu", "cka_relu"):  # invariant to the positive-scaled permutation g
+        assert value[metric, POINT, POINT] == pytest.approx(1.0, abs=1e-5)
+    assert value["cka_linear", POINT, POINT] < 1 - 1e-3  # not invariant to the scales of g
+    for p in points:  # features away from the edited layer are identical
+        if p != POINT:
+            assert value["cka_linear", p, p] == pytest.approx(1.0, abs=1e-5)
+    for name in ("align_cka_relu.png", "align_diagonal.png", "report.md"):
+        assert (out / "report" / name).stat().st_size > 1000
+
+
+def test_align_errors(pair, tmp_path):
+    with pytest.raises(KeyError, match="unknown metric 'cka'"):
+        main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--metrics", "cka", "--out", str(tmp_path)])
