@@ -167,7 +167,11 @@ class Sweep(abc.ABC):
                         "seconds": round(time.time() - start, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     })
                 bar.advance(task)
+        self.after_run(cells)
         return self.records(cells)
+
+    def after_run(self, cells: Sequence[Cell]) -> None:
+        """What a kind does once its cells ran (e.g. a figure over all of them); nothing by default."""
 
     def count_unfinished(self, cells: Sequence[Cell]) -> int:
         return sum(not self.result_path(c).exists() for c in cells)
@@ -280,6 +284,14 @@ class ZooSweep(Sweep):
 
         entries = train_zoo(cell.params["arch"], [cell.params["seed"]], self.out, self.fit_args(arch=cell.params["arch"]))
         return entries[0] if entries else None
+
+    def after_run(self, cells: Sequence[Cell]) -> None:
+        from symstitch.zoo import plot_library
+
+        for arch in dict.fromkeys(c.params["arch"] for c in cells):
+            figure = plot_library(self.out, arch)
+            if figure:
+                print(f"zoo: training curves of {arch} in {figure}")
 
 
 @SWEEPS.register("stitch")
