@@ -132,3 +132,33 @@ def test_errors(zoo, tmp_path):
     first.claim_folder()
     with pytest.raises(ValueError, match="another sweep configuration"):
         load_sweep(_stitch_config(zoo, tmp_path, repeats=2)).claim_folder()
+
+
+def test_align_and_projection_sweeps_then_report(zoo, tmp_path):
+    """The two other kinds end to end on the same library, and the report over all of them."""
+    from symstitch.report import write_report
+
+    align = load_sweep(_write(tmp_path / "align.yaml", {
+        "experiment": "align", "out": str(tmp_path / "res" / "align"), "zoo": str(zoo / "zoo"), "arch": "mcnn",
+        "seeds": "0-1", "metrics": ["procrustes_relu", "cka_linear"], "images": 100}))
+    records = align.run(progress=False)
+    assert [r["cell"]["metric"] for r in records] == ["procrustes_relu", "cka_linear"]
+    for r in records:
+        values = r["result"]["values"]
+        assert len(values) == len(r["result"]["points_a"]) == 4 and all(len(row) == 4 for row in values)
+        assert all(v is not None and -0.1 < v <= 1 + 1e-9 for row in values for v in row)
+
+    projection = load_sweep(_write(tmp_path / "projection.yaml", {
+        "experiment": "projection", "out": str(tmp_path / "res" / "projection"), "zoo": str(zoo / "zoo"),
+        "archs": ["mcnn"], "points": ["layer2.act"], "kinds": ["identity", "group"], "epochs": 1}))
+    records = projection.run(progress=False)
+    assert [r["cell"]["matrix"] for r in records] == ["identity", "group"]
+    for r in records:
+        assert 0 <= r["result"]["recovered_acc"] <= 1 and 0 <= r["result"]["clean_acc"] <= 1
+    identity = records[0]["result"]
+    assert identity["inserted_acc"] == pytest.approx(identity["clean_acc"])  # M = I changes nothing
+
+    report = write_report(tmp_path / "res")
+    text = report.read_text()
+    assert "## Alignment" in text and "## Projection" in text
+    assert (report.parent / "align_cka_linear.png").exists()
