@@ -33,6 +33,8 @@ test-all: install
 
 bench: install
 	$(PY) experiments/benchmarks/data.py
+	$(PY) experiments/benchmarks/stitch_step.py
+	$(PY) experiments/benchmarks/metrics.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
