@@ -8,7 +8,7 @@ through each network (:func:`symstitch.metrics.similarity_matrix`) gives every m
 alignment sweep) and, through :mod:`symstitch.report`, ``report/align.csv`` (tidy: point_a, point_b, metric,
 value), ``report/align_<metric>.png`` heatmaps (rows: A's points, columns: B's), ``report/align_diagonal.png``
 (similarity of point p of A with point p of B), ``report/report.md``, and the same logged to Weights & Biases
-when ``--wandb``.
+(offline unless configured; ``--no-wandb`` skips it).
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--images", type=int, default=None, help="only the first N evaluation images")
     parser.add_argument("--out", default=None, help="results folder (default runs/align)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
-                        help="log the figures to Weights & Biases (offline unless configured)")
+                        help="log tables and figures to Weights & Biases (default; offline unless configured)")
     args = parser.parse_args(argv)
 
     settings: dict[str, Any] = {"metrics": ["procrustes_relu", "procrustes_orthogonal", "cka_linear", "cka_relu"],
                                 "cka_mode": "exact", "points": "all", "data": None, "split": "test",
-                                "images": None, "batch_size": 500, "out": "runs/align", "wandb": False}
+                                "images": None, "batch_size": 500, "out": "runs/align", "wandb": True}
     if args.config:
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         unknown = sorted(set(loaded) - set(settings) - {"source", "target"})

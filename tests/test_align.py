@@ -49,8 +49,10 @@ def test_align_net_vs_its_transformed_copy(pair, tmp_path):
             assert value["cka_linear", p, p] == pytest.approx(1.0, abs=1e-5)
     for name in ("align_cka_relu.png", "align_diagonal.png", "report.md"):
         assert (out / "report" / name).stat().st_size > 1000
+    assert list((out / "report").rglob("offline-run-*"))  # logged to W&B, offline: nothing may need a network
 
 
 def test_align_errors(pair, tmp_path):
     with pytest.raises(KeyError, match="unknown metric 'cka'"):
-        main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--metrics", "cka", "--out", str(tmp_path)])
+        main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--metrics", "cka", "--out", str(tmp_path),
+              "--no-wandb"])
