@@ -387,82 +387,34 @@ def stitch(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Every stitch point × layer for one pair: `symstitch stitch`
+# Every stitch point × layer for one pair: `symstitch stitch` (a stitch sweep over one pair)
 
 
 def datamodule_for(checkpoint: Union[str, Path]):
     """The DataModule a checkpoint was trained with (its saved hyper-parameters), else digits."""
     from symstitch.data import DataModule
 
+    import inspect
+
     saved = read_checkpoint(resolve_model(checkpoint)).get("datamodule_hyper_parameters") or {}
-    return DataModule(**{k: v for k, v in saved.items() if k in DataModule.__init__.__code__.co_varnames})
+    return DataModule(**{k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters})
 
 
-def stitch_all(source: str, target: str, out: Path, *, points: Optional[list[str]] = None,
-               layers: tuple[str, ...] = ("standard", "birkhoff"), epochs: int = 4, relaxed_epochs: int = 3,
-               lr: float = 0.005, init: str = "data", prefix_cache: Optional[str] = None) -> list[dict]:
-    """Stitch ``source`` into ``target`` at every point with every layer; one result file per cell, finished
-    cells are read back instead of recomputed."""
-    from rich.progress import Progress
-
-    net = load_classifier(resolve_model(source))
-    points = points or list(net.stitch_points)
-    for p in points:
-        net.check_stitch_point(p)
-    cells = [(layer, p) for layer in layers for p in points]
-    rows = []
-    with Progress() as progress:
-        task = progress.add_task("stitching", total=len(cells))
-        for layer, point in cells:
-            cached = f"-cache{prefix_cache}" if prefix_cache else ""
-            path = out / "cells" / f"{layer}-e{epochs}-lr{lr:g}-{init}{cached}" / f"{point}.json"
-            if not path.exists():
-                pl.seed_everything(0, verbose=False)
-                result = stitch(source, target, point, layer=layer, datamodule=datamodule_for(source),
-                                relaxed_epochs=relaxed_epochs if layer in ("birkhoff", "softsort") else None,
-                                init=init if layer in ("standard", "birkhoff") else "random",
-                                optimizer=lambda params: torch.optim.Adam(params, lr=lr), max_epochs=epochs,
-                                prefix_cache=prefix_cache)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(result.to_json())
-                tmp.replace(path)
-            rows.append(json.loads(path.read_text()))
-            progress.advance(task)
-    return rows
-
-
-def penalty_plot(rows: list[dict], points: list[str], out: Path, title: str = "") -> Path:
-    """Stitching penalty (points of accuracy) against stitch point, one line per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(points) + 2), 3.6))
-    for layer in sorted({r["layer_name"] for r in rows}):
-        by_point = {r["point"]: r["penalty"] for r in rows if r["layer_name"] == layer}
-        xs = [i for i, p in enumerate(points) if p in by_point]
-        ax.plot(xs, [100 * by_point[points[i]] for i in xs], marker="o", label=layer)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(points)), points, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("stitching penalty (points)")
-    ax.set_title(title or "stitching penalty per stitch point")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def main(argv) -> int:
+    """``symstitch stitch``: writes ``<out>/stitch.yaml`` (a stitch sweep over this one pair), runs its cells
+    through :mod:`symstitch.sweep` (resumable) and reports them (:mod:`symstitch.report`)."""
     import argparse
-    import csv
 
+    import yaml
     from rich.console import Console
     from rich.table import Table
+
+    from symstitch.report import write_report
+    from symstitch.stitch_layers import STITCH_LAYERS
+    from symstitch.sweep import load_sweep
 
     parser = argparse.ArgumentParser(prog="symstitch stitch",
                                      description="Stitch two networks at every stitch point with several layers.")
@@ -473,36 +425,61 @@ def main(argv) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--relaxed-epochs", type=int, default=3, help="for birkhoff/softsort, before hardening")
     parser.add_argument("--lr", type=float, default=0.005, help="Adam learning rate")
-    parser.add_argument("--init", choices=["data", "random"], default="data", help="start of standard/birkhoff")
+    parser.add_argument("--init", choices=["data", "random"], default="data",
+                        help="start from the data (standard, lasso: least squares; birkhoff: channel matching)")
     parser.add_argument("--prefix-cache", choices=["float32", "bfloat16"], default=None,
                         help="train on cached source activations of the un-augmented training images")
     parser.add_argument("--out", default="runs/stitch", help="results folder")
     args = parser.parse_args(argv)
     import logging
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one progress bar, not 2 lines a cell
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    layers = args.layers.split(",")
+    if args.init == "data":
+        lacking = [name for name in layers if not hasattr(STITCH_LAYERS.get(name), "init_from_data")]
+        if lacking:
+            parser.error(f"--init data: the {', '.join(lacking)} layer(s) have no data-driven start; use --init random")
     out = Path(args.out)
-    load_pair(args.source, args.target, load_classifier(resolve_model(args.source)).stitch_points[0])  # checks
-    points = None if args.points == "all" else args.points.split(",")
-    rows = stitch_all(args.source, args.target, out, points=points, layers=tuple(args.layers.split(",")),
-                      epochs=args.epochs, relaxed_epochs=args.relaxed_epochs, lr=args.lr, init=args.init,
-                      prefix_cache=args.prefix_cache)
-    order = list(dict.fromkeys(r["point"] for r in rows))
-    columns = ["layer_name", "point", "penalty", "stitched_acc", "source_acc", "target_acc"]
-    with open(out / "penalties.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({c: r[c] for c in columns})
-    png = penalty_plot(rows, order, out / "penalties.png", title=f"{Path(str(args.source)).name} → {Path(str(args.target)).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    # the data the source was trained on (its DataModule settings), else the stitch configs' default
+    import inspect
+
+    from symstitch.data import DataModule
+
+    saved = read_checkpoint(resolve_model(args.source)).get("datamodule_hyper_parameters") or {}
+    saved = {k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters}
+    data = []
+    if saved:
+        (out / "data.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        data = ["--data", str((out / "data.yaml").resolve())]
+    config = {
+        "experiment": "stitch", "source": args.source, "target": args.target,
+        "points": "all" if args.points == "all" else args.points.split(","), "layers": layers, "repeats": 1,
+        "stitch_config": str(CONFIGS / "stitch" / "{layer}.yaml"),
+        "fit_args": [*data, "--trainer.max_epochs", str(args.epochs), "--model.init_args.relaxed_epochs",
+                     str(args.relaxed_epochs), "--model.init_args.init", args.init,
+                     "--model.init_args.optimizer.init_args.lr", str(args.lr),
+                     *(["--model.init_args.prefix_cache", args.prefix_cache] if args.prefix_cache else []),
+                     "--config", str(CONFIGS / "logger" / "csv.yaml"), "--trainer.enable_progress_bar", "false",
+                     "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
+                     "--trainer.limit_val_batches", "0"],
+    }
+    config_path = out / "stitch.yaml"
+    if config_path.exists() and yaml.safe_load(config_path.read_text()) != config:
+        raise ValueError(f"{out} holds stitching results of other settings ({config_path}); results are never "
+                         "mixed or overwritten: pass another --out")
+    config_path.write_text("# written by `symstitch stitch`; rerun with `symstitch sweep --config` this file\n"
+                           + yaml.safe_dump(config, sort_keys=False))
+    records = load_sweep(config_path, out).run()
+    report = write_report(out)
+
     table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points")
     table.add_column("stitch point", no_wrap=True)
-    layers = list(dict.fromkeys(r["layer_name"] for r in rows))
     for layer in layers:
         table.add_column(layer, justify="right")
-    for point in order:
-        cells = {r["layer_name"]: r for r in rows if r["point"] == point}
+    for point in dict.fromkeys(r["cell"]["point"] for r in records):
+        cells = {r["cell"]["layer"]: r["result"] for r in records if r["cell"]["point"] == point}
         table.add_row(point, *[f"{100 * cells[l]['penalty']:+.2f}" if l in cells else "" for l in layers])
     Console().print(table)
-    print(f"stitch: {out / 'penalties.csv'}, {png}")
+    print(f"stitch: {report.parent / 'stitch.csv'}, {report.parent / 'stitch_penalty.png'}, {report}")
     return 0

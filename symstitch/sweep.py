@@ -250,6 +250,13 @@ def _zoo_models(zoo: str, arch: str, seeds: Sequence[int]) -> dict[int, str]:
     return {s: f"{zoo}:{key_of(arch, s)}" for s in seeds}
 
 
+def load_classifier_points(path: Path) -> tuple[str, ...]:
+    """Stitch points, in depth order, of the classifier saved at ``path``."""
+    from symstitch.checkpoints import load_classifier
+
+    return load_classifier(path).stitch_points
+
+
 def _pairs(seeds: Sequence[int], kind: str) -> list[tuple[int, int]]:
     kinds = {
         "unordered": [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]],
@@ -297,23 +304,44 @@ class ZooSweep(Sweep):
 @SWEEPS.register("stitch")
 class StitchSweep(Sweep):
     """Paper §4 stitching: pairs × stitch points × stitch layers × repeats, each cell ``symstitch fit`` with
-    ``stitch_config`` (``{layer}`` filled in) plus ``fit_args``."""
+    ``stitch_config`` (``{layer}`` replaced by the layer's name) plus ``fit_args``.
+
+    The networks come from a model library (``zoo``, ``arch``, ``seeds``, ``pairs``) or are one explicit pair
+    (``source``, ``target``: checkpoints or library entries), which is what ``symstitch stitch`` writes."""
 
     experiment = "stitch"
-    options = {"zoo": Sweep.REQUIRED, "arch": Sweep.REQUIRED, "seeds": Sweep.REQUIRED, "pairs": "unordered",
+    options = {"zoo": None, "arch": None, "seeds": None, "pairs": "unordered", "source": None, "target": None,
                "points": "all", "layers": ["standard", "birkhoff"], "repeats": 1,
                "stitch_config": "../configs/stitch/{layer}.yaml", "fit_args": []}
 
-    def _points(self, model_ref: str) -> list[str]:
-        from symstitch.checkpoints import load_classifier
-        from symstitch.stitching import resolve_model
+    def __init__(self, config: dict, config_path: Path, out: Optional[Path] = None):
+        super().__init__(config, config_path, out)
+        library = [k for k in ("zoo", "arch", "seeds") if config.get(k) is not None]
+        pair = [k for k in ("source", "target") if config.get(k) is not None]
+        if not ((len(library) == 3 and not pair) or (len(pair) == 2 and not library)):
+            raise ValueError(f"{config_path}: a stitch sweep takes its networks from a model library (zoo, arch, "
+                             "seeds) or as one pair (source, target)")
 
-        net = load_classifier(resolve_model(model_ref))
-        points = self.settings["points"]
-        chosen = list(net.stitch_points) if points == "all" else list(points)
-        for p in chosen:
-            net.check_stitch_point(p)
-        return chosen, list(net.stitch_points)
+    def _networks(self) -> tuple[str, dict, list[tuple], list[str]]:
+        """Architecture, name → model reference, pairs of names, and the net's stitch points in depth order
+        (every pair checked to be stitchable before any cell runs)."""
+        from symstitch.checkpoints import classifier_spec, read_checkpoint
+        from symstitch.stitching import load_pair, resolve_model
+
+        s = self.settings
+        if s["source"] is not None:
+            models, pairs = {"A": str(s["source"]), "B": str(s["target"])}, [("A", "B")]
+        else:
+            models = _zoo_models(s["zoo"], s["arch"], _seeds(s["seeds"]))
+            pairs = _pairs(list(models), s["pairs"])
+        if not pairs:
+            return s["arch"] or "", models, [], []
+        path = resolve_model(models[pairs[0][0]])
+        arch = classifier_spec(read_checkpoint(path), path)["arch"]
+        first = load_classifier_points(path)
+        for a, b in pairs:
+            load_pair(models[a], models[b], first[0])  # same architecture and shapes
+        return arch, models, pairs, list(first)
 
     def cells(self) -> list[Cell]:
         from symstitch.stitch_layers import STITCH_LAYERS
@@ -321,12 +349,15 @@ class StitchSweep(Sweep):
         s = self.settings
         for layer in s["layers"]:
             STITCH_LAYERS.get(layer)
-        models = _zoo_models(s["zoo"], s["arch"], _seeds(s["seeds"]))
-        pairs = _pairs(list(models), s["pairs"])
-        points, order = self._points(models[pairs[0][0]]) if pairs else ([], [])
+        arch, models, pairs, order = self._networks()
+        points = order if s["points"] == "all" else list(s["points"])
+        for p in points:
+            if p not in order:
+                raise ValueError(f"{arch} has no stitch point {p!r}; valid stitch points: {', '.join(order)}")
+        name = (lambda a, b: f"s{a}-s{b}") if s["source"] is None else (lambda a, b: f"{a}-{b}")
         return [
-            Cell(f"{s['arch']}/s{a}-s{b}/{layer}/{point}/r{r}",
-                 {"arch": s["arch"], "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
+            Cell(f"{arch}/{name(a, b)}/{layer}/{point}/r{r}",
+                 {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
                   "point": point, "point_index": order.index(point), "layer": layer, "repeat": r})
             for a, b in pairs for layer in s["layers"] for point in points for r in range(int(s["repeats"]))
         ]

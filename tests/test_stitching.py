@@ -171,13 +171,18 @@ def test_ddp_stitch_weights_identical_on_both_ranks(nets, tmp_path):
 
 
 def test_stitch_command_every_point_resumable(nets, tmp_path, monkeypatch):
-    from symstitch import stitching
+    """`symstitch stitch` is a stitch sweep over one pair: cells, report, a table; a rerun reads every cell."""
+    from symstitch import stitching, sweep
 
     argv = ["--source", str(nets["A"]), "--target", str(nets["B"]), "--points", "layer1.act,layer2.act",
             "--epochs", "1", "--relaxed-epochs", "0", "--out", str(tmp_path / "st")]
     assert stitching.main(argv) == 0
-    rows = (tmp_path / "st/penalties.csv").read_text().strip().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("layer_name,point,penalty")
-    assert (tmp_path / "st/penalties.png").stat().st_size > 5000
-    monkeypatch.setattr(stitching, "stitch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    rows = (tmp_path / "st/report/stitch.csv").read_text().strip().splitlines()
+    assert len(rows) == 5 and "penalty" in rows[0]
+    assert (tmp_path / "st/report/stitch_penalty.png").stat().st_size > 5000
+    assert len(list((tmp_path / "st/cells").rglob("*.json"))) == 4
+    monkeypatch.setattr(sweep.StitchSweep, "run_cell", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
     assert stitching.main(argv) == 0  # every cell read back
+    other = [a if a != "1" else "2" for a in argv]  # --epochs 2: other results, never mixed into this folder
+    with pytest.raises(ValueError, match="other settings"):
+        stitching.main(other)

@@ -162,3 +162,16 @@ def test_align_and_projection_sweeps_then_report(zoo, tmp_path):
     text = report.read_text()
     assert "## Alignment" in text and "## Projection" in text
     assert (report.parent / "align_cka_linear.png").exists()
+
+
+def test_stitch_command_on_library_models(zoo, tmp_path):
+    """`symstitch stitch` on models trained through the CLI (their DataModule settings carry CLI extras)."""
+    from symstitch.stitching import main
+
+    out = tmp_path / "st"
+    argv = ["--source", f"{zoo / 'zoo'}:mcnn/seed0", "--target", f"{zoo / 'zoo'}:mcnn/seed1",
+            "--points", "layer1.act", "--layers", "standard", "--epochs", "1", "--out", str(out)]
+    assert main(argv) == 0
+    assert yaml.safe_load((out / "data.yaml").read_text())["dataset"] == "digits"
+    (record,) = [json.loads(p.read_text()) for p in (out / "cells").rglob("*.json")]
+    assert record["cell"]["point"] == "layer1.act" and 0 <= record["result"]["stitched_acc"] <= 1
