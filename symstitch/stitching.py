@@ -155,6 +155,13 @@ class StitchingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if stage == "fit" and isinstance(strategy, DDPStrategy) and self.hparams.relaxed_epochs is not None:
+            # harden() mid-fit stops the relaxed parameters (W, θ) from taking part in the loss; DDP wraps the
+            # module after this hook and must then look for parameters without gradients
+            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
         # before configure_optimizers, which may already ask the fit loop for its train loader (step counts)
         if stage == "fit" and self.hparams.prefix_cache and self._uncached_train_set is None:
             self.source_net.to(self.trainer.strategy.root_device)
