@@ -19,9 +19,9 @@ What is retrained is chosen by name: ``rest`` (SPEC §4: every layer after l) or
 right after l, W_{l+1}: the sharpest form of the test, since that single linear map can absorb a G_σ
 insertion exactly, W_{l+1} φ_σ(M)^{-1}, but not an orthogonal one).
 
-:class:`ProjectionModule` is one cell (usable with ``symstitch fit``); :func:`run_grid` / ``symstitch
-projection`` runs layers × matrix kinds × repeats for one or more networks, one result file per cell
-(finished cells are skipped on a rerun), then writes a tidy CSV, a plot and a markdown summary.
+:class:`ProjectionModule` is one cell (usable with ``symstitch fit``) and :func:`run_cell` runs one; the grid
+(layers × matrix kinds × repeats over networks) is a projection sweep of :mod:`symstitch.sweep`, which
+``symstitch projection`` writes and runs; :func:`write_report` makes a tidy CSV, a plot and a markdown summary.
 """
 
 from __future__ import annotations
@@ -221,51 +221,6 @@ def run_cell(source: str, checkpoint: Path, point: str, kind: str, repeat: int, 
     }
 
 
-def run_grid(
-    sources: dict[str, Path],
-    out: Path,
-    *,
-    kinds: Sequence[str] = ("identity", "group", "orthogonal"),
-    points: Optional[Sequence[str]] = None,
-    repeats: int = 1,
-    epochs: int = 8,
-    lr: float = 0.05,
-    retrain: str = "rest",
-    data: Optional[dict] = None,
-) -> list[dict]:
-    """Every cell of the grid; a cell whose result file exists is read, not recomputed."""
-    from rich.progress import Progress
-
-    from symstitch.data import DataModule
-
-    for kind in kinds:
-        MATRICES.get(kind)  # unknown kinds fail before any work
-    datamodule = DataModule(**(data or {}))
-    cells = []
-    for source, ckpt in sources.items():
-        net = load_classifier(ckpt)
-        valid = projection_points(net)
-        chosen = list(points) if points else list(valid)
-        for p in chosen:
-            if p not in valid:
-                raise ValueError(f"no projection point {p!r} in {source}; valid: {', '.join(valid)}")
-        cells += [(source, ckpt, p, k, r) for p in chosen for k in kinds for r in range(repeats)]
-    records = []
-    with Progress() as progress:
-        task = progress.add_task("projection cells", total=len(cells))
-        for source, ckpt, point, kind, repeat in cells:
-            # every setting that changes a cell's outcome is in its path: other settings, other cells
-            cell_dir = out / "cells" / source / f"{retrain}-e{epochs}-lr{lr:g}" / point / f"{kind}-r{repeat}"
-            result = cell_dir / "result.json"
-            if not result.exists():
-                record = run_cell(source, ckpt, point, kind, repeat, epochs, lr, datamodule, cell_dir, retrain)
-                record["clean_acc"] = clean_accuracy(ckpt, datamodule, out / "cells" / source)
-                _write_json(result, record)
-            records.append(json.loads(result.read_text()))
-            progress.advance(task)
-    return records
-
-
 def clean_accuracy(checkpoint: Path, datamodule: pl.LightningDataModule, root: Path) -> float:
     """Test accuracy of the unmodified network, measured once and kept in ``root/clean.json``."""
     path = root / "clean.json"
@@ -364,6 +319,8 @@ def write_report(records: list[dict], out: Path) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str]) -> int:
+    """``symstitch projection``: trains the missing networks into a model library, then runs the experiment as a
+    projection sweep (``<out>/projection.yaml``, resumable cells) and writes its report."""
     parser = argparse.ArgumentParser(
         prog="symstitch projection",
         description="The projection experiment: insert M before the activation of each layer of trained "
@@ -384,24 +341,29 @@ def main(argv: Sequence[str]) -> int:
                         help="retrain every layer after l (rest, SPEC §4) or only the next one (next)")
     parser.add_argument("--out", default="runs/projection", help="results folder")
     args, fit_args = parser.parse_known_args(argv)
-    from symstitch.zoo import Manifest, key_of, train_zoo
-
     import yaml
 
-    sources, data = {}, []
-    for arch in args.models.split(","):
+    from symstitch.report import write_report as report
+    from symstitch.sweep import run_generated
+    from symstitch.zoo import train_zoo
+
+    archs = args.models.split(",")
+    data = []
+    for arch in archs:
         (entry,) = train_zoo(arch, [args.seed], args.zoo, fit_args)
-        sources[key_of(arch, args.seed).replace("/", "-")] = Manifest(args.zoo).checkpoint(entry)
         trained_on = yaml.safe_load((Path(args.zoo) / entry["config"]).read_text())["data"]
-        data.append({"dataset": trained_on["dataset"], "root": trained_on.get("root", "data")})
-    if any(d != data[0] for d in data):
+        data.append((trained_on["dataset"], trained_on.get("root", "data")))
+    if len(set(data)) > 1:
         parser.error(f"the networks were trained on different data: {data}")
-    records = run_grid(
-        sources, Path(args.out), kinds=args.kinds.split(","),
-        points=None if args.points == "all" else args.points.split(","), repeats=args.repeats,
-        epochs=args.epochs, lr=args.lr, retrain=args.retrain, data=data[0],
-    )
-    paths = write_report(records, Path(args.out))
-    print(Path(paths["md"]).read_text())
-    print(f"projection: {paths['csv']}, {paths['png']}, {paths['md']}")
+    for kind in args.kinds.split(","):
+        MATRICES.get(kind)  # unknown kinds fail before any work
+    config = {"experiment": "projection", "zoo": str(Path(args.zoo).resolve()), "archs": archs, "seed": args.seed,
+              "kinds": args.kinds.split(","), "points": "all" if args.points == "all" else args.points.split(","),
+              "repeats": args.repeats, "epochs": args.epochs, "lr": args.lr, "retrain": args.retrain}
+    out = Path(args.out)
+    run_generated(config, out, "symstitch projection")
+    md = report(out)
+    summary = md.parent / "projection" / "projection.md"
+    print(summary.read_text())
+    print(f"projection: {summary.parent / 'projection.csv'}, {summary.parent / 'projection.png'}, {summary}")
     return 0

@@ -421,7 +421,7 @@ def main(argv) -> int:
 
     from symstitch.report import write_report
     from symstitch.stitch_layers import STITCH_LAYERS
-    from symstitch.sweep import load_sweep
+    from symstitch.sweep import run_generated
 
     parser = argparse.ArgumentParser(prog="symstitch stitch",
                                      description="Stitch two networks at every stitch point with several layers.")
@@ -471,13 +471,7 @@ def main(argv) -> int:
                      "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
                      "--trainer.limit_val_batches", "0"],
     }
-    config_path = out / "stitch.yaml"
-    if config_path.exists() and yaml.safe_load(config_path.read_text()) != config:
-        raise ValueError(f"{out} holds stitching results of other settings ({config_path}); results are never "
-                         "mixed or overwritten: pass another --out")
-    config_path.write_text("# written by `symstitch stitch`; rerun with `symstitch sweep --config` this file\n"
-                           + yaml.safe_dump(config, sort_keys=False))
-    records = load_sweep(config_path, out).run()
+    records = run_generated(config, out, "symstitch stitch")
     report = write_report(out)
 
     table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points")

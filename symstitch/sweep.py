@@ -232,6 +232,21 @@ def load_sweep(config_path: Path | str, out: Optional[Path | str] = None) -> Swe
     return SWEEPS.get(config["experiment"])(config, config_path, Path(out) if out else None)
 
 
+def run_generated(config: dict, out: Path, command: str) -> list[dict]:
+    """Run a sweep that a command (``symstitch stitch``, ``symstitch projection``) built from its options.
+
+    The config is written to ``<out>/<experiment>.yaml`` first, so the same grid can be rerun, listed or sent to
+    SLURM with ``symstitch sweep --config`` that file; a folder whose config differs is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{config['experiment']}.yaml"
+    if path.exists() and yaml.safe_load(path.read_text()) != config:
+        raise ValueError(f"{out} holds {config['experiment']} results of other settings ({path}); results are "
+                         "never mixed or overwritten: pass another --out")
+    path.write_text(f"# written by `{command}`; rerun with `symstitch sweep --config` this file\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return load_sweep(path, out).run()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Experiment kinds
 
@@ -427,12 +442,26 @@ class AlignSweep(Sweep):
 @SWEEPS.register("projection")
 class ProjectionSweep(Sweep):
     """Paper §3 projection experiment: networks × layers × matrix kinds × repeats, each cell
-    :func:`symstitch.projection.run_cell` on a network of the model library."""
+    :func:`symstitch.projection.run_cell`. The networks are seed ``seed`` of each of ``archs`` in the model
+    library ``zoo``, or given by name as ``models: {name: checkpoint or library entry}``."""
 
     experiment = "projection"
-    options = {"zoo": Sweep.REQUIRED, "archs": ["mcnn", "mcnn_sigmoid"], "seed": 0,
+    options = {"zoo": None, "archs": ["mcnn", "mcnn_sigmoid"], "seed": 0, "models": None,
                "kinds": ["identity", "group", "orthogonal"], "points": "all", "repeats": 1, "epochs": 8,
                "lr": 0.05, "retrain": "rest"}
+
+    def __init__(self, config: dict, config_path: Path, out: Optional[Path] = None):
+        super().__init__(config, config_path, out)
+        if (config.get("zoo") is None) == (config.get("models") is None):
+            raise ValueError(f"{config_path}: a projection sweep takes its networks from a model library (zoo, "
+                             "archs, seed) or by name (models)")
+
+    def networks(self) -> dict[str, str]:
+        s = self.settings
+        if s["models"] is not None:
+            return {str(name): str(ref) for name, ref in s["models"].items()}
+        seed = int(s["seed"])
+        return {f"{arch}-seed{seed}": _zoo_models(s["zoo"], arch, [seed])[seed] for arch in s["archs"]}
 
     def cells(self) -> list[Cell]:
         from symstitch.checkpoints import load_classifier
@@ -443,16 +472,14 @@ class ProjectionSweep(Sweep):
         for kind in s["kinds"]:
             MATRICES.get(kind)
         cells = []
-        for arch in s["archs"]:
-            ref = _zoo_models(s["zoo"], arch, [int(s["seed"])])[int(s["seed"])]
+        for network, ref in self.networks().items():
             valid = projection_points(load_classifier(resolve_model(ref)))
             points = list(valid) if s["points"] == "all" else list(s["points"])
             for point in points:
                 if point not in valid:
-                    raise ValueError(f"no projection point {point!r} in {arch}; valid: {', '.join(valid)}")
-            cells += [Cell(f"{arch}-seed{s['seed']}/{point}/{kind}-r{r}",
-                           {"network": f"{arch}-seed{s['seed']}", "model": ref, "point": point, "matrix": kind,
-                            "repeat": r})
+                    raise ValueError(f"no projection point {point!r} in {network}; valid: {', '.join(valid)}")
+            cells += [Cell(f"{network}/{point}/{kind}-r{r}",
+                           {"network": network, "model": ref, "point": point, "matrix": kind, "repeat": r})
                       for point in points for kind in s["kinds"] for r in range(int(s["repeats"]))]
         return cells
 

@@ -10,7 +10,7 @@ import torch
 
 from symstitch import projection
 from symstitch.data import DataModule
-from symstitch.projection import ProjectionModule, projection_points, run_grid, write_report
+from symstitch.projection import ProjectionModule, projection_points, write_report
 from symstitch.symmetry import feature, intertwiner_group, monomial_inverse, next_layer
 from symstitch.training import ClassifierModule
 
@@ -83,20 +83,27 @@ def test_retrain_next_trains_exactly_one_layer(trained):
 
 
 def test_grid_is_resumable_and_reported(trained, tmp_path, monkeypatch):
+    import yaml
+
+    from symstitch.sweep import ProjectionSweep, load_sweep
+
     out = tmp_path / "proj"
-    kw = dict(kinds=("identity", "group"), points=["layer3.act", "layer4.act"], epochs=1, data={"dataset": "digits"})
-    records = run_grid({"relu-net": trained}, out, **kw)
+    config = tmp_path / "projection.yaml"
+    config.write_text(yaml.safe_dump({"experiment": "projection", "models": {"relu-net": str(trained)},
+                                      "kinds": ["identity", "group"], "points": ["layer3.act", "layer4.act"],
+                                      "epochs": 1}))
+    records = [r["result"] for r in load_sweep(config, out).run(progress=False)]
     assert len(records) == 4 and {r["matrix"] for r in records} == {"identity", "group"}
     for r in records:
         if r["matrix"] == "identity":  # inserting I changes nothing before retraining
             assert r["inserted_acc"] == pytest.approx(r["clean_acc"], abs=1e-9)
-    assert len(list(out.glob("cells/relu-net/rest-e1-lr0.05/*/*/result.json"))) == 4
+    assert len(list(out.glob("cells/relu-net/*/*.json"))) == 4
 
     def no_work(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
 
-    monkeypatch.setattr(projection, "run_cell", no_work)
-    assert run_grid({"relu-net": trained}, out, **kw) == records
+    monkeypatch.setattr(ProjectionSweep, "run_cell", no_work)
+    assert [r["result"] for r in load_sweep(config, out).run(progress=False)] == records
     paths = write_report(records, out)
     rows = paths["csv"].read_text().strip().splitlines()
     assert len(rows) == 5 and rows[0].startswith("network,activation,point,layer,matrix")
@@ -119,7 +126,7 @@ def test_acceptance_group_insertions_recover_on_digits(tmp_path):
     assert main(["--models", "mcnn", "--kinds", "group", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"),
                  "--data.dataset", "digits", "--model.arch_kwargs", "{width: 0.5}", "--trainer.max_epochs", "20",
                  "--config", str(CONFIGS / "logger/csv.yaml"), "--trainer.enable_progress_bar", "false"]) == 0
-    rows = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("cells/*/*/*/*/result.json")]
+    rows = [json.loads(p.read_text())["result"] for p in (tmp_path / "out").glob("cells/*/*/*.json")]
     assert len(rows) == 4
     for r in rows:
         assert r["recovered_acc"] >= r["clean_acc"] - 0.01, r
