@@ -99,24 +99,43 @@ def main(argv: Sequence[str]) -> int:
     if not settings.get("source") or not settings.get("target"):
         parser.error("give the two networks: --source A --target B (or source:/target: in the config)")
 
-    result = align_pair(settings["source"], settings["target"], settings["metrics"], points=settings["points"],
-                        cka_mode=settings["cka_mode"], data=settings["data"], split=settings["split"],
-                        images=settings["images"], batch_size=settings["batch_size"],
-                        device="cuda" if torch.cuda.is_available() else None)
-    out = Path(settings["out"])
+    import json
+    import re
+    import time
+
     from symstitch.report import write_report
     from symstitch.sweep import write_json_atomic
 
-    import time
-
-    # the same result records as an alignment sweep's cells, so `symstitch report` makes the files and figures
-    for metric, r in result.items():
-        write_json_atomic(out / "cells" / f"{metric}.json", {
-            "experiment": "align", "key": metric, "result": r, "seconds": None,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "cell": {"arch": _arch(settings["source"]), "source": settings["source"], "target": settings["target"],
-                     "metric": metric, "cka_mode": settings["cka_mode"]},
-        })
+    # one result file per (pair, metric), the records of an alignment sweep's cells, so `symstitch report` makes
+    # the files and figures; a file of the same pair and settings is reused, one of other settings refused
+    out = Path(settings["out"])
+    slug = lambda ref: re.sub(r"[^A-Za-z0-9._-]+", "_", str(ref)).strip("_")[-80:]  # noqa: E731
+    pair_dir = out / "cells" / f"{slug(settings['source'])}__{slug(settings['target'])}"
+    arch = _arch(settings["source"])
+    cells, todo = {}, []
+    for metric in settings["metrics"]:
+        cells[metric] = {"arch": arch, "source": settings["source"], "target": settings["target"], "metric": metric,
+                         **{k: settings[k] for k in ("cka_mode", "points", "data", "split", "images")}}
+        path = pair_dir / f"{metric}.json"
+        if path.exists():
+            if json.loads(path.read_text()).get("cell") != cells[metric]:
+                raise ValueError(f"{path} holds {metric} of this pair with other settings; results are never "
+                                 "overwritten: pass another --out")
+            continue
+        todo.append(metric)
+    if todo:
+        start = time.time()
+        result = align_pair(settings["source"], settings["target"], todo, points=settings["points"],
+                            cka_mode=settings["cka_mode"], data=settings["data"], split=settings["split"],
+                            images=settings["images"], batch_size=settings["batch_size"],
+                            device="cuda" if torch.cuda.is_available() else None)
+        for metric, r in result.items():
+            write_json_atomic(pair_dir / f"{metric}.json", {
+                "experiment": "align", "key": f"{pair_dir.name}/{metric}", "cell": cells[metric], "result": r,
+                "seconds": round(time.time() - start, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+    else:
+        print(f"align: every metric of this pair is in {pair_dir} already")
     report = write_report(out, out / "report", wandb=bool(settings["wandb"]))
     print(f"align: {out / 'report' / 'align.csv'}, heatmaps and {report}")
     return 0

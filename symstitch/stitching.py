@@ -173,7 +173,7 @@ class StitchingModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.train()
-        if self.hparams.init == "data":
+        if self.hparams.init == "data" and not self.trainer.ckpt_path:  # a resumed fit keeps its restored T
             self._init_from_data()
         for opt in self.trainer.optimizers:
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
@@ -414,6 +414,7 @@ def main(argv) -> int:
     """``symstitch stitch``: writes ``<out>/stitch.yaml`` (a stitch sweep over this one pair), runs its cells
     through :mod:`symstitch.sweep` (resumable) and reports them (:mod:`symstitch.report`)."""
     import argparse
+    import hashlib
 
     import yaml
     from rich.console import Console
@@ -456,9 +457,11 @@ def main(argv) -> int:
     saved = read_checkpoint(resolve_model(args.source)).get("datamodule_hyper_parameters") or {}
     saved = {k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters}
     data = []
-    if saved:
-        (out / "data.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-        data = ["--data", str((out / "data.yaml").resolve())]
+    if saved:  # named by its content: a folder's earlier runs keep pointing at their own data settings
+        text = yaml.safe_dump(saved, sort_keys=False)
+        path = out / f"data-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
+        path.write_text(text)
+        data = ["--data", str(path.resolve())]
     config = {
         "experiment": "stitch", "source": args.source, "target": args.target,
         "points": "all" if args.points == "all" else args.points.split(","), "layers": layers, "repeats": 1,

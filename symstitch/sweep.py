@@ -181,34 +181,44 @@ class Sweep(abc.ABC):
                 if self.result_path(c).exists()]
 
     # ---------------------------------------------------------------- SLURM
-    def emit_slurm(self) -> Path:
-        """``<out>/slurm.sh``: a SLURM array with one task per cell, each through ``symstitch sweep --cell``.
+    #: cells run as one process per GPU (Lightning DDP inside the cell); other kinds run one process per cell
+    multi_process_cells: ClassVar[bool] = False
 
-        ``slurm:`` in the config sets resources: ``gpus`` per cell (several → Lightning DDP inside the cell:
-        one task per GPU, Lightning reads the SLURM environment), ``cpus``, ``time``, ``partition``,
-        ``max_parallel``, ``setup`` (a shell line run first, e.g. activating an environment).
+    def emit_slurm(self) -> Path:
+        """``<out>/slurm.sh``: a SLURM array over the cells, each task running ``symstitch sweep --cell``.
+
+        ``slurm:`` in the config sets resources: ``gpus`` per cell (several, for stitch cells: one task per GPU,
+        Lightning DDP inside the cell, Lightning reads the SLURM environment), ``cpus``, ``time``, ``partition``,
+        ``max_parallel``, ``max_array`` (the cluster's MaxArraySize − 1, default 1000: larger grids give each
+        task a consecutive range of cells), ``setup`` (a shell line run first, e.g. activating an environment).
         """
         cells = self.cells()
-        s = {"gpus": 1, "cpus": 8, "time": "04:00:00", "partition": None, "max_parallel": 32, "setup": None,
-             **self.slurm}
+        if not cells:
+            raise ValueError(f"{self.config_path}: the grid has no cells; nothing to submit")
+        s = {"gpus": 1, "cpus": 8, "time": "04:00:00", "partition": None, "max_parallel": 32, "max_array": 1000,
+             "setup": None, **self.slurm}
         gpus = int(s["gpus"])
+        per_task = -(-len(cells) // int(s["max_array"]))  # ceil
+        tasks = -(-len(cells) // per_task)
         log_dir = (self.out / "slurm").resolve()
         lines = ["#!/bin/bash", f"#SBATCH --job-name=symstitch-{self.config_path.stem}",
-                 f"#SBATCH --array=0-{len(cells) - 1}%{s['max_parallel']}",
+                 f"#SBATCH --array=0-{tasks - 1}%{s['max_parallel']}",
                  f"#SBATCH --output={log_dir}/%A_%a.out", f"#SBATCH --time={s['time']}",
                  f"#SBATCH --cpus-per-task={s['cpus']}", "#SBATCH --nodes=1",
-                 f"#SBATCH --ntasks-per-node={max(gpus, 1)}"]
+                 f"#SBATCH --ntasks-per-node={max(gpus, 1) if self.multi_process_cells else 1}"]
         if gpus:
             lines.append(f"#SBATCH --gres=gpu:{gpus}")
         if s["partition"]:
             lines.append(f"#SBATCH --partition={s['partition']}")
-        lines += ["", f"# {len(cells)} independent cells of {self.config_path}; task i runs cell i.",
+        lines += ["", f"# {len(cells)} independent cells of {self.config_path}, {per_task} per array task.",
                   "# A cell that finished is skipped, so resubmitting the array only runs what is missing.",
                   "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
         if s["setup"]:
             lines.append(str(s["setup"]))
+        lines += [f"FIRST=$((SLURM_ARRAY_TASK_ID * {per_task}))",
+                  f"LAST=$((FIRST + {per_task - 1} < {len(cells) - 1} ? FIRST + {per_task - 1} : {len(cells) - 1}))"]
         command = ["symstitch", "sweep", "--config", str(self.config_path.resolve()), "--out",
-                   str(self.out.resolve()), "--cell", "$SLURM_ARRAY_TASK_ID", "--no-progress"]
+                   str(self.out.resolve()), "--cell", "${FIRST}-${LAST}", "--no-progress"]
         lines.append("srun " + " ".join(c if c.startswith("$") else shlex.quote(c) for c in command))
         path = self.out / "slurm.sh"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +282,11 @@ def load_classifier_points(path: Path) -> tuple[str, ...]:
     return load_classifier(path).stitch_points
 
 
+def _names(value: Any) -> list[str]:
+    """A list of names from a YAML list or a comma-separated string."""
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+
+
 def _pairs(seeds: Sequence[int], kind: str) -> list[tuple[int, int]]:
     kinds = {
         "unordered": [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]],
@@ -325,6 +340,7 @@ class StitchSweep(Sweep):
     (``source``, ``target``: checkpoints or library entries), which is what ``symstitch stitch`` writes."""
 
     experiment = "stitch"
+    multi_process_cells = True
     options = {"zoo": None, "arch": None, "seeds": None, "pairs": "unordered", "source": None, "target": None,
                "points": "all", "layers": ["standard", "birkhoff"], "repeats": 1,
                "stitch_config": "../configs/stitch/{layer}.yaml", "fit_args": []}
@@ -365,7 +381,7 @@ class StitchSweep(Sweep):
         for layer in s["layers"]:
             STITCH_LAYERS.get(layer)
         arch, models, pairs, order = self._networks()
-        points = order if s["points"] == "all" else list(s["points"])
+        points = order if s["points"] == "all" else _names(s["points"])
         for p in points:
             if p not in order:
                 raise ValueError(f"{arch} has no stitch point {p!r}; valid stitch points: {', '.join(order)}")
@@ -431,12 +447,14 @@ class AlignSweep(Sweep):
                 for a, b in _pairs(list(models), s["pairs"]) for metric in s["metrics"]]
 
     def run_cell(self, cell: Cell) -> Optional[dict]:
+        import torch
+
         from symstitch.align import align_pair
 
         s, p = self.settings, cell.params
         return align_pair(p["source"], p["target"], [p["metric"]], points=s["points"], cka_mode=s["cka_mode"],
                           data=s["data"], split=s["split"], images=s["images"], batch_size=s["batch_size"],
-                          progress=False)[p["metric"]]
+                          progress=False, device="cuda" if torch.cuda.is_available() else None)[p["metric"]]
 
 
 @SWEEPS.register("projection")
@@ -474,7 +492,7 @@ class ProjectionSweep(Sweep):
         cells = []
         for network, ref in self.networks().items():
             valid = projection_points(load_classifier(resolve_model(ref)))
-            points = list(valid) if s["points"] == "all" else list(s["points"])
+            points = list(valid) if s["points"] == "all" else _names(s["points"])
             for point in points:
                 if point not in valid:
                     raise ValueError(f"no projection point {point!r} in {network}; valid: {', '.join(valid)}")

@@ -51,6 +51,20 @@ def test_align_net_vs_its_transformed_copy(pair, tmp_path):
         assert (out / "report" / name).stat().st_size > 1000
     assert list((out / "report").rglob("offline-run-*"))  # logged to W&B, offline: nothing may need a network
 
+    # the same pair and settings again: read back, not recomputed; other settings: refused, nothing overwritten
+    import symstitch.align as align
+
+    files = {p: p.read_text() for p in (out / "cells").rglob("*.json")}
+    assert len(files) == 4
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(align, "align_pair", lambda *a, **k: pytest.fail("recomputed"))
+        assert main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "120", "--out", str(out),
+                     "--no-wandb"]) == 0
+        with pytest.raises(ValueError, match="other settings"):
+            main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "60", "--out", str(out),
+                  "--no-wandb"])
+    assert {p: p.read_text() for p in (out / "cells").rglob("*.json")} == files
+
 
 def test_align_errors(pair, tmp_path):
     with pytest.raises(KeyError, match="unknown metric 'cka'"):

@@ -108,6 +108,25 @@ def test_prefix_cache_trains_exactly_like_the_full_forward(nets):
         StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", prefix_cache="int8")
 
 
+def test_resumed_fit_keeps_its_stitch_layer(nets, tmp_path, monkeypatch):
+    """init='data' starts a new fit from the data, but a fit resumed from a checkpoint keeps the restored T."""
+    def fit(module, epochs, ckpt_path=None):
+        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_train_batches=2, limit_val_batches=0)
+        trainer.fit(module, datamodule=DataModule(dataset="digits"), ckpt_path=ckpt_path)
+        return trainer
+
+    first = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", init="data")
+    fit(first, 1).save_checkpoint(tmp_path / "stitch.ckpt")
+    again = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", init="data")
+    monkeypatch.setattr(StitchingModule, "_init_from_data", lambda self: pytest.fail("restored T overwritten"))
+    restored = {}
+    monkeypatch.setattr(StitchingModule, "on_train_start",
+                        lambda self: restored.setdefault("T", self.stitch.matrix().detach().clone()))
+    fit(again, 2, ckpt_path=tmp_path / "stitch.ckpt")
+    torch.testing.assert_close(restored["T"], first.stitch.matrix().detach())
+
+
 def test_projection_once_per_real_step_and_doubly_stochastic(nets):
     module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="birkhoff")
     calls = []

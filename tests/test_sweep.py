@@ -41,6 +41,7 @@ def zoo(tmp_path_factory):
 
 
 def _stitch_config(zoo_root: Path, folder: Path, **over) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     config = {
         "experiment": "stitch", "out": str(folder / "stitch"), "zoo": str(zoo_root / "zoo"), "arch": "mcnn",
         "seeds": "0-1", "points": ["layer1.act", "layer2.act"], "layers": ["standard", "birkhoff"],
@@ -69,6 +70,8 @@ def test_grid_expansion_and_cell_keys(zoo, tmp_path):
     assert len({c.key for c in cells}) == len(cells)
     assert cells[0].key == "mcnn/s0-s1/standard/layer1.act/r0"
     assert cells[0].params["point_index"] == 0 and cells[2].params["point_index"] == 1
+    one = load_sweep(_stitch_config(zoo, tmp_path / "one", points="layer2.act")).cells()  # a string names one point
+    assert [c.params["point"] for c in one] == ["layer2.act", "layer2.act"]
 
 
 def test_killed_sweep_resumes_without_recomputing(zoo, tmp_path):
@@ -110,7 +113,18 @@ def test_emit_slurm_and_single_cell(zoo, tmp_path):
     assert "#SBATCH --array=0-3%32" in script
     assert "#SBATCH --gres=gpu:2" in script and "#SBATCH --ntasks-per-node=2" in script
     assert "#SBATCH --partition=gpu" in script
-    assert "--cell $SLURM_ARRAY_TASK_ID" in script and str(config.resolve()) in script
+    assert "--cell ${FIRST}-${LAST}" in script and str(config.resolve()) in script
+    # a cluster's MaxArraySize: 4 cells in at most 3 tasks → 2 tasks of 2 consecutive cells
+    small = load_sweep(_stitch_config(zoo, tmp_path / "small", slurm={"max_array": 3}))
+    script = small.emit_slurm().read_text()
+    assert "#SBATCH --array=0-1%32" in script and "#SBATCH --ntasks-per-node=1" in script
+    ranges = []
+    for task in (0, 1):
+        lines = [line for line in script.splitlines() if line.startswith(("FIRST=", "LAST="))]
+        out = subprocess.run(["bash", "-c", "; ".join(lines) + '; echo "$FIRST-$LAST"'], capture_output=True,
+                             text=True, env={"SLURM_ARRAY_TASK_ID": str(task)}, check=True)
+        ranges.append(out.stdout.strip())
+    assert ranges == ["0-1", "2-3"]
     # what one array task runs
     records = sweep.run(only=[2], progress=False)
     assert [r["key"] for r in records] == [sweep.cells()[2].key]
@@ -172,6 +186,7 @@ def test_stitch_command_on_library_models(zoo, tmp_path):
     argv = ["--source", f"{zoo / 'zoo'}:mcnn/seed0", "--target", f"{zoo / 'zoo'}:mcnn/seed1",
             "--points", "layer1.act", "--layers", "standard", "--epochs", "1", "--out", str(out)]
     assert main(argv) == 0
-    assert yaml.safe_load((out / "data.yaml").read_text())["dataset"] == "digits"
+    (data,) = out.glob("data-*.yaml")
+    assert yaml.safe_load(data.read_text())["dataset"] == "digits"
     (record,) = [json.loads(p.read_text()) for p in (out / "cells").rglob("*.json")]
     assert record["cell"]["point"] == "layer1.act" and 0 <= record["result"]["stitched_acc"] <= 1
