@@ -23,55 +23,20 @@ COMMANDS: Registry[Callable[[Sequence[str]], int]] = Registry("command")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _zoo(argv: Sequence[str]) -> int:
-    from symstitch.zoo import main as zoo_main
+def _lazy_main(module: str) -> Callable[[Sequence[str]], int]:
+    """``symstitch.<module>.main``, imported on first call (``symstitch --help`` must not import Lightning)."""
 
-    return zoo_main(argv)
+    def run(argv: Sequence[str]) -> int:
+        import importlib
 
+        return importlib.import_module(f"symstitch.{module}").main(argv)
 
-COMMANDS.register("zoo")(_zoo)
-
-
-@COMMANDS.register("stitch")
-def _stitch(argv: Sequence[str]) -> int:
-    from symstitch.stitching import main as stitch_main
-
-    return stitch_main(argv)
+    return run
 
 
-@COMMANDS.register("check")
-def _check(argv: Sequence[str]) -> int:
-    from symstitch.check import main as check_main
-
-    return check_main(argv)
-
-
-@COMMANDS.register("projection")
-def _projection(argv: Sequence[str]) -> int:
-    from symstitch.projection import main as projection_main
-
-    return projection_main(argv)
-
-
-@COMMANDS.register("sweep")
-def _sweep(argv: Sequence[str]) -> int:
-    from symstitch.sweep import main as sweep_main
-
-    return sweep_main(argv)
-
-
-@COMMANDS.register("align")
-def _align(argv: Sequence[str]) -> int:
-    from symstitch.align import main as align_main
-
-    return align_main(argv)
-
-
-@COMMANDS.register("report")
-def _report(argv: Sequence[str]) -> int:
-    from symstitch.report import main as report_main
-
-    return report_main(argv)
+for _name, _module in {"zoo": "zoo", "stitch": "stitching", "check": "check", "projection": "projection",
+                       "sweep": "sweep", "align": "align", "report": "report"}.items():
+    COMMANDS.register(_name)(_lazy_main(_module))
 
 
 def trainer_defaults() -> dict:

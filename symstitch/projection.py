@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
@@ -187,13 +186,6 @@ def _accuracy(module: pl.LightningModule, datamodule: pl.LightningDataModule, ro
     return float(res["test/acc"])
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def run_cell(source: str, checkpoint: Path, point: str, kind: str, repeat: int, epochs: int, lr: float,
              datamodule: pl.LightningDataModule, cell_dir: Path, retrain: str = "rest") -> dict:
     """Insert, measure, retrain, measure; returns the cell's record."""
@@ -225,7 +217,9 @@ def clean_accuracy(checkpoint: Path, datamodule: pl.LightningDataModule, root: P
     """Test accuracy of the unmodified network, measured once and kept in ``root/clean.json``."""
     path = root / "clean.json"
     if not path.exists():
-        _write_json(path, {"clean_acc": _accuracy(_PlainClassifier(checkpoint), datamodule, root)})
+        from symstitch.sweep import write_json_atomic
+
+        write_json_atomic(path, {"clean_acc": _accuracy(_PlainClassifier(checkpoint), datamodule, root)})
     return json.loads(path.read_text())["clean_acc"]
 
 

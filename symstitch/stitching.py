@@ -202,8 +202,7 @@ class StitchingModule(pl.LightningModule):
 
             images = self._uncached_train_set.x
             idx = torch.randperm(len(images))[: batches * dm.batch_size]
-            h_a = dm.train_set.x[idx].to(self.device)
-            h_a = (h_a.movedim(-1, 1) if h_a.dim() == 4 else h_a).float()
+            h_a = self._from_cache(dm.train_set.x[idx].to(self.device))
             x = normalize_batch(images[idx].to(self.device), dm.mean, dm.std, dm.channels_last)
             h_b = self.target_net.forward_to(x, self.point)
         else:
@@ -244,10 +243,15 @@ class StitchingModule(pl.LightningModule):
         self._uncached_train_set = dm.train_set
         dm.train_set = TensorImageDataset(torch.cat(parts), labels)
 
+    @staticmethod
+    def _from_cache(h: torch.Tensor) -> torch.Tensor:
+        """A cached batch, stored (N, H, W, C), as the (N, C, H, W) float32 view the stitch layer takes."""
+        return (h.movedim(-1, 1) if h.dim() == 4 else h).float()
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if self._uncached_train_set is not None:  # x holds cached A_{≤p}(x), stored channels-last
-            h = (x.movedim(-1, 1) if x.dim() == 4 else x).float()
+        if self._uncached_train_set is not None:  # x holds cached A_{≤p}(x)
+            h = self._from_cache(x)
             logits = self.target_net.forward_from(self.stitch(h), self.point)
         else:
             logits = self.stitched(x)
@@ -397,14 +401,22 @@ def stitch(
 # Every stitch point × layer for one pair: `symstitch stitch` (a stitch sweep over one pair)
 
 
-def datamodule_for(checkpoint: Union[str, Path]):
-    """The DataModule a checkpoint was trained with (its saved hyper-parameters), else digits."""
-    from symstitch.data import DataModule
-
+def datamodule_settings(checkpoint: Union[str, Path]) -> dict:
+    """The DataModule arguments a checkpoint was trained with (its saved hyper-parameters, without the extras
+    LightningCLI adds); empty when it saved none."""
     import inspect
 
+    from symstitch.data import DataModule
+
     saved = read_checkpoint(resolve_model(checkpoint)).get("datamodule_hyper_parameters") or {}
-    return DataModule(**{k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters})
+    return {k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters}
+
+
+def datamodule_for(checkpoint: Union[str, Path]):
+    """The DataModule a checkpoint was trained with, else digits."""
+    from symstitch.data import DataModule
+
+    return DataModule(**datamodule_settings(checkpoint))
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -450,12 +462,7 @@ def main(argv) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # the data the source was trained on (its DataModule settings), else the stitch configs' default
-    import inspect
-
-    from symstitch.data import DataModule
-
-    saved = read_checkpoint(resolve_model(args.source)).get("datamodule_hyper_parameters") or {}
-    saved = {k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters}
+    saved = datamodule_settings(args.source)
     data = []
     if saved:  # named by its content: a folder's earlier runs keep pointing at their own data settings
         text = yaml.safe_dump(saved, sort_keys=False)

@@ -29,7 +29,6 @@ import abc
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -52,11 +51,11 @@ class Cell:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see all of it or nothing."""
+    """JSON through :func:`symstitch.zoo.write_atomic` (temporary file, then rename): all of it or nothing."""
+    from symstitch.zoo import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=float))
 
 
 def _seeds(value: Any) -> list[int]:
