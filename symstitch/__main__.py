@@ -1,5 +1,7 @@
+"""``python -m symstitch``: the ``symstitch`` command."""
+
 import sys
 
-from symstitch.cli import main
+from symstitch.commands import main
 
 sys.exit(main())

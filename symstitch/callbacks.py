@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+
+from symstitch.io import write_json
 
 
 def tensor_digest(tensors: list[torch.Tensor]) -> str:
@@ -57,6 +60,30 @@ class DDPConsistency(pl.Callback):
         if trainer.is_global_zero and log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             report = {"world_size": trainer.world_size, "consistent": consistent, "ranks": ranks}
-            (Path(log_dir) / "ranks.json").write_text(json.dumps(report, indent=2))
+            write_json(Path(log_dir) / "ranks.json", report)
         if not consistent:
             raise RuntimeError(f"DDP replicas diverged: {ranks}")
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite: the run stopped and nothing was recorded."""
+
+
+class FiniteLoss(pl.Callback):
+    """Stops training with :class:`TrainingDiverged` the first time the training loss is not finite.
+
+    A diverged run is never a result: without this, a fit with loss NaN exits normally, its network enters a
+    model library and later tools blame the network (or the symmetry) for the damage. The check reads the
+    loss the step returned (a scalar already computed; no extra work), every micro-batch.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {value} at epoch {trainer.current_epoch}, step "
+                    f"{trainer.global_step} ({type(pl_module).__name__}); nothing was recorded. Lower the learning "
+                    "rate (e.g. --model.init_args.optimizer.init_args.lr) or check the inputs")

@@ -11,25 +11,23 @@ Exit status 1 when any point fails, so the command can guard a pipeline.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-from typing import Optional, Sequence
-
+import lightning.pytorch as pl
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from symstitch.data import DataModule, normalize_batch
+from symstitch.library import load_model
 from symstitch.models import StagedNet
+from symstitch.symmetry import act, act_on_features, actionable_points, feature, intertwiner_group
+from symstitch.training import ClassifierModule
 
 #: relative tolerance on logits and representation (float32 rounding is ~1e-7)
 TOLERANCE = 1e-5
 
 
-def _train_on_the_spot(arch: str, width: float, epochs: int, seed: int) -> StagedNet:
-    import lightning.pytorch as pl
-
-    from symstitch.data import DataModule
-    from symstitch.training import ClassifierModule
-
+def train_on_the_spot(arch: str, width: float, epochs: int, seed: int) -> StagedNet:
+    """A small network of ``arch`` trained on digits now (for a check without a checkpoint)."""
     pl.seed_everything(seed, verbose=False)
     dm = DataModule(dataset="digits")
     module = ClassifierModule(arch, arch_kwargs={"width": width}, num_classes=dm.num_classes)
@@ -40,8 +38,6 @@ def _train_on_the_spot(arch: str, width: float, epochs: int, seed: int) -> Stage
 
 def check_network(net: StagedNet, x: torch.Tensor, seed: int = 0) -> list[dict]:
     """One row per actionable point: the action's effect on outputs and on the representation."""
-    from symstitch.symmetry import act, act_on_features, actionable_points, feature, intertwiner_group
-
     net = net.eval()
     group = intertwiner_group(net.activation)
     generator = torch.Generator().manual_seed(seed)
@@ -71,39 +67,22 @@ def check_network(net: StagedNet, x: torch.Tensor, seed: int = 0) -> list[dict]:
     return rows
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="symstitch check", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="classifier checkpoint (e.g. from `symstitch zoo`)")
-    source.add_argument("--arch", default="mcnn", help="train this architecture on digits on the spot (default mcnn)")
-    parser.add_argument("--width", type=float, default=0.25, help="width multiplier of the on-the-spot model")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of the on-the-spot model")
-    parser.add_argument("--dataset", default="digits", help="inputs: the test split of this dataset")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--samples", type=int, default=256, help="number of test images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random group elements")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from symstitch.checkpoints import load_classifier
-    from symstitch.data import DataModule, normalize_batch
-    from symstitch.symmetry import actionable_points, intertwiner_group
-
-    if args.checkpoint:
-        net, what = load_classifier(args.checkpoint), args.checkpoint
+def check(model: str | None, arch: str = "mcnn", width: float = 0.25, epochs: int = 2, dataset: str = "digits",
+          data_root: str = "data", samples: int = 256, seed: int = 0) -> list[dict]:
+    """``symstitch check``: the rows of :func:`check_network` for a model reference (checkpoint or library
+    entry), or for ``arch`` trained on digits now; prints the report table."""
+    if model:
+        net, what = load_model(model), model
     else:
-        net, what = _train_on_the_spot(args.arch, args.width, args.epochs, args.seed), f"{args.arch} (trained now on digits)"
-    dm = DataModule(dataset=args.dataset, root=args.data_root)
+        net, what = train_on_the_spot(arch, width, epochs, seed), f"{arch} (trained now on digits)"
+    dm = DataModule(dataset=dataset, root=data_root)
     dm.setup()
-    x = normalize_batch(dm.test_set.x[: args.samples], dm.mean, dm.std, channels_last=False)
-    rows = check_network(net, x, seed=args.seed)
+    x = normalize_batch(dm.test_set.x[:samples], dm.mean, dm.std, channels_last=False)
+    rows = check_network(net, x, seed=seed)
 
     console = Console()
     console.print(f"[bold]symstitch check[/]: {what} — {type(net).__name__}, σ = {net.activation}, "
-                  f"{intertwiner_group(net.activation).name}; {len(x)} {args.dataset} test images")
+                  f"{intertwiner_group(net.activation).name}; {len(x)} {dataset} test images")
     table = Table(title="B = g·A with a random g at each point: same function, representation g·h")
     table.add_column("point", no_wrap=True)
     for col in ("C", "max|Δlogit|", "rel Δlogit", "same pred", "rel ‖h_B−g·h_A‖", "ok"):
@@ -118,9 +97,7 @@ def main(argv: Sequence[str]) -> int:
     undefined = [p for p in net.feature_points if p not in actionable_points(net)]
     if undefined:
         console.print(f"no weight-space action at: {', '.join(undefined)}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     failed = [r["point"] for r in rows if not r["ok"]]
     if failed:
         console.print(f"[red]function not preserved at: {', '.join(failed)}[/]")
-    return 1 if failed or not rows else 0
+    return rows

@@ -25,7 +25,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import CIFAR10, CIFAR100
 
 from symstitch.registry import Registry
 
@@ -203,16 +206,12 @@ def _load_cifar(cls: type, title: str, root: Path, download: bool, verify_checks
 @_dataset("cifar10", num_classes=10, flip=True)
 def cifar10(root: Path, download: bool = False, verify_checksums: bool = True) -> ImageData:
     """CIFAR-10 (50,000 train / 10,000 test) from ``root/cifar-10-batches-py``."""
-    from torchvision.datasets import CIFAR10
-
     return _load_cifar(CIFAR10, "CIFAR-10", root, download, verify_checksums)
 
 
 @_dataset("cifar100", num_classes=100, flip=True)
 def cifar100(root: Path, download: bool = False, verify_checksums: bool = True) -> ImageData:
     """CIFAR-100 with the 100 fine labels (50,000 train / 10,000 test) from ``root/cifar-100-python``."""
-    from torchvision.datasets import CIFAR100
-
     return _load_cifar(CIFAR100, "CIFAR-100", root, download, verify_checksums)
 
 
@@ -228,9 +227,6 @@ def digits(root: Path = Path("data"), download: bool = False, verify_checksums: 
     1437/360 train/test split is stratified by class and fixed (seed 0), whatever the global random state.
     ``root``, ``download`` and ``verify_checksums`` are ignored: the data ships with scikit-learn.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     bunch = load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
     x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)

@@ -1,19 +1,39 @@
-"""Experiment logging: CSV always, Weights & Biases offline unless the user has configured it.
+"""Experiment logging: CSV always, Weights & Biases offline unless the user has configured it, quiet consoles.
 
-W&B with no network and no API key either hangs on a login prompt or fails after a few seconds; a
-researcher on a cluster node without network access must still get a complete run. So unless W&B was
-configured (``WANDB_MODE`` set, ``WANDB_API_KEY`` set, or a stored login in ``~/.netrc``), symstitch sets
-``WANDB_MODE=offline``: runs land in ``<run dir>/wandb/offline-run-*`` and ``wandb sync`` uploads them later.
+W&B with no network either hangs (``wandb.init`` waits 90 s for the server, then raises and the run is lost)
+or fails after a few seconds without an API key. A researcher on a cluster node without network access must
+still get a complete run, quickly. So:
+
+- unless W&B was configured (``WANDB_MODE`` set, ``WANDB_API_KEY`` set, or a stored login in ``~/.netrc``),
+  symstitch sets ``WANDB_MODE=offline``: runs land in ``<run dir>/wandb/offline-run-*`` and ``wandb sync``
+  uploads them later;
+- when it was configured for online use, the W&B server is probed once per process with a TCP connection of at
+  most :data:`PROBE_SECONDS`; if it cannot be reached, the process switches to offline with a warning;
+- ``WANDB_INIT_TIMEOUT`` defaults to :data:`INIT_TIMEOUT` seconds (W&B's own default is 90).
+
+:func:`quiet` keeps the console to what a researcher needs: Lightning's own banners, tips and summaries (and a
+few known harmless warnings) only with ``-v``.
 """
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import socket
+import sys
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 #: Folder for runs when nothing else is said (``trainer.default_root_dir`` moves it).
 DEFAULT_RUN_DIR = "runs"
+#: seconds a TCP connection to the W&B server may take before symstitch goes offline
+PROBE_SECONDS = 3.0
+#: W&B's own limit for ``wandb.init`` (seconds), unless the user set ``WANDB_INIT_TIMEOUT``
+INIT_TIMEOUT = "15"
+
+_probed: dict[str, bool] = {}
 
 
 def wandb_configured() -> bool:
@@ -27,31 +47,74 @@ def wandb_configured() -> bool:
         return False
 
 
+def wandb_server_reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the W&B server ``url`` opens within ``timeout`` seconds (cached)."""
+    if url not in _probed:
+        parsed = urlparse(url if "://" in url else f"https://{url}")
+        port = parsed.port or (80 if parsed.scheme == "http" else 443)
+        try:
+            with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+                _probed[url] = True
+        except OSError:
+            _probed[url] = False
+    return _probed[url]
+
+
 def default_wandb_offline() -> None:
-    """Set ``WANDB_MODE=offline`` unless the user configured W&B (see the module docstring)."""
+    """Choose how W&B runs (see the module docstring): offline unless configured; offline with a warning when
+    configured but the server cannot be reached; never longer than a few seconds to decide."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", INIT_TIMEOUT)
     if not wandb_configured():
         os.environ["WANDB_MODE"] = "offline"
-    os.environ.setdefault("WANDB_SILENT", "true")
+        return
+    if os.environ.get("WANDB_MODE", "online") not in ("online", "run"):
+        return  # offline, disabled, dryrun: nothing to reach
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not wandb_server_reachable(url):
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"symstitch: warning: the W&B server {url} cannot be reached (no network?); logging offline — "
+              "upload later with `wandb sync <run dir>/wandb/offline-run-*`", file=sys.stderr, flush=True)
 
 
 def default_loggers(name: str, project: str = "symstitch") -> list[dict]:
     """Trainer ``logger`` default: a CSV logger and a W&B logger, both under the run folder."""
     return [
-        {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": name},
-        },
-        {
-            "class_path": "lightning.pytorch.loggers.WandbLogger",
-            "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project},
-        },
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": name}},
+        {"class_path": "lightning.pytorch.loggers.WandbLogger",
+         "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project}},
     ]
 
 
 def finish_wandb() -> None:
     """Close a live W&B run, so the next run in this process starts a fresh one."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
+    wandb = sys.modules.get("wandb")  # never imported here: W&B costs seconds and may not be in use
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+#: messages that say nothing about the user's run (each checked: the frozen networks are in eval mode on
+#: purpose; the others are library housekeeping)
+_NOISE = (
+    r"Found \d+ module\(s\) in eval mode",
+    r".*LeafSpec",
+    r"The '\w+_dataloader' does not have many workers",
+    r".*does not have many workers",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"You defined a `validation_step` but have no `val_dataloader`",
+    r"LightningCLI's args parameter is intended to run from within Python",
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",
+)
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning")
+
+
+def quiet(verbose: bool = False) -> None:
+    """Lightning's info messages (device banners, tips, model summaries, FLOP counts) and known harmless
+    warnings off, unless ``verbose``. Errors and real warnings always show."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if verbose:
+        return
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)

@@ -1,12 +1,18 @@
-"""Figures. Every function writes a PNG and returns its path; matplotlib runs headless (Agg)."""
+"""Figures. Every function writes a PNG and returns its path; matplotlib runs headless (Agg).
+
+The numbers come ready from the caller (:mod:`symstitch.report` computes the summaries and names the files);
+the functions here only draw them.
+"""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,3 +57,115 @@ def training_curves(runs: Mapping[str, Path | str], out: Path | str, metrics: Se
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# symstitch report
+
+
+def stitch_penalty_plot(summary: dict[str, dict], path: Path) -> Path:
+    """Penalty (points) against stitch point, one line per layer; error bars = std over pairs and repeats.
+
+    ``summary``: :func:`symstitch.report.stitch_summary`."""
+    archs = list(summary)
+    width = max(5.5, 0.55 * max(len(summary[a]["points"]) for a in archs) + 2.5)
+    fig, axes = plt.subplots(len(archs), 1, figsize=(width, 3.8 * len(archs)), squeeze=False)
+    for ax, arch in zip(axes[:, 0], archs):
+        points = summary[arch]["points"]
+        for layer, s in summary[arch]["layers"].items():
+            xs = [points.index(p) for p in s["points"]]
+            yerr = [sd if n > 1 else np.nan for sd, n in zip(s["std"], s["n"])]
+            n_lo, n_hi = min(s["n"]), max(s["n"])
+            n_text = f"n={n_lo}" if n_lo == n_hi else f"n={n_lo}–{n_hi}"
+            ax.errorbar(xs, s["mean"], yerr=yerr, marker="o", markersize=4, capsize=3, label=f"{layer} ({n_text})")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(points)), points, rotation=45, ha="right", fontsize=8)
+        ax.set_xlabel("stitch point (depth order)")
+        ax.set_ylabel("stitching penalty (points)")
+        n_pairs = len(summary[arch]["pairs"])
+        ax.set_title(f"{arch}: stitching penalty, mean ± std over {n_pairs} pair(s) × repeats", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def align_heatmap(metric: str, entries: list[tuple[str, dict]], path: Path) -> Path:
+    """One heatmap of ``metric`` per architecture (``entries``: ``[(arch, summary)]`` from
+    :func:`symstitch.report.align_summary`); NaN (never computed) in grey."""
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    fig, axes = plt.subplots(1, len(entries), squeeze=False,
+                             figsize=(max(4.8, 0.4 * max(len(s["points_b"]) for _, s in entries) + 2.8) * len(entries),
+                                      max(4.0, 0.4 * max(len(s["points_a"]) for _, s in entries) + 2.2)))
+    for ax, (arch, s) in zip(axes[0], entries):
+        data = np.ma.masked_invalid(s["mean"])
+        finite = s["mean"][np.isfinite(s["mean"])]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if vmin == vmax:
+            vmin, vmax = vmin - 0.5, vmax + 0.5
+        im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(s["points_b"])), s["points_b"], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(s["points_a"])), s["points_a"], fontsize=8)
+        ax.set_xlabel("model B point")
+        ax.set_ylabel("model A point")
+        nan_note = f", {s['nan_mean']} NaN (grey)" if s["nan_mean"] else ""
+        ax.set_title(f"{metric} ({arch}): mean over {len(s['pairs'])} pair(s){nan_note}", fontsize=10)
+        fig.colorbar(im, ax=ax, label="similarity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def align_diagonal_plot(diagonal: dict[str, dict], path: Path) -> Path:
+    """Similarity of point p of A with point p of B, one panel per architecture, a group of bars per metric.
+
+    ``diagonal``: :func:`symstitch.report.align_diagonal` (not empty)."""
+    fig, axes = plt.subplots(len(diagonal), 1, squeeze=False, figsize=(9, 3.9 * len(diagonal)))
+    for ax, (arch, d) in zip(axes[:, 0], diagonal.items()):
+        points = d["points"]
+        width = 0.8 / len(points)
+        colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(points)))
+        for k, p in enumerate(points):
+            xs, ys, errs = [], [], []
+            for g, mean, std in d["bars"][p]:
+                xs.append(g - 0.4 + width * (k + 0.5)), ys.append(mean), errs.append(std)
+            ax.bar(xs, ys, width=width, yerr=errs, capsize=2, color=colors[k], label=p)
+        ax.set_xticks(range(len(d["metrics"])), d["metrics"])
+        ax.set_xlabel("metric")
+        ax.set_ylabel("similarity at (p, p)")
+        ax.set_title(f"{arch}: same point in both networks, mean over pairs (≤ {d['pairs']}), error bars: std")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, ncol=max(1, math.ceil(len(points) / 8)), title="point p", title_fontsize=7,
+                  bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def projection_accuracy(summary: Sequence[dict], path: Path) -> Path:
+    """Test accuracy per layer of the projection experiment, one panel per network: after retraining (solid),
+    before retraining (dashed), the clean network (dotted). ``summary``: :func:`symstitch.report.projection_summary`."""
+    networks = list(dict.fromkeys(s["network"] for s in summary))
+    fig, axes = plt.subplots(1, len(networks), figsize=(4.6 * len(networks), 3.6), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        series = [s for s in summary if s["network"] == network]
+        ax.axhline(series[0]["clean"], color="black", linestyle=":", label="clean")
+        for s in series:
+            label = f"{s['matrix']}, retrain {s['retrain']}"
+            line = ax.plot(s["layers"], s["recovered"], marker="o", label=label)[0]
+            ax.plot(s["layers"], s["inserted"], marker="x", linestyle="--", color=line.get_color(), alpha=0.5,
+                    label=f"{label}: before retraining")
+        ax.set_title(f"{network} ({series[0]['activation']})")
+        ax.set_xlabel("layer l (M inserted before its activation)")
+        ax.set_ylabel("test accuracy")
+        ax.set_xticks(sorted({layer for s in series for layer in s["layers"]}))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

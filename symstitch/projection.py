@@ -19,29 +19,33 @@ What is retrained is chosen by name: ``rest`` (SPEC §4: every layer after l) or
 right after l, W_{l+1}: the sharpest form of the test, since that single linear map can absorb a G_σ
 insertion exactly, W_{l+1} φ_σ(M)^{-1}, but not an orthogonal one).
 
-:class:`ProjectionModule` is one cell (usable with ``symstitch fit``) and :func:`run_cell` runs one; the grid
-(layers × matrix kinds × repeats over networks) is a projection sweep of :mod:`symstitch.sweep`, which
-``symstitch projection`` writes and runs; :func:`write_report` makes a tidy CSV, a plot and a markdown summary.
+:class:`ProjectionModule` is one cell (usable with ``symstitch fit``); :class:`ProjectionExperiment` is the grid
+(networks × layers × matrix kinds × repeats), which ``symstitch projection`` writes and runs;
+:func:`symstitch.report.projection_files` makes its tidy CSV, plot and markdown summary.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.classification import MulticlassAccuracy
 
 from symstitch.checkpoints import load_classifier
+from symstitch.io import read_json, write_json
+from symstitch.library import check_same_data, datamodule_for, library_models, load_model, resolve_model
 from symstitch.models import StagedNet
 from symstitch.registry import Registry
+from symstitch.runner import EXPERIMENTS, Cell, Experiment, names
 from symstitch.symmetry import haar_orthogonal, intertwiner_group, next_layer
 from symstitch.training import SGD, WarmupCosine, configure_schedule
+from symstitch.zoo import train_zoo
 
 #: kind name → ``(net, n, generator) → n×n matrix`` (float64)
 MATRICES: Registry[Callable[[StagedNet, int, torch.Generator], torch.Tensor]] = Registry("matrix kind")
@@ -167,8 +171,6 @@ class ProjectionModule(pl.LightningModule):
 
 
 def _quiet_trainer(max_epochs: int, root: Path) -> pl.Trainer:
-    from lightning.pytorch.loggers import CSVLogger
-
     return pl.Trainer(
         max_epochs=max_epochs,
         accelerator="auto",
@@ -186,41 +188,12 @@ def _accuracy(module: pl.LightningModule, datamodule: pl.LightningDataModule, ro
     return float(res["test/acc"])
 
 
-def run_cell(source: str, checkpoint: Path, point: str, kind: str, repeat: int, epochs: int, lr: float,
-             datamodule: pl.LightningDataModule, cell_dir: Path, retrain: str = "rest") -> dict:
-    """Insert, measure, retrain, measure; returns the cell's record."""
-    pl.seed_everything(repeat, verbose=False)
-    module = ProjectionModule(
-        str(checkpoint), point, matrix=kind, matrix_seed=repeat, retrain=retrain,
-        optimizer=lambda params: SGD(params, lr=lr), scheduler=lambda opt: WarmupCosine(opt, warmup=0.1),
-    )
-    inserted = _accuracy(module, datamodule, cell_dir / "before")
-    trainer = _quiet_trainer(epochs, cell_dir)
-    trainer.fit(module, datamodule=datamodule)
-    (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
-    return {
-        "network": source,
-        "activation": module.net.activation,
-        "point": point,
-        "layer": projection_points(module.net).index(point) + 1,
-        "matrix": kind,
-        "retrain": retrain,
-        "repeat": repeat,
-        "inserted_acc": inserted,
-        "recovered_acc": float(res["test/acc"]),
-        "epochs": epochs,
-        "lr": lr,
-    }
-
-
 def clean_accuracy(checkpoint: Path, datamodule: pl.LightningDataModule, root: Path) -> float:
     """Test accuracy of the unmodified network, measured once and kept in ``root/clean.json``."""
     path = root / "clean.json"
     if not path.exists():
-        from symstitch.sweep import write_json_atomic
-
-        write_json_atomic(path, {"clean_acc": _accuracy(_PlainClassifier(checkpoint), datamodule, root)})
-    return json.loads(path.read_text())["clean_acc"]
+        write_json(path, {"clean_acc": _accuracy(_PlainClassifier(checkpoint), datamodule, root)})
+    return read_json(path)["clean_acc"]
 
 
 class _PlainClassifier(pl.LightningModule):
@@ -238,126 +211,95 @@ class _PlainClassifier(pl.LightningModule):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Report: tidy CSV, plot, markdown
+# The experiment
 
 
-def write_report(records: list[dict], out: Path) -> dict[str, Path]:
-    """``projection.csv`` (one row per cell), ``projection.png`` and ``projection.md`` in ``out``."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    columns = ["network", "activation", "point", "layer", "matrix", "retrain", "repeat", "clean_acc", "inserted_acc",
-               "recovered_acc", "epochs", "lr"]
-    csv_path = out / "projection.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in sorted(records, key=lambda r: (r["network"], r["layer"], r["matrix"], r["repeat"])):
-            writer.writerow({c: r[c] for c in columns})
-
-    networks = sorted({r["network"] for r in records})
-    series_keys = sorted({(r["matrix"], r["retrain"]) for r in records})
-    fig, axes = plt.subplots(1, len(networks), figsize=(4.6 * len(networks), 3.6), squeeze=False)
-    summary = []
-    for ax, network in zip(axes[0], networks):
-        rows = [r for r in records if r["network"] == network]
-        clean = rows[0]["clean_acc"]
-        ax.axhline(clean, color="black", linestyle=":", label="clean")
-        for kind, retrain in series_keys:
-            by_layer: dict[int, list[dict]] = {}
-            for r in rows:
-                if (r["matrix"], r["retrain"]) == (kind, retrain):
-                    by_layer.setdefault(r["layer"], []).append(r)
-            if not by_layer:
-                continue
-            layers = sorted(by_layer)
-            mean = lambda key, l: sum(r[key] for r in by_layer[l]) / len(by_layer[l])  # noqa: E731
-            recovered = [mean("recovered_acc", l) for l in layers]
-            inserted = [mean("inserted_acc", l) for l in layers]
-            label = f"{kind}, retrain {retrain}"
-            line = ax.plot(layers, recovered, marker="o", label=label)[0]
-            ax.plot(layers, inserted, marker="x", linestyle="--", color=line.get_color(), alpha=0.5,
-                    label=f"{label}: before retraining")
-            summary.append((network, rows[0]["activation"], kind, retrain, clean, inserted, recovered, layers))
-        ax.set_title(f"{network} ({rows[0]['activation']})")
-        ax.set_xlabel("layer l (M inserted before its activation)")
-        ax.set_ylabel("test accuracy")
-        ax.set_xticks(sorted({r["layer"] for r in rows}))
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    png = out / "projection.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-
-    lines = ["# Projection experiment (SPEC §4)", "",
-             "A fixed matrix M is inserted before the activation of layer l and the network is retrained with",
-             "layers ≤ l frozen: every later layer (retrain `rest`) or only layer l+1 (retrain `next`), starting",
-             "from their trained weights. Test accuracy, mean over repeats.", "",
-             "| network | σ | M | retrain | clean | before retraining | after retraining | worst gap to clean |",
-             "|---|---|---|---|---|---|---|---|"]
-    for network, activation, kind, retrain, clean, inserted, recovered, layers in summary:
-        fmt = lambda accs: ", ".join(f"l{l}: {a:.3f}" for l, a in zip(layers, accs))  # noqa: E731
-        worst = min(recovered) - clean
-        lines.append(f"| {network} | {activation} | {kind} | {retrain} | {clean:.3f} | {fmt(inserted)} | "
-                     f"{fmt(recovered)} | {worst * 100:+.1f} pts |")
-    lines += ["", f"![accuracy per layer]({png.name})", "", f"Data: [{csv_path.name}]({csv_path.name})", ""]
-    md = out / "projection.md"
-    md.write_text("\n".join(lines))
-    return {"csv": csv_path, "png": png, "md": md}
-
-
-def main(argv: Sequence[str]) -> int:
-    """``symstitch projection``: trains the missing networks into a model library, then runs the experiment as a
-    projection sweep (``<out>/projection.yaml``, resumable cells) and writes its report."""
-    parser = argparse.ArgumentParser(
-        prog="symstitch projection",
-        description="The projection experiment: insert M before the activation of each layer of trained "
-        "networks, freeze up to it, retrain the rest.",
-        epilog="Networks come from a model library (--zoo, --models, --seed); missing ones are trained first "
-        "with `symstitch zoo`, and any other option is passed to that training (e.g. --data.dataset digits "
-        "--trainer.max_epochs 15). The cells retrain on the dataset the networks were trained on.",
-    )
-    parser.add_argument("--zoo", default="runs/projection/zoo", help="model library folder")
-    parser.add_argument("--models", default="mcnn,mcnn_sigmoid", help="architectures (a ReLU and a sigmoid net)")
-    parser.add_argument("--seed", type=int, default=0, help="which seed of each architecture")
-    parser.add_argument("--kinds", default="identity,group,orthogonal", help=f"matrix kinds: {', '.join(MATRICES)}")
-    parser.add_argument("--points", default="all", help="comma-separated points, or all")
-    parser.add_argument("--repeats", type=int, default=1, help="random matrices per cell")
-    parser.add_argument("--epochs", type=int, default=8, help="retraining epochs per cell")
-    parser.add_argument("--lr", type=float, default=0.05, help="retraining learning rate (SGD, cosine)")
-    parser.add_argument("--retrain", choices=["rest", "next"], default="rest",
-                        help="retrain every layer after l (rest, SPEC §4) or only the next one (next)")
-    parser.add_argument("--out", default="runs/projection", help="results folder")
-    args, fit_args = parser.parse_known_args(argv)
-    import yaml
-
-    from symstitch.report import write_report as report
-    from symstitch.sweep import run_generated
-    from symstitch.zoo import train_zoo
-
-    archs = args.models.split(",")
+def library_networks(archs: Sequence[str], seed: int, zoo: Path | str, fit_args: Sequence[str] = ()) -> None:
+    """Train seed ``seed`` of each of ``archs`` into the library ``zoo`` if it lacks them (``symstitch zoo``'s
+    path; ``fit_args`` say how); every network must have been trained on the same data."""
     data = []
     for arch in archs:
-        (entry,) = train_zoo(arch, [args.seed], args.zoo, fit_args)
-        trained_on = yaml.safe_load((Path(args.zoo) / entry["config"]).read_text())["data"]
+        entries = train_zoo(arch, [seed], zoo, fit_args)
+        if not entries:
+            raise ValueError(f"{arch} seed {seed} is being trained into {zoo} by another process; rerun when it is done")
+        trained_on = yaml.safe_load((Path(zoo) / entries[0]["config"]).read_text())["data"]
         data.append((trained_on["dataset"], trained_on.get("root", "data")))
     if len(set(data)) > 1:
-        parser.error(f"the networks were trained on different data: {data}")
-    for kind in args.kinds.split(","):
-        MATRICES.get(kind)  # unknown kinds fail before any work
-    config = {"experiment": "projection", "zoo": str(Path(args.zoo).resolve()), "archs": archs, "seed": args.seed,
-              "kinds": args.kinds.split(","), "points": "all" if args.points == "all" else args.points.split(","),
-              "repeats": args.repeats, "epochs": args.epochs, "lr": args.lr, "retrain": args.retrain}
-    out = Path(args.out)
-    run_generated(config, out, "symstitch projection")
-    md = report(out)
-    summary = md.parent / "projection" / "projection.md"
-    print(summary.read_text())
-    print(f"projection: {summary.parent / 'projection.csv'}, {summary.parent / 'projection.png'}, {summary}")
-    return 0
+        raise ValueError(f"the networks were trained on different data: {data}")
+
+
+@EXPERIMENTS.register("projection")
+class ProjectionExperiment(Experiment):
+    """Paper §3 projection experiment: networks × layers × matrix kinds × repeats. The networks are seed
+    ``seed`` of each of ``archs`` in the model library ``zoo``, or given by name as ``models: {name: checkpoint
+    or library entry}``. Each cell retrains on the data its network was trained on."""
+
+    name = "projection"
+    options = {"zoo": None, "archs": ["mcnn", "mcnn_sigmoid"], "seed": 0, "models": None,
+               "kinds": ["identity", "group", "orthogonal"], "points": "all", "repeats": 1, "epochs": 8,
+               "lr": 0.05, "retrain": "rest"}
+
+    def __init__(self, settings: dict, base: Path = Path(".")):
+        super().__init__(settings, base)
+        if (settings.get("zoo") is None) == (settings.get("models") is None):
+            raise ValueError("a projection experiment takes its networks from a model library (zoo, archs, seed) or "
+                             "by name (models)")
+        if int(self.settings["epochs"]) < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.settings['epochs']}")
+
+    def networks(self) -> dict[str, str]:
+        s = self.settings
+        if s["models"] is not None:
+            return {str(name): str(ref) for name, ref in s["models"].items()}
+        seed = int(s["seed"])
+        return {f"{arch}-seed{seed}": library_models(s["zoo"], arch, [seed])[seed] for arch in names(s["archs"])}
+
+    def cells(self) -> list[Cell]:
+        s = self.settings
+        for kind in names(s["kinds"]):
+            MATRICES.get(kind)
+        if s["retrain"] not in ("rest", "next"):
+            raise ValueError(f"retrain is 'rest' or 'next', got {s['retrain']!r}")
+        cells = []
+        for network, ref in self.networks().items():
+            valid = projection_points(load_model(ref))
+            points = list(valid) if s["points"] == "all" else names(s["points"])
+            for point in points:
+                if point not in valid:
+                    raise ValueError(f"no projection point {point!r} in {network}; valid: {', '.join(valid)}")
+            cells += [Cell(f"{network}/{point}/{kind}-r{r}",
+                           {"network": network, "model": ref, "point": point, "matrix": kind, "repeat": r})
+                      for point in points for kind in names(s["kinds"]) for r in range(int(s["repeats"]))]
+        return cells
+
+    def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
+        """Insert, measure, retrain, measure; the cell's record, with the network's clean accuracy."""
+        s, p = self.settings, cell.params
+        checkpoint = resolve_model(p["model"])
+        datamodule = datamodule_for(checkpoint)
+        check_same_data([checkpoint], datamodule)
+        epochs, lr = int(s["epochs"]), float(s["lr"])
+        pl.seed_everything(p["repeat"], verbose=False)
+        module = ProjectionModule(
+            str(checkpoint), p["point"], matrix=p["matrix"], matrix_seed=p["repeat"], retrain=s["retrain"],
+            optimizer=lambda params: SGD(params, lr=lr), scheduler=lambda opt: WarmupCosine(opt, warmup=0.1),
+        )
+        cell_dir = self.cell_dir(out, cell)
+        inserted = _accuracy(module, datamodule, cell_dir / "before")
+        trainer = _quiet_trainer(epochs, cell_dir)
+        trainer.fit(module, datamodule=datamodule)
+        (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
+        return {
+            "network": p["network"],
+            "activation": module.net.activation,
+            "point": p["point"],
+            "layer": projection_points(module.net).index(p["point"]) + 1,
+            "matrix": p["matrix"],
+            "retrain": s["retrain"],
+            "repeat": p["repeat"],
+            "inserted_acc": inserted,
+            "recovered_acc": float(res["test/acc"]),
+            "epochs": epochs,
+            "lr": lr,
+            "clean_acc": clean_accuracy(checkpoint, datamodule, Path(out) / "runs" / p["network"] / "clean"),
+        }

@@ -9,11 +9,12 @@ A sweep (``symstitch sweep``) leaves one JSON file per finished cell under ``<ou
 :func:`write_report` turns them into
 
 - tidy CSVs: ``stitch.csv`` (one row per cell), ``align.csv`` (one row per pair, metric and pair of points),
-  ``zoo.csv`` (one row per model); projection cells go through :func:`symstitch.projection.write_report`
-  into ``projection/``;
-- figures: ``stitch_penalty.png`` (penalty against stitch point, one line per stitching layer, mean ± standard
-  deviation over pairs and repeats), ``align_<metric>.png`` (mean similarity over pairs for every pair of
-  points) and ``align_diagonal.png`` (similarity of the same point in both networks);
+  ``zoo.csv`` (one row per model); projection cells go through :func:`projection_files` into ``projection/``
+  (``projection.csv``, ``projection.png``, ``projection.md``);
+- figures, drawn by :mod:`symstitch.plots`: ``stitch_penalty.png`` (penalty against stitch point, one line per
+  stitching layer, mean ± standard deviation over pairs and repeats), ``align_<metric>.png`` (mean similarity
+  over pairs for every pair of points) and ``align_diagonal.png`` (similarity of the same point in both
+  networks);
 - ``report.md``: what was found, the figures, and the numbers measured from them, including a comparison with
   the paper's qualitative findings that is computed from the data, never assumed.
 
@@ -23,7 +24,6 @@ grey in the heatmaps, left out of every mean.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -34,6 +34,13 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+from scipy.stats import spearmanr
+
+from rich.console import Console
+from rich.table import Table
+
+from symstitch import plots
+from symstitch.loggers import default_wandb_offline
 
 EXPERIMENTS = ("zoo", "stitch", "align", "projection")
 
@@ -44,10 +51,12 @@ STANDARD_LAYER = "standard"
 #: our reading of "near zero" for unconstrained stitching, in points of accuracy (not a number from the paper)
 NEAR_ZERO_POINTS = 2.0
 
-STITCH_COLUMNS = ["arch", "source", "target", "layer", "point", "point_index", "repeat", "penalty", "stitched_acc",
+STITCH_COLUMNS = ["arch", "source", "target", "layer", "point", "point_index", "repeat", "penalty_pts", "stitched_acc",
                   "source_acc", "target_acc"]
 ALIGN_COLUMNS = ["arch", "source", "target", "metric", "cka_mode", "point_a", "point_b", "value"]
 ZOO_COLUMNS = ["arch", "seed", "dataset", "test_acc"]
+PROJECTION_COLUMNS = ["network", "activation", "point", "layer", "matrix", "retrain", "repeat", "clean_acc",
+                      "inserted_acc", "recovered_acc", "epochs", "lr"]
 
 
 def _warn(message: str) -> None:
@@ -133,8 +142,6 @@ def _spearman(values: Sequence[float]) -> Optional[float]:
     v = [x for x in values if math.isfinite(x)]
     if len(v) < 3 or len(v) != len(values) or max(v) == min(v):
         return None
-    from scipy.stats import spearmanr
-
     rho = float(spearmanr(np.arange(len(v)), v).statistic)
     return rho if math.isfinite(rho) else None
 
@@ -151,17 +158,15 @@ def _sim(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.3f}"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Stitching
+
+
+def _penalty_pts(result: dict) -> float:
+    """The stitching penalty in points; records written before the unit was fixed held a fraction (``penalty``)."""
+    if "penalty_pts" in result:
+        return _float(result["penalty_pts"])
+    return 100 * _float(result["penalty"])
 
 
 def _stitch_rows(records: list[dict]) -> list[dict]:
@@ -171,7 +176,7 @@ def _stitch_rows(records: list[dict]) -> list[dict]:
         try:
             row = {"arch": str(c["arch"]), "source": str(c["source"]), "target": str(c["target"]),
                    "layer": str(c["layer"]), "point": str(c["point"]), "point_index": c.get("point_index"),
-                   "repeat": c.get("repeat", 0), "penalty": _float(r["penalty"]),
+                   "repeat": c.get("repeat", 0), "penalty_pts": _penalty_pts(r),
                    "stitched_acc": _float(r.get("stitched_acc")), "source_acc": _float(r.get("source_acc")),
                    "target_acc": _float(r.get("target_acc"))}
         except KeyError as e:
@@ -203,7 +208,7 @@ def stitch_summary(rows: list[dict]) -> dict[str, dict]:
         for layer in sorted({r["layer"] for r in arch_rows}):
             pts, means, stds, ns = [], [], [], []
             for p in points:
-                vals = [100 * r["penalty"] for r in arch_rows if r["layer"] == layer and r["point"] == p]
+                vals = [r["penalty_pts"] for r in arch_rows if r["layer"] == layer and r["point"] == p]
                 m, s, n = _mean_std(vals)
                 if n:
                     pts.append(p), means.append(m), stds.append(s), ns.append(n)
@@ -212,35 +217,6 @@ def stitch_summary(rows: list[dict]) -> dict[str, dict]:
         summary[arch] = {"points": points, "layers": layers, "pairs": pairs,
                          "repeats": sorted({str(r["repeat"]) for r in arch_rows})}
     return summary
-
-
-def stitch_penalty_plot(summary: dict[str, dict], out: Path) -> Path:
-    """Penalty (points) against stitch point, one line per layer; error bars = std over pairs and repeats."""
-    plt = _plt()
-    archs = list(summary)
-    width = max(5.5, 0.55 * max(len(summary[a]["points"]) for a in archs) + 2.5)
-    fig, axes = plt.subplots(len(archs), 1, figsize=(width, 3.8 * len(archs)), squeeze=False)
-    for ax, arch in zip(axes[:, 0], archs):
-        points = summary[arch]["points"]
-        for layer, s in summary[arch]["layers"].items():
-            xs = [points.index(p) for p in s["points"]]
-            yerr = [sd if n > 1 else np.nan for sd, n in zip(s["std"], s["n"])]
-            n_lo, n_hi = min(s["n"]), max(s["n"])
-            n_text = f"n={n_lo}" if n_lo == n_hi else f"n={n_lo}–{n_hi}"
-            ax.errorbar(xs, s["mean"], yerr=yerr, marker="o", markersize=4, capsize=3, label=f"{layer} ({n_text})")
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(points)), points, rotation=45, ha="right", fontsize=8)
-        ax.set_xlabel("stitch point (depth order)")
-        ax.set_ylabel("stitching penalty (points)")
-        n_pairs = len(summary[arch]["pairs"])
-        ax.set_title(f"{arch}: stitching penalty, mean ± std over {n_pairs} pair(s) × repeats", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "stitch_penalty.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _is_g_relu(layer: str) -> bool:
@@ -283,7 +259,7 @@ def standard_verdict(means: list[float]) -> tuple[str, str]:
 
 def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path], dict]:
     summary = stitch_summary(rows)
-    png = stitch_penalty_plot(summary, out)
+    png = plots.stitch_penalty_plot(summary, out / "stitch_penalty.png")
     lines = ["## Stitching", "",
              "Penalty = (acc(source) + acc(target))/2 − acc(stitched), in points of test accuracy (×100); "
              "mean over pairs and repeats, error bars: sample standard deviation (none where n = 1).", "",
@@ -342,8 +318,18 @@ def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path],
 # Alignment
 
 
+def _per_metric(record: dict) -> list[dict]:
+    """An align record (one pair, ``result: {"metrics": {metric: matrix}}``) as one record per metric."""
+    metrics = record["result"].get("metrics")
+    if not isinstance(metrics, dict):
+        return [record]  # one metric per record (the layout of earlier versions)
+    return [{**record, "cell": {**record["cell"], "metric": metric}, "result": matrix}
+            for metric, matrix in metrics.items()]
+
+
 def _align_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """Tidy rows and the per-record matrices (``{arch, source, target, metric, points_a, points_b, values}``)."""
+    records = [one for rec in records for one in _per_metric(rec)]
     modes: dict[str, set] = {}
     for rec in records:
         modes.setdefault(str(rec["cell"].get("metric")), set()).add(rec["cell"].get("cka_mode"))
@@ -414,78 +400,36 @@ def align_summary(mats: list[dict]) -> dict[tuple[str, str], dict]:
     return summary
 
 
-def align_heatmap(metric: str, entries: list[tuple[str, dict]], out: Path) -> Path:
-    """``align_<metric>.png``: one heatmap per architecture; NaN (never computed) in grey."""
-    plt = _plt()
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
-    fig, axes = plt.subplots(1, len(entries), squeeze=False,
-                             figsize=(max(4.8, 0.4 * max(len(s["points_b"]) for _, s in entries) + 2.8) * len(entries),
-                                      max(4.0, 0.4 * max(len(s["points_a"]) for _, s in entries) + 2.2)))
-    for ax, (arch, s) in zip(axes[0], entries):
-        data = np.ma.masked_invalid(s["mean"])
-        finite = s["mean"][np.isfinite(s["mean"])]
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if vmin == vmax:
-            vmin, vmax = vmin - 0.5, vmax + 0.5
-        im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_xticks(range(len(s["points_b"])), s["points_b"], rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(s["points_a"])), s["points_a"], fontsize=8)
-        ax.set_xlabel("model B point")
-        ax.set_ylabel("model A point")
-        nan_note = f", {s['nan_mean']} NaN (grey)" if s["nan_mean"] else ""
-        ax.set_title(f"{metric} ({arch}): mean over {len(s['pairs'])} pair(s){nan_note}", fontsize=10)
-        fig.colorbar(im, ax=ax, label="similarity")
-    fig.tight_layout()
-    path = out / f"align_{_safe_name(metric)}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def align_diagonal_plot(summary: dict[tuple[str, str], dict], out: Path) -> Optional[Path]:
-    """``align_diagonal.png``: similarity of point p of A with point p of B, a group of bars per metric."""
-    archs = sorted({arch for (_, arch), s in summary.items() if s["same_points"]})
-    if not archs:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(len(archs), 1, squeeze=False, figsize=(9, 3.9 * len(archs)))
-    for ax, arch in zip(axes[:, 0], archs):
+def align_diagonal(summary: dict[tuple[str, str], dict]) -> dict[str, dict]:
+    """Similarity of point p of A with the same point p of B, for the architectures whose pairs have the same
+    points in both networks: ``{arch: {"metrics": [...], "points": [...], "bars": {point: [(metric index, mean,
+    std), …]}, "pairs": max pairs over the metrics}}``; mean and sample std over pairs (std NaN where n < 2)."""
+    diagonal = {}
+    for arch in sorted({arch for (_, arch), s in summary.items() if s["same_points"]}):
         metrics = [(metric, s) for (metric, a), s in summary.items() if a == arch and s["same_points"]]
         points = _union(s["points_a"] for _, s in metrics)
-        width = 0.8 / len(points)
-        colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(points)))
-        for k, p in enumerate(points):
-            xs, ys, errs = [], [], []
+        bars: dict[str, list[tuple[int, float, float]]] = {}
+        for p in points:
+            bars[p] = []
             for g, (_, s) in enumerate(metrics):
                 if p not in s["points_a"]:
                     continue
                 i, j = s["points_a"].index(p), s["points_b"].index(p)
                 m, sd, n = _mean_std(list(s["stack"][:, i, j]))
-                xs.append(g - 0.4 + width * (k + 0.5)), ys.append(m), errs.append(sd if n > 1 else np.nan)
-            ax.bar(xs, ys, width=width, yerr=errs, capsize=2, color=colors[k], label=p)
-        ax.set_xticks(range(len(metrics)), [m for m, _ in metrics])
-        ax.set_xlabel("metric")
-        ax.set_ylabel("similarity at (p, p)")
-        n_pairs = max(len(s["pairs"]) for _, s in metrics)
-        ax.set_title(f"{arch}: same point in both networks, mean over pairs (≤ {n_pairs}), error bars: std")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7, ncol=max(1, math.ceil(len(points) / 8)), title="point p", title_fontsize=7,
-                  bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    path = out / "align_diagonal.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+                bars[p].append((g, m, sd if n > 1 else math.nan))
+        diagonal[arch] = {"metrics": [m for m, _ in metrics], "points": points, "bars": bars,
+                          "pairs": max(len(s["pairs"]) for _, s in metrics)}
+    return diagonal
 
 
 def _align_section(mats: list[dict], out: Path) -> tuple[list[str], list[Path], dict]:
     summary = align_summary(mats)
     pngs = []
     for metric in sorted({m for m, _ in summary}):
-        pngs.append(align_heatmap(metric, [(a, s) for (m, a), s in summary.items() if m == metric], out))
-    diag_png = align_diagonal_plot(summary, out)
+        pngs.append(plots.align_heatmap(metric, [(a, s) for (m, a), s in summary.items() if m == metric],
+                                        out / f"align_{_safe_name(metric)}.png"))
+    diagonal = align_diagonal(summary)
+    diag_png = plots.align_diagonal_plot(diagonal, out / "align_diagonal.png") if diagonal else None
     lines = ["## Alignment", "",
              "Similarity of every point of model A with every point of model B, averaged over pairs of models "
              "(entries that were not computed are NaN and left out of the means). The diagonal is point p of A "
@@ -543,11 +487,73 @@ def _zoo_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _projection_section(records: list[dict], out: Path) -> tuple[list[str], list[Path], dict[str, Path]]:
-    from symstitch.projection import write_report as projection_report
+def _mean_of(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
 
+
+def _accuracies(layers: list[int], accs: list[float]) -> str:
+    return ", ".join(f"l{layer}: {a:.3f}" for layer, a in zip(layers, accs))
+
+
+def projection_summary(records: list[dict]) -> list[dict]:
+    """One series per network and (matrix kind, retrain), networks and series in sorted order: ``{"network",
+    "activation", "matrix", "retrain", "clean", "layers", "inserted", "recovered"}``, accuracies the mean over
+    repeats at each layer; ``clean`` and ``activation`` from the network's first record."""
+    series_keys = sorted({(r["matrix"], r["retrain"]) for r in records})
+    summary = []
+    for network in sorted({r["network"] for r in records}):
+        rows = [r for r in records if r["network"] == network]
+        for kind, retrain in series_keys:
+            by_layer: dict[int, list[dict]] = {}
+            for r in rows:
+                if (r["matrix"], r["retrain"]) == (kind, retrain):
+                    by_layer.setdefault(r["layer"], []).append(r)
+            if not by_layer:
+                continue
+            layers = sorted(by_layer)
+            summary.append({"network": network, "activation": rows[0]["activation"], "matrix": kind,
+                            "retrain": retrain, "clean": rows[0]["clean_acc"], "layers": layers,
+                            "inserted": [_mean_of(by_layer[layer], "inserted_acc") for layer in layers],
+                            "recovered": [_mean_of(by_layer[layer], "recovered_acc") for layer in layers]})
+    return summary
+
+
+def projection_files(records: list[dict], out: Path) -> dict[str, Path]:
+    """The projection experiment's own report in ``out``: ``projection.csv`` (one row per cell),
+    ``projection.png`` (accuracy per layer) and ``projection.md``; ``records`` are the cells' results.
+    Returns ``{"csv", "png", "md"}``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "projection.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PROJECTION_COLUMNS)
+        writer.writeheader()
+        for r in sorted(records, key=lambda r: (r["network"], r["layer"], r["matrix"], r["repeat"])):
+            writer.writerow({c: r[c] for c in PROJECTION_COLUMNS})
+
+    summary = projection_summary(records)
+    png = plots.projection_accuracy(summary, out / "projection.png")
+
+    lines = ["# Projection experiment (SPEC §4)", "",
+             "A fixed matrix M is inserted before the activation of layer l and the network is retrained with",
+             "layers ≤ l frozen: every later layer (retrain `rest`) or only layer l+1 (retrain `next`), starting",
+             "from their trained weights. Test accuracy, mean over repeats.", "",
+             "| network | σ | M | retrain | clean | before retraining | after retraining | worst gap to clean |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        worst = min(s["recovered"]) - s["clean"]
+        lines.append(f"| {s['network']} | {s['activation']} | {s['matrix']} | {s['retrain']} | {s['clean']:.3f} | "
+                     f"{_accuracies(s['layers'], s['inserted'])} | {_accuracies(s['layers'], s['recovered'])} | "
+                     f"{worst * 100:+.1f} pts |")
+    lines += ["", f"![accuracy per layer]({png.name})", "", f"Data: [{csv_path.name}]({csv_path.name})", ""]
+    md = out / "projection.md"
+    md.write_text("\n".join(lines))
+    return {"csv": csv_path, "png": png, "md": md}
+
+
+def _projection_section(records: list[dict], out: Path) -> tuple[list[str], list[Path], dict[str, Path]]:
     results = [rec["result"] for rec in records]
-    paths = projection_report(results, out / "projection")
+    paths = projection_files(results, out / "projection")
     text = paths["md"].read_text().splitlines()
     body = [ln for ln in text if not ln.startswith("# ")]
     while body and not body[0].strip():
@@ -570,10 +576,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
 def _log_wandb(root: Path, out: Path, csvs: dict[str, Path], figures: list[Path], stats: dict) -> None:
     """One W&B run (offline unless configured) holding the tables and figures; failures only warn."""
     try:
-        from symstitch.loggers import default_wandb_offline
-
         default_wandb_offline()
-        import wandb
+        import wandb  # lazy on purpose: importing wandb takes ~2 s, and only --wandb needs it
 
         run = wandb.init(project="symstitch", dir=str(out), job_type="report", name=f"report-{root.resolve().name}",
                          config={"results_dir": str(root)})
@@ -659,21 +663,9 @@ def _write(root: Path, out: Optional[Path], wandb: bool) -> tuple[Path, dict[str
     return md, stats
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="symstitch report",
-        description="Tables, figures and a markdown report from the cell results of one or more sweeps.")
-    parser.add_argument("results_dir", metavar="RESULTS_DIR",
-                        help="a sweep's results folder (with cells/), or a folder holding several")
-    parser.add_argument("--out", default=None, help="where to write the report (default: RESULTS_DIR/report)")
-    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
-                        help="also log the tables and figures to one W&B run (offline unless W&B is configured)")
-    args = parser.parse_args(argv)
-    root = Path(args.results_dir)
-    if not root.is_dir():
-        print(f"error: {root} is not a folder", file=sys.stderr)
-        return 2
-    md, stats = _write(root, Path(args.out) if args.out else None, wandb=args.wandb)
+def main_report(root: Path, out: Optional[Path] = None, wandb: bool = False) -> int:
+    """``symstitch report``: write the report and print where it is and the verdicts; 1 when no cell was found."""
+    md, stats = _write(root, out, wandb=wandb)
     cells = {k.split("/", 1)[1]: n for k, n in stats.items() if k.startswith("cells/") and n}
     print(f"report: {md}")
     print("cells: " + (", ".join(f"{e} {n}" for e, n in cells.items()) or f"none found under {root}"))
@@ -681,3 +673,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if key.endswith("_verdict"):
             print(f"stitch {' '.join(key.split('/')[1:-1])} against the paper: {value}")
     return 0 if cells else 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables on the console
+
+
+def print_penalties(records: Sequence[Any], layers: Sequence[str]) -> None:
+    """The stitching penalty of every stitch point × layer of one pair's records (mean over repeats), in points."""
+    table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points")
+    table.add_column("stitch point", no_wrap=True)
+    for layer in layers:
+        table.add_column(layer, justify="right")
+    values: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        values.setdefault((r.cell["point"], r.cell["layer"]), []).append(_penalty_pts(r.result))
+    for point in dict.fromkeys(r.cell["point"] for r in records):
+        table.add_row(point, *[f"{np.mean(values[point, layer]):+.2f}" if (point, layer) in values else ""
+                               for layer in layers])
+    Console().print(table)
+
+
+def print_library(entries: Sequence[dict], manifest_path: Path) -> None:
+    """The models of a library: key, dataset, test accuracy, epochs, checkpoint."""
+    table = Table(title=f"model library {manifest_path}")
+    for col in ("model", "dataset", "test acc", "epochs", "checkpoint"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(f"{e['arch']}/seed{e['seed']}", e["dataset"], f"{e['test_acc']:.4f}", str(e["epochs"]),
+                      e["checkpoint"])
+    Console().print(table)

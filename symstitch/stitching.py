@@ -6,7 +6,8 @@ buffers bit-identical before and after stitching. The stitching penalty is
 
     penalty(p) = (acc(A) + acc(B)) / 2 − acc(S),
 
-all three measured on the same evaluation split with torchmetrics objects (exact under DDP).
+all three measured on the same evaluation split with torchmetrics objects (exact under DDP), and reported in
+points of accuracy (×100) as ``…/stitch/penalty_pts`` everywhere (logs, result files, records, tables).
 
 G_σ stitches (``birkhoff``, ``softsort``) train in phases: relaxed for ``relaxed_epochs`` epochs, then
 :meth:`~symstitch.stitch_layers.StitchLayer.harden` (Hungarian rounding: T becomes a true P·D) and the
@@ -16,64 +17,42 @@ relaxed phase a hardened copy of T is evaluated.
 The projection onto the constraint set runs in :meth:`StitchingModule.on_after_optimizer_step`, called
 exactly once after every real optimizer step by a torch optimizer step post-hook registered at fit start —
 so steps skipped by a mixed-precision GradScaler and micro-batches of gradient accumulation do not count.
+
+The networks run on their own data: their checkpoints carry the DataModule settings they were trained with
+(:func:`symstitch.library.datamodule_settings`); a DataModule of another dataset is refused at setup.
+
+:func:`stitch` (Python) and :class:`StitchExperiment` (``symstitch stitch``, stitch sweeps) run the same
+LightningCLI path with the same defaults (:data:`symstitch.configs.STITCH_DEFAULTS`, seeded), so one stitch gives
+one number whichever way it was asked for.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import warnings
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics.classification import MulticlassAccuracy
 
-from symstitch.checkpoints import CheckpointError, classifier_spec, load_classifier, read_checkpoint
+from symstitch import configs
+from symstitch.cli import check_args, fit_in_process
+from symstitch.data import DataModule, TensorImageDataset, normalize_batch
+from symstitch.io import dumps, parse_range
+from symstitch.library import architecture, check_same_data, library_models, load_model, load_pair
 from symstitch.models import StagedNet
-from symstitch.stitch_layers import StitchLayer, build_stitch_layer
+from symstitch.runner import EXPERIMENTS, Cell, Experiment, names, pairs
+from symstitch.stitch_layers import STITCH_LAYERS, StitchLayer, build_stitch_layer
 from symstitch.training import configure_schedule
-
-
-def resolve_model(ref: Union[str, Path]) -> Path:
-    """A checkpoint path, or a model-library entry ``<zoo folder>:<arch>/seed<k>`` → its checkpoint path."""
-    ref = str(ref)
-    path = Path(ref)
-    if path.is_file():
-        return path
-    if ":" in ref:
-        from symstitch.zoo import Manifest
-
-        root, key = ref.rsplit(":", 1)
-        manifest = Manifest(root)
-        models = manifest.load()
-        if key not in models:
-            raise CheckpointError(
-                f"{manifest.path} has no model {key!r}; it has: {', '.join(models) or '(none)'}"
-            )
-        return manifest.checkpoint(models[key])
-    raise CheckpointError(f"{ref!r} is neither a checkpoint file nor a model-library entry '<zoo>:<arch>/seed<k>'")
-
-
-def load_pair(source: Union[str, Path], target: Union[str, Path], point: str) -> tuple[StagedNet, StagedNet]:
-    """Source and target networks, checked to be stitchable at ``point`` (before anything trains)."""
-    paths = resolve_model(source), resolve_model(target)
-    specs = [classifier_spec(read_checkpoint(p), p) for p in paths]
-    if specs[0] != specs[1]:
-        raise ValueError(
-            f"source and target must share an architecture to be stitched: {paths[0]} is {specs[0]}, "
-            f"{paths[1]} is {specs[1]}"
-        )
-    nets = load_classifier(paths[0]), load_classifier(paths[1])
-    nets[0].check_stitch_point(point)  # unknown point → the list of valid ones
-    shapes = [n.feature_shapes()[point] for n in nets]
-    if shapes[0] != shapes[1]:
-        raise ValueError(f"representations at {point!r} differ in shape: source {shapes[0]}, target {shapes[1]}")
-    return nets
 
 
 def _freeze(net: StagedNet) -> StagedNet:
@@ -155,8 +134,8 @@ class StitchingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
-
+        # the networks' own data, or a clear refusal (a stitch on other images is a silent wrong result)
+        check_same_data([self.hparams.source, self.hparams.target], self.trainer.datamodule)
         strategy = self.trainer.strategy
         if stage == "fit" and isinstance(strategy, DDPStrategy) and self.hparams.relaxed_epochs is not None:
             # harden() mid-fit stops the relaxed parameters (W, θ) from taking part in the loss; DDP wraps the
@@ -198,8 +177,6 @@ class StitchingModule(pl.LightningModule):
     def _init_from_data(self, batches: int = 4) -> None:
         dm = self.trainer.datamodule
         if self._uncached_train_set is not None:  # training sees un-augmented images: so does the start
-            from symstitch.data import normalize_batch
-
             images = self._uncached_train_set.x
             idx = torch.randperm(len(images))[: batches * dm.batch_size]
             h_a = self._from_cache(dm.train_set.x[idx].to(self.device))
@@ -217,9 +194,9 @@ class StitchingModule(pl.LightningModule):
             h_a, h_b = torch.cat(h_a), torch.cat(h_b)
         self.stitch.init_from_data(h_a, h_b)
         # each rank saw its own batches: every rank starts from rank 0's fit (DDP never re-syncs weights)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             for tensor in [*self.stitch.parameters(), *self.stitch.buffers()]:
-                torch.distributed.broadcast(tensor.data, src=0)
+                dist.broadcast(tensor.data, src=0)
 
     @torch.no_grad()
     def _cache_prefix(self, dtype: torch.dtype) -> None:
@@ -228,8 +205,6 @@ class StitchingModule(pl.LightningModule):
         Stored (N, H, W, C) on the host, so that a batch read back as (N, C, H, W) is channels_last. The
         DataModule passes floating-point batches through untouched; :meth:`teardown` restores the images.
         """
-        from symstitch.data import DataModule, TensorImageDataset, normalize_batch
-
         dm = self.trainer.datamodule
         if not isinstance(dm, DataModule):
             raise ValueError("prefix_cache needs symstitch.data.DataModule (it reads its in-memory training images)")
@@ -292,8 +267,8 @@ class StitchingModule(pl.LightningModule):
         acc = {name: metric.compute() for name, metric in self.accuracy.items()}
         for name, value in acc.items():
             self.log(f"{prefix}{name}/acc", value, sync_dist=False)
-        penalty = (acc["source"] + acc["target"]) / 2 - acc["stitch"]
-        self.log(f"{prefix}stitch/penalty", penalty, prog_bar=True, sync_dist=False)
+        penalty_pts = 100 * ((acc["source"] + acc["target"]) / 2 - acc["stitch"])
+        self.log(f"{prefix}stitch/penalty_pts", penalty_pts, prog_bar=True, sync_dist=False)
         for metric in self.accuracy.values():
             metric.reset()
 
@@ -308,8 +283,6 @@ class StitchingModule(pl.LightningModule):
         """The evaluated T of a G stitch (a scaled permutation matrix) as an image, for W&B dashboards."""
         if self.trainer.sanity_checking or not hasattr(self.stitch, "permutation"):
             return
-        from lightning.pytorch.loggers import WandbLogger
-
         loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
         if loggers and self.trainer.is_global_zero:
             T = (self._eval_layer or self.stitch).matrix().detach().abs().float().cpu()
@@ -330,23 +303,55 @@ class StitchingModule(pl.LightningModule):
         return {"point": self.point, "layer": self.hparams.layer, **self.stitch.describe()}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# One stitch from Python, and the stitch experiment (``symstitch stitch``, stitch sweeps): one LightningCLI path
+
+
+def has_data_start(layer: str) -> bool:
+    """Whether the stitching layer ``layer`` has a data-driven start (``init="data"``)."""
+    return hasattr(STITCH_LAYERS.get(layer), "init_from_data")
+
+
+def stitch_options(*, epochs: int = configs.STITCH_DEFAULTS["epochs"],
+                   relaxed_epochs: Optional[int] = configs.STITCH_DEFAULTS["relaxed_epochs"],
+                   lr: float = configs.STITCH_DEFAULTS["lr"], init: str = configs.STITCH_DEFAULTS["init"],
+                   prefix_cache: Optional[str] = None) -> list[str]:
+    """``symstitch fit`` options of one stitch, after its layer's config ``configs/stitch/<layer>.yaml`` (and
+    before the networks, point, seed and folder): these settings, CSV logs only, no per-epoch validation (the
+    result is the test split, measured once at the end), no checkpoint (the record keeps the learned layer)."""
+    return ["--config", str(configs.path("logger/csv.yaml")), "--trainer.max_epochs", str(epochs),
+            "--model.init_args.relaxed_epochs", str(relaxed_epochs), "--model.init_args.init", init,
+            "--model.init_args.optimizer.init_args.lr", str(lr),
+            *(["--model.init_args.prefix_cache", prefix_cache] if prefix_cache else []),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0"]
+
+
+def stitch_result(module: StitchingModule, metrics: dict[str, float]) -> dict[str, Any]:
+    """A finished stitch as a record: penalty in points, the three accuracies, the learned layer."""
+    summary = module.summary()
+    return {"penalty_pts": metrics["test/stitch/penalty_pts"], "stitched_acc": metrics["test/stitch/acc"],
+            "source_acc": metrics["test/source/acc"], "target_acc": metrics["test/target/acc"],
+            "permutation": summary.get("permutation"), "model": summary}
+
+
 @dataclass
 class StitchResult:
-    """What :func:`stitch` returns; ``permutation`` where the layer defines one."""
+    """What :func:`stitch` returns; ``penalty_pts`` in points of accuracy; ``permutation`` where the layer has one."""
 
     point: str
     layer_name: str
-    penalty: float
+    penalty_pts: float
     stitched_acc: float
     source_acc: float
     target_acc: float
     layer: StitchLayer = field(repr=False)
     permutation: Optional[list[int]] = None
     description: dict = field(default_factory=dict, repr=False)
+    run_dir: Optional[str] = None
 
     def to_json(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if k != "layer"}
-        return json.dumps(data, indent=2)
+        return dumps({k: v for k, v in asdict(self).items() if k != "layer"})
 
 
 def stitch(
@@ -354,143 +359,118 @@ def stitch(
     target: Union[str, Path],
     point: str,
     layer: str = "birkhoff",
-    datamodule: Optional[pl.LightningDataModule] = None,
-    layer_kwargs: Optional[dict] = None,
-    relaxed_epochs: Optional[int] = None,
-    init: str = "random",
-    optimizer: OptimizerCallable = torch.optim.Adam,
+    *,
+    epochs: int = configs.STITCH_DEFAULTS["epochs"],
+    relaxed_epochs: Optional[int] = configs.STITCH_DEFAULTS["relaxed_epochs"],
+    lr: float = configs.STITCH_DEFAULTS["lr"],
+    init: str = configs.STITCH_DEFAULTS["init"],
+    seed: int = configs.STITCH_DEFAULTS["seed"],
     prefix_cache: Optional[str] = None,
-    **trainer_kwargs: Any,
+    layer_kwargs: Optional[dict[str, Any]] = None,
+    data: Optional[Union[DataModule, dict]] = None,
+    run_dir: Optional[Union[str, Path]] = None,
+    fit_args: tuple[str, ...] = (),
 ) -> StitchResult:
-    """Stitch ``source`` into ``target`` at ``point`` and evaluate, from Python (a notebook, a script).
+    """Stitch ``source`` into ``target`` at ``point`` and evaluate on the test split, from Python.
 
-    The arguments are those of :class:`StitchingModule`; ``trainer_kwargs`` go to ``lightning.pytorch.Trainer``
-    (defaults: 5 epochs, no logger, no checkpoints).
+    The same LightningCLI path and defaults as ``symstitch stitch`` (one cell of it), seeded: the same arguments
+    give the same number both ways. ``source``/``target``: checkpoints or library entries. ``layer_kwargs``: the
+    layer's options (replacing those of ``configs/stitch/<layer>.yaml``). ``data``: None (the
+    networks' own, from their checkpoints), a dict of DataModule settings, or a DataModule (its settings are
+    used); other data than the networks' is refused. ``run_dir``: where the CSV logs go (a temporary folder by
+    default). ``fit_args``: any further ``symstitch fit`` options, e.g. ``("--trainer.accelerator", "gpu")``.
     """
-    from symstitch.data import DataModule
-
-    datamodule = datamodule or DataModule(dataset="digits")
-    module = StitchingModule(str(source), str(target), point, layer=layer, layer_kwargs=layer_kwargs,
-                             relaxed_epochs=relaxed_epochs, init=init, optimizer=optimizer,
-                             prefix_cache=prefix_cache)
-    defaults = dict(max_epochs=5, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                    enable_progress_bar=False, num_sanity_val_steps=0)
-    trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
-    with warnings.catch_warnings():
-        # the frozen source and target are in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        warnings.filterwarnings("ignore", message=r".*LeafSpec")
-        trainer.fit(module, datamodule=datamodule)
-        (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
-    described = module.stitch.describe()
-    perm = getattr(module.stitch, "permutation", None)
-    return StitchResult(
-        point=point,
-        layer_name=layer,
-        penalty=float(res["test/stitch/penalty"]),
-        stitched_acc=float(res["test/stitch/acc"]),
-        source_acc=float(res["test/source/acc"]),
-        target_acc=float(res["test/target/acc"]),
-        layer=module.stitch,
-        permutation=[int(i) for i in perm] if perm is not None else None,
-        description=described,
-    )
+    settings = dict(data.hparams) if isinstance(data, DataModule) else dict(data or {})
+    data_args = [a for k, v in settings.items() for a in (f"--data.{k}", str(v))]
+    with tempfile.TemporaryDirectory(prefix="symstitch-stitch-") as tmp:
+        folder = Path(run_dir) if run_dir is not None else Path(tmp)
+        STITCH_LAYERS.get(layer)  # an unknown layer: the list of known ones
+        cli = fit_in_process(["--config", str(configs.path(f"stitch/{layer}.yaml")),
+                              *stitch_options(epochs=epochs, relaxed_epochs=relaxed_epochs, lr=lr, init=init,
+                                              prefix_cache=prefix_cache),
+                              *(["--model.init_args.layer_kwargs", json.dumps(layer_kwargs)] if layer_kwargs else []),
+                              *data_args, *fit_args, "--model.source", str(source), "--model.target", str(target),
+                              "--model.point", point, "--seed_everything", str(seed),
+                              "--trainer.default_root_dir", str(folder)])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+    r = stitch_result(cli.model, metrics)
+    return StitchResult(point=point, layer_name=layer, penalty_pts=r["penalty_pts"], stitched_acc=r["stitched_acc"],
+                        source_acc=r["source_acc"], target_acc=r["target_acc"], layer=cli.model.stitch,
+                        permutation=r["permutation"], description=r["model"],
+                        run_dir=str(folder) if run_dir is not None else None)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Every stitch point × layer for one pair: `symstitch stitch` (a stitch sweep over one pair)
+@EXPERIMENTS.register("stitch")
+class StitchExperiment(Experiment):
+    """Paper §4 stitching: pairs × stitch points × stitch layers × repeats, each cell ``symstitch fit`` with
+    ``stitch_config`` (``{layer}`` replaced by the layer's name) plus ``fit_args``, seed = the repeat.
 
+    The networks come from a model library (``zoo``, ``arch``, ``seeds``, ``pairs``) or are one explicit pair
+    (``source``, ``target``: checkpoints or library entries), which is what ``symstitch stitch`` writes."""
 
-def datamodule_settings(checkpoint: Union[str, Path]) -> dict:
-    """The DataModule arguments a checkpoint was trained with (its saved hyper-parameters, without the extras
-    LightningCLI adds); empty when it saved none."""
-    import inspect
+    name = "stitch"
+    multi_process_cells = True
+    options = {"zoo": None, "arch": None, "seeds": None, "pairs": "unordered", "source": None, "target": None,
+               "points": "all", "layers": ["standard", "birkhoff"], "repeats": 1,
+               "stitch_config": "configs/stitch/{layer}.yaml", "fit_args": []}
 
-    from symstitch.data import DataModule
+    def __init__(self, settings: dict, base: Path = Path(".")):
+        super().__init__(settings, base)
+        library = [k for k in ("zoo", "arch", "seeds") if settings.get(k) is not None]
+        pair = [k for k in ("source", "target") if settings.get(k) is not None]
+        if not ((len(library) == 3 and not pair) or (len(pair) == 2 and not library)):
+            raise ValueError("a stitch experiment takes its networks from a model library (zoo, arch, seeds) or as "
+                             "one pair (source, target)")
 
-    saved = read_checkpoint(resolve_model(checkpoint)).get("datamodule_hyper_parameters") or {}
-    return {k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters}
+    def _networks(self) -> tuple[str, dict, list[tuple], list[str]]:
+        """Architecture, name → model reference, pairs of names, and the stitch points in depth order (every
+        pair checked to be stitchable before any cell runs)."""
+        s = self.settings
+        if s["source"] is not None:
+            models, chosen = {"A": str(s["source"]), "B": str(s["target"])}, [("A", "B")]
+        else:
+            models = library_models(s["zoo"], s["arch"], parse_range(s["seeds"]))
+            chosen = pairs(list(models), s["pairs"])
+        if not chosen:
+            return s["arch"] or "", models, [], []
+        first = models[chosen[0][0]]
+        order = list(load_model(first).stitch_points)
+        for a, b in chosen:
+            load_pair(models[a], models[b], order[0])  # same architecture, shapes and data
+        return architecture(first), models, chosen, order
 
+    def cells(self) -> list[Cell]:
+        s = self.settings
+        for layer in names(s["layers"]):
+            STITCH_LAYERS.get(layer)
+        arch, models, chosen, order = self._networks()
+        points = order if s["points"] == "all" else names(s["points"])
+        for p in points:
+            if p not in order:
+                raise ValueError(f"{arch} has no stitch point {p!r}; valid stitch points: {', '.join(order)}")
+        key = (lambda a, b: f"s{a}-s{b}") if s["source"] is None else (lambda a, b: f"{a}-{b}")
+        return [
+            Cell(f"{arch}/{key(a, b)}/{layer}/{point}/r{r}",
+                 {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
+                  "point": point, "point_index": order.index(point), "layer": layer, "repeat": r})
+            for a, b in chosen for layer in names(s["layers"]) for point in points for r in range(int(s["repeats"]))
+        ]
 
-def datamodule_for(checkpoint: Union[str, Path]):
-    """The DataModule a checkpoint was trained with, else digits."""
-    from symstitch.data import DataModule
+    def _args(self, cell: Cell, cell_dir: Path) -> list[str]:
+        p = cell.params
+        return ["--config", self.resolve(self.settings["stitch_config"].replace("{layer}", p["layer"])),
+                *self.fit_args(layer=p["layer"]),
+                "--model.source", p["source"], "--model.target", p["target"], "--model.point", p["point"],
+                "--seed_everything", str(p["repeat"]), "--trainer.default_root_dir", str(cell_dir)]
 
-    return DataModule(**datamodule_settings(checkpoint))
+    def check(self, cells: list[Cell]) -> None:
+        for layer in dict.fromkeys(c.params["layer"] for c in cells):  # the arguments of each layer parse
+            check_args(["fit", *self._args(next(c for c in cells if c.params["layer"] == layer), Path("."))])
 
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def main(argv) -> int:
-    """``symstitch stitch``: writes ``<out>/stitch.yaml`` (a stitch sweep over this one pair), runs its cells
-    through :mod:`symstitch.sweep` (resumable) and reports them (:mod:`symstitch.report`)."""
-    import argparse
-    import hashlib
-
-    import yaml
-    from rich.console import Console
-    from rich.table import Table
-
-    from symstitch.report import write_report
-    from symstitch.stitch_layers import STITCH_LAYERS
-    from symstitch.sweep import run_generated
-
-    parser = argparse.ArgumentParser(prog="symstitch stitch",
-                                     description="Stitch two networks at every stitch point with several layers.")
-    parser.add_argument("--source", required=True, help="checkpoint or model-library entry <zoo>:<arch>/seed<k>")
-    parser.add_argument("--target", required=True, help="likewise")
-    parser.add_argument("--points", default="all", help="comma-separated stitch points, or all")
-    parser.add_argument("--layers", default="standard,birkhoff", help="stitching layers (registry names)")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--relaxed-epochs", type=int, default=3, help="for birkhoff/softsort, before hardening")
-    parser.add_argument("--lr", type=float, default=0.005, help="Adam learning rate")
-    parser.add_argument("--init", choices=["data", "random"], default="data",
-                        help="start from the data (standard, lasso: least squares; birkhoff: channel matching)")
-    parser.add_argument("--prefix-cache", choices=["float32", "bfloat16"], default=None,
-                        help="train on cached source activations of the un-augmented training images")
-    parser.add_argument("--out", default="runs/stitch", help="results folder")
-    args = parser.parse_args(argv)
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    layers = args.layers.split(",")
-    if args.init == "data":
-        lacking = [name for name in layers if not hasattr(STITCH_LAYERS.get(name), "init_from_data")]
-        if lacking:
-            parser.error(f"--init data: the {', '.join(lacking)} layer(s) have no data-driven start; use --init random")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # the data the source was trained on (its DataModule settings), else the stitch configs' default
-    saved = datamodule_settings(args.source)
-    data = []
-    if saved:  # named by its content: a folder's earlier runs keep pointing at their own data settings
-        text = yaml.safe_dump(saved, sort_keys=False)
-        path = out / f"data-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
-        path.write_text(text)
-        data = ["--data", str(path.resolve())]
-    config = {
-        "experiment": "stitch", "source": args.source, "target": args.target,
-        "points": "all" if args.points == "all" else args.points.split(","), "layers": layers, "repeats": 1,
-        "stitch_config": str(CONFIGS / "stitch" / "{layer}.yaml"),
-        "fit_args": [*data, "--trainer.max_epochs", str(args.epochs), "--model.init_args.relaxed_epochs",
-                     str(args.relaxed_epochs), "--model.init_args.init", args.init,
-                     "--model.init_args.optimizer.init_args.lr", str(args.lr),
-                     *(["--model.init_args.prefix_cache", args.prefix_cache] if args.prefix_cache else []),
-                     "--config", str(CONFIGS / "logger" / "csv.yaml"), "--trainer.enable_progress_bar", "false",
-                     "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
-                     "--trainer.limit_val_batches", "0"],
-    }
-    records = run_generated(config, out, "symstitch stitch")
-    report = write_report(out)
-
-    table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points")
-    table.add_column("stitch point", no_wrap=True)
-    for layer in layers:
-        table.add_column(layer, justify="right")
-    for point in dict.fromkeys(r["cell"]["point"] for r in records):
-        cells = {r["cell"]["layer"]: r["result"] for r in records if r["cell"]["point"] == point}
-        table.add_row(point, *[f"{100 * cells[l]['penalty']:+.2f}" if l in cells else "" for l in layers])
-    Console().print(table)
-    print(f"stitch: {report.parent / 'stitch.csv'}, {report.parent / 'stitch_penalty.png'}, {report}")
-    return 0
+    def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
+        cell_dir = self.cell_dir(out, cell)
+        cli = fit_in_process(self._args(cell, cell_dir))
+        if not cli.trainer.is_global_zero:
+            return None
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+        return {**stitch_result(cli.model, metrics), "run_dir": str(cell_dir)}

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from symstitch.models.base import StagedNet
+from symstitch.models.resnet import BasicBlock
 from symstitch.registry import Registry
 
 Tensor = torch.Tensor
@@ -380,8 +381,6 @@ def _mcnn_sites(net: StagedNet) -> dict[str, Site]:
 def _resnet_sites(net: StagedNet) -> dict[str, Site]:
     """Block-internal ``layerS.b.act1`` only: conv1 → bn1 → act1 → conv2. The residual stream (``stem.act``,
     ``*.act2``) would need the same g on every block of a stage and on the shortcuts."""
-    from symstitch.models.resnet import BasicBlock
-
     return {
         f"{name}.act1": Site(block.conv1, block.bn1, (), block.conv2)
         for name, block in net.named_modules()

@@ -2,106 +2,43 @@
 
     symstitch zoo --arch resnet20 --seeds 0-9 --out zoo --config configs/zoo/resnet20.yaml [fit overrides]
 
-Each seed is one ``symstitch fit`` run (the same LightningCLI code path) in ``<out>/<arch>/seed<k>/``,
-followed by a test-set evaluation; its weights-only checkpoint is written atomically and only then is the
-seed recorded in ``<out>/manifest.json`` (also replaced atomically, under a file lock). Rerunning skips the
-seeds the manifest holds; a run killed mid-way loses only the seed in progress, whose partial folder is
-discarded on the next run. A seed recorded with a different training configuration is an error, never
-silently mixed into the library.
+Each seed is one ``symstitch fit`` run (the same LightningCLI code path) in ``<out>/<arch>/seed<k>/``, followed
+by a test-set evaluation; its weights-only checkpoint is written atomically and only then is the seed recorded
+in ``<out>/manifest.json`` (:class:`symstitch.library.Manifest`). Rerunning skips the seeds the manifest holds;
+a run killed mid-way loses only the seed in progress, whose partial folder is discarded on the next run.
+
+Each seed trains under a lock of its folder: a second process asked for the same seed leaves it to the first
+(never deletes a live folder). A seed recorded with a different training configuration is an error, never
+silently mixed into the library or returned in place of the one asked for; a run whose loss became NaN or
+infinite stops with an error and is never recorded.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import yaml
 
-MANIFEST = "manifest.json"
+from symstitch.cli import build_cli
+from symstitch.io import Busy, Lock, parse_range, write_atomic
+from symstitch.library import Manifest, key_of
+from symstitch.loggers import finish_wandb
+from symstitch.models import MODELS
+from symstitch.plots import training_curves
+from symstitch.runner import EXPERIMENTS, Cell, Experiment, REQUIRED
 
 #: Config keys that do not change the trained network (left out of the configuration hash).
 _NOT_HASHED = (
     "seed_everything", "trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar",
     "trainer.enable_model_summary", "data.root", "data.download", "data.num_workers", "data.verify_checksums",
 )
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
-        try:
-            rng = range(int(lo), int(hi) + 1) if sep else [int(lo)]
-        except ValueError:
-            raise ValueError(f"bad seed list {text!r}: use e.g. 0-9 or 0,3,5-7") from None
-        seeds.extend(s for s in rng if s not in seeds)
-    if not seeds:
-        raise ValueError(f"bad seed list {text!r}: no seeds")
-    return seeds
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class Manifest:
-    """``<library>/manifest.json``: ``{"models": {"<arch>/seed<k>": entry, ...}}``; paths relative to it."""
-
-    def __init__(self, root: Path | str):
-        self.root = Path(root)
-        self.path = self.root / MANIFEST
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".manifest.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def load(self) -> dict[str, dict]:
-        if not self.path.exists():
-            return {}
-        try:
-            return json.loads(self.path.read_text())["models"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{self.path} is not a symstitch zoo manifest: {err}") from None
-
-    def add(self, key: str, entry: dict, replace: bool = False) -> bool:
-        """Record ``entry``; False (and nothing written) when ``key`` is already there, unless ``replace``."""
-        with self.locked():
-            models = self.load()
-            if key in models and not replace:
-                return False
-            models[key] = entry
-            write_atomic(self.path, json.dumps({"models": dict(sorted(models.items()))}, indent=2) + "\n")
-            return True
-
-    def entry(self, arch: str, seed: int) -> Optional[dict]:
-        return self.load().get(key_of(arch, seed))
-
-    def checkpoint(self, entry: dict) -> Path:
-        return self.root / entry["checkpoint"]
-
-
-def key_of(arch: str, seed: int) -> str:
-    return f"{arch}/seed{seed}"
 
 
 def config_hash(config: dict) -> str:
@@ -118,52 +55,48 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_seed(arch: str, seed: int, out: Path, fit_args: Sequence[str], expected_hash: Optional[str] = None) -> dict:
-    """Train, test and save one seed; returns its manifest entry (not yet recorded)."""
-    from symstitch.cli import build_cli
-    from symstitch.loggers import finish_wandb
+def _seed_args(arch: str, seed: int, seed_dir: Path, fit_args: Sequence[str]) -> list[str]:
+    return [*fit_args, "--model.init_args.arch", arch, "--seed_everything", str(seed),
+            "--trainer.default_root_dir", str(seed_dir)]
 
+
+def planned_hash(arch: str, out: Path, fit_args: Sequence[str]) -> str:
+    """The configuration hash a seed of ``arch`` would be trained with (arguments parsed, nothing built)."""
+    cli = build_cli(_seed_args(arch, 0, out / arch / "seed0", fit_args), run=False, parse_only=True)
+    return config_hash(yaml.safe_load(cli.parser.dump(cli.config, format="yaml", skip_check=True)))
+
+
+def train_seed(arch: str, seed: int, out: Path, fit_args: Sequence[str]) -> dict:
+    """Train, test and save one seed under the lock of its folder; returns its manifest entry (not yet
+    recorded), or {} on the non-zero ranks. :class:`~symstitch.io.Busy` when another process trains it."""
     seed_dir = out / arch / f"seed{seed}"
-    args = [
-        *fit_args,
-        "--model.init_args.arch",
-        arch,
-        "--seed_everything",
-        str(seed),
-        "--trainer.default_root_dir",
-        str(seed_dir),
-    ]
-    start = time.time()
-    try:
-        cli = build_cli(args, run=False)
-        config = cli.parser.dump(cli.config, format="yaml", skip_check=True)
-        cfg_dict = yaml.safe_load(config)
-        digest = config_hash(cfg_dict)
-        if expected_hash is not None and digest != expected_hash:
-            raise ValueError(
-                f"{out} already holds {arch} models trained with another configuration (hash "
-                f"{expected_hash}, this run {digest}); a library must not mix them: use another --out"
-            )
-        trainer = cli.trainer
-        if trainer.world_size > 1:
-            raise ValueError(
-                "symstitch zoo trains one process per seed; for several devices per seed run `symstitch fit` "
-                "once per seed (e.g. a SLURM array), or run several zoo processes on disjoint --seeds"
-            )
-        if seed_dir.exists():
-            print(f"zoo: discarding the unfinished run in {seed_dir}")
-            shutil.rmtree(seed_dir)
-        seed_dir.mkdir(parents=True)
-        trainer.fit(cli.model, datamodule=cli.datamodule)
-        tested = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-        if not trainer.is_global_zero:
-            return {}
-        write_atomic(seed_dir / "config.yaml", config)
-        tmp = seed_dir / ".model.ckpt.tmp"
-        trainer.save_checkpoint(tmp, weights_only=True)
-        os.replace(tmp, seed_dir / "model.ckpt")
-    finally:
-        finish_wandb()
+    with Lock(out / arch / f".seed{seed}.lock", what=f"{key_of(arch, seed)} in {out}", wait=False):
+        start = time.time()
+        try:
+            cli = build_cli(_seed_args(arch, seed, seed_dir, fit_args), run=False)
+            config = cli.parser.dump(cli.config, format="yaml", skip_check=True)
+            cfg_dict = yaml.safe_load(config)
+            trainer = cli.trainer
+            if trainer.world_size > 1:
+                raise ValueError("symstitch zoo trains one process per seed; for several devices per seed run "
+                                 "`symstitch fit` once per seed (e.g. a SLURM array), or run several zoo processes")
+            if seed_dir.exists():  # ours alone (we hold its lock): what a killed run left
+                print(f"zoo: discarding the unfinished run in {seed_dir}")
+                shutil.rmtree(seed_dir)
+            seed_dir.mkdir(parents=True)
+            trainer.fit(cli.model, datamodule=cli.datamodule)
+            tested = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+            if not trainer.is_global_zero:
+                return {}
+            if not all(math.isfinite(float(v)) for v in tested.values()):
+                raise ValueError(f"{key_of(arch, seed)}: the trained network's test metrics are not finite "
+                                 f"({tested}); it is not recorded")
+            write_atomic(seed_dir / "config.yaml", config)
+            tmp = seed_dir / ".model.ckpt.tmp"
+            trainer.save_checkpoint(tmp, weights_only=True)
+            os.replace(tmp, seed_dir / "model.ckpt")
+        finally:
+            finish_wandb()
     return {
         "arch": arch,
         "seed": seed,
@@ -173,26 +106,39 @@ def train_seed(arch: str, seed: int, out: Path, fit_args: Sequence[str], expecte
         "epochs": int(trainer.current_epoch),
         "checkpoint": str((seed_dir / "model.ckpt").relative_to(out)),
         "config": str((seed_dir / "config.yaml").relative_to(out)),
-        "config_hash": digest,
+        "config_hash": config_hash(cfg_dict),
         "seconds": round(time.time() - start, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
 def train_zoo(arch: str, seeds: Sequence[int], out: Path | str, fit_args: Sequence[str] = ()) -> list[dict]:
-    """Train every seed the manifest lacks; returns the manifest entries of ``seeds``."""
+    """Train every seed the library lacks; returns the manifest entries of ``seeds`` that are recorded.
+
+    Every seed of ``arch`` in the library, recorded or asked for, must share one training configuration: a
+    rerun with other settings is refused before anything trains, never answered with the old models. Seeds
+    another process is training are left to it (and missing from the return value)."""
+    MODELS.get(arch)  # an unknown architecture: the list of known ones
     out = Path(out)
     manifest = Manifest(out)
     done = manifest.load()
-    reference = next((e["config_hash"] for k, e in done.items() if e["arch"] == arch), None)
+    wanted = planned_hash(arch, out, fit_args)
+    recorded = {e["config_hash"] for e in done.values() if e["arch"] == arch}
+    if recorded - {wanted}:
+        raise ValueError(f"{out} holds {arch} models trained with another configuration (hash "
+                         f"{', '.join(sorted(recorded))}, this run {wanted}); a library must not mix them and an "
+                         "old model is never returned for new settings: use another --out")
     todo = [s for s in seeds if key_of(arch, s) not in done or not manifest.checkpoint(done[key_of(arch, s)]).exists()]
     print(f"zoo: {arch}: {len(seeds) - len(todo)} of {len(seeds)} seeds already in {manifest.path}")
     for i, seed in enumerate(todo, 1):
         print(f"zoo: {arch} seed {seed} ({i}/{len(todo)})")
-        entry = train_seed(arch, seed, out, fit_args, expected_hash=reference)
+        try:
+            entry = train_seed(arch, seed, out, fit_args)
+        except Busy as busy:
+            print(f"zoo: {busy}; left to it")
+            continue
         if not entry:
             continue
-        reference = reference or entry["config_hash"]
         stale = key_of(arch, seed) in done  # recorded, but its checkpoint had gone missing: retrained
         if not manifest.add(key_of(arch, seed), entry, replace=stale):
             print(f"zoo: {key_of(arch, seed)} was recorded by another process meanwhile; kept that one")
@@ -200,33 +146,8 @@ def train_zoo(arch: str, seeds: Sequence[int], out: Path | str, fit_args: Sequen
     return [done[key_of(arch, s)] for s in seeds if key_of(arch, s) in done]
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="symstitch zoo",
-        description=__doc__.split("\n\n")[0],
-        epilog="Any other option is passed to `symstitch fit`, e.g. --config FILE --data.dataset digits "
-        "--trainer.max_epochs 15.",
-    )
-    parser.add_argument("--arch", required=True, help="architecture (symstitch.models.available())")
-    parser.add_argument("--seeds", default="0-9", help="seeds, e.g. 0-9 or 0,3,5-7 (default 0-9)")
-    parser.add_argument("--out", default="zoo", help="model library folder (default ./zoo)")
-    args, fit_args = parser.parse_known_args(argv)
-    from symstitch import models
-
-    if args.arch not in models.MODELS:
-        parser.error(f"unknown architecture {args.arch!r}; available: {', '.join(models.available())}")
-    entries = train_zoo(args.arch, parse_seeds(args.seeds), args.out, fit_args)
-    _print_table(entries, Path(args.out) / MANIFEST)
-    figure = plot_library(Path(args.out), args.arch)
-    if figure:
-        print(f"zoo: training curves in {figure}")
-    return 0
-
-
 def plot_library(out: Path, arch: str) -> Optional[Path]:
     """``<out>/<arch>_curves.png``: train and validation accuracy per epoch of every seed of ``arch``."""
-    from symstitch.plots import training_curves
-
     runs, datasets = {}, set()
     for key, entry in Manifest(out).load().items():
         if entry["arch"] == arch:
@@ -236,17 +157,38 @@ def plot_library(out: Path, arch: str) -> Optional[Path]:
                 datasets.add(entry["dataset"])
     if not runs:
         return None
-    dataset = ", ".join(sorted(datasets))
-    return training_curves(runs, out / f"{arch}_curves.png", title=f"{arch} on {dataset}")
+    return training_curves(runs, out / f"{arch}_curves.png", title=f"{arch} on {', '.join(sorted(datasets))}")
 
 
-def _print_table(entries: list[dict], manifest_path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@EXPERIMENTS.register("zoo")
+class ZooExperiment(Experiment):
+    """Paper §5 zoo: every architecture × seed, each trained by the code path of ``symstitch zoo`` into the
+    model library ``<out>`` (its ``manifest.json``)."""
 
-    table = Table(title=f"model library {manifest_path}")
-    for col in ("model", "dataset", "test acc", "epochs", "checkpoint"):
-        table.add_column(col)
-    for e in entries:
-        table.add_row(key_of(e["arch"], e["seed"]), e["dataset"], f"{e['test_acc']:.4f}", str(e["epochs"]), e["checkpoint"])
-    Console().print(table)
+    name = "zoo"
+    options = {"models": REQUIRED, "fit_args": []}
+
+    def cells(self) -> list[Cell]:
+        chosen = self.settings["models"]  # {arch: seeds}
+        if not isinstance(chosen, dict):
+            raise ValueError("models maps architectures to seeds, e.g. {resnet20: 0-9}")
+        for arch in chosen:
+            MODELS.get(arch)
+        return [Cell(f"{a}/seed{s}", {"arch": a, "seed": s}) for a, seeds in chosen.items() for s in parse_range(seeds)]
+
+    def check(self, cells: list[Cell]) -> None:
+        for arch in dict.fromkeys(c.params["arch"] for c in cells):
+            planned_hash(arch, Path("."), self.fit_args(arch=arch))  # arguments parse, before anything is written
+
+    def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
+        # the library is the sweep folder itself: the seed lives in <out>/<arch>/seed<k>/
+        entries = train_zoo(cell.params["arch"], [cell.params["seed"]], out, self.fit_args(arch=cell.params["arch"]))
+        if not entries:
+            raise Busy(f"cell {cell.key} is being trained by another process")
+        return entries[0]
+
+    def after_run(self, out: Path, records: Sequence) -> None:
+        for arch in dict.fromkeys(r.cell["arch"] for r in records):
+            figure = plot_library(out, arch)
+            if figure:
+                print(f"zoo: training curves of {arch} in {figure}")

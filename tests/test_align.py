@@ -7,7 +7,8 @@ import csv
 import pytest
 import torch
 
-from symstitch.align import main
+from symstitch.align import AlignExperiment
+from symstitch.commands import main
 from symstitch.symmetry import act, intertwiner_group
 from symstitch.training import ClassifierModule
 
@@ -36,7 +37,7 @@ def pair(tmp_path):
 
 def test_align_net_vs_its_transformed_copy(pair, tmp_path):
     out = tmp_path / "align"
-    assert main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "120", "--out", str(out)]) == 0
+    assert main(["align", "--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "120", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "report" / "align.csv")))
     value = {(r["metric"], r["point_a"], r["point_b"]): float(r["value"]) for r in rows}
     points = sorted({r["point_a"] for r in rows})
@@ -52,21 +53,20 @@ def test_align_net_vs_its_transformed_copy(pair, tmp_path):
     assert list((out / "report").rglob("offline-run-*"))  # logged to W&B, offline: nothing may need a network
 
     # the same pair and settings again: read back, not recomputed; other settings: refused, nothing overwritten
-    import symstitch.align as align
-
     files = {p: p.read_text() for p in (out / "cells").rglob("*.json")}
-    assert len(files) == 4
+    assert len(files) == 1  # one cell: the pair, every metric from one pass
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(align, "align_pair", lambda *a, **k: pytest.fail("recomputed"))
-        assert main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "120", "--out", str(out),
-                     "--no-wandb"]) == 0
-        with pytest.raises(ValueError, match="other settings"):
-            main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "60", "--out", str(out),
-                  "--no-wandb"])
+        mp.setattr(AlignExperiment, "run_cell", lambda *a, **k: pytest.fail("recomputed"))
+        assert main(["align", "--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "120", "--out",
+                     str(out), "--no-wandb"]) == 0
+        assert main(["align", "--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "60", "--out",
+                     str(out), "--no-wandb"]) == 2
     assert {p: p.read_text() for p in (out / "cells").rglob("*.json")} == files
 
 
-def test_align_errors(pair, tmp_path):
-    with pytest.raises(KeyError, match="unknown metric 'cka'"):
-        main(["--source", str(pair["A"]), "--target", str(pair["B"]), "--metrics", "cka", "--out", str(tmp_path),
-              "--no-wandb"])
+def test_align_errors(pair, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["align", "--source", str(pair["A"]), "--target", str(pair["B"]), "--metrics", "cka", "--out",
+                 str(out), "--no-wandb"]) == 2
+    assert "unknown metric 'cka'" in capsys.readouterr().err
+    assert not out.exists()  # a failed start claims nothing

@@ -5,16 +5,15 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
 import torch
 
-from symstitch import symmetry
-from symstitch.check import main
+from symstitch import check
+from symstitch.commands import main
 
 
 def test_check_on_the_spot_model_passes(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert main(["--arch", "mcnn", "--width", "0.125", "--epochs", "1", "--samples", "64", "--json", str(out)]) == 0
+    assert main(["check", "--arch", "mcnn", "--width", "0.125", "--epochs", "1", "--samples", "64", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["point"] for r in rows] == ["layer1.act", "layer2.act", "layer3.act", "layer4.act"]
     assert all(r["ok"] and r["prediction_agreement"] == 1.0 for r in rows)
@@ -22,7 +21,7 @@ def test_check_on_the_spot_model_passes(tmp_path, capsys):
 
 
 def test_check_resnet_lists_points_without_action(capsys):
-    assert main(["--arch", "resnet20", "--width", "0.25", "--epochs", "1", "--samples", "32"]) == 0
+    assert main(["check", "--arch", "resnet20", "--width", "0.25", "--epochs", "1", "--samples", "32"]) == 0
     out = capsys.readouterr().out
     assert "layer3.2.act1" in out and "no weight-space action at: stem.act" in out
 
@@ -34,7 +33,7 @@ def test_check_fails_when_the_function_changes(monkeypatch, tmp_path):
             moved.get_submodule(point.rsplit(".", 1)[0]).conv.weight.mul_(2.0)
         return moved
 
-    monkeypatch.setattr(symmetry, "act", broken_act)
+    monkeypatch.setattr(check, "act", broken_act)
     out = tmp_path / "rows.json"
-    assert main(["--arch", "mcnn", "--width", "0.125", "--epochs", "1", "--samples", "32", "--json", str(out)]) == 1
+    assert main(["check", "--arch", "mcnn", "--width", "0.125", "--epochs", "1", "--samples", "32", "--json", str(out)]) == 1
     assert not any(r["ok"] for r in json.loads(out.read_text()))

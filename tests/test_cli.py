@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from symstitch.checkpoints import load_classifier
-from symstitch.cli import main
+from symstitch.commands import main
 from symstitch.data import DataModule, DatasetNotFoundError, normalize_batch
 
 from .conftest import CONFIGS, cli_env

@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
 
 from symstitch import metrics as M
+from symstitch.metrics import functional as MF
+from symstitch.metrics import pairwise as MP
 from symstitch.models import build
 from symstitch.symmetry import act, actionable_points, compose, feature, intertwiner_group
 
@@ -231,8 +233,8 @@ def test_cka_on_vectors_uses_the_centring_matrix():
 def test_relu_kernel_in_small_channel_chunks(monkeypatch):
     x, y = randn(10, 6, 2, 2, seed=16), randn(10, 6, 2, 2, seed=17)
     whole = float(M.cka(x, y, "relu"))
-    monkeypatch.setattr(M, "_BUDGET", 7)  # one channel per GEMM
-    monkeypatch.setattr(M, "_MEDIAN_BUDGET", 7)  # one row per block for the median
+    monkeypatch.setattr(MF, "_BUDGET", 7)  # one channel per GEMM
+    monkeypatch.setattr(MF, "_MEDIAN_BUDGET", 7)  # one row per block for the median
     assert float(M.cka(x, y, "relu", block_size=3)) == pytest.approx(whole, abs=1e-12)
     assert float(M.cka(x, y, "relu", "median")) == pytest.approx(
         ref_cka(ref_kernel(x, "relu", "median"), ref_kernel(y, "relu", "median")), abs=1e-9)
@@ -577,12 +579,12 @@ def test_batched_moments_in_small_chunks_equal_pairwise():
     torch.manual_seed(2)
     net = Odd().double()
     x = torch.randn(10, 3, 6, 6, generator=gen(43), dtype=F64)
-    feats = {p: M._to_4d(feature(net, p, x)) for p in Odd.feature_points}
+    feats = {p: MF._to_4d(feature(net, p, x)) for p in Odd.feature_points}
     points = list(Odd.feature_points)
-    batched = M._all_moments(feats, feats, points, points, budget=1)  # one input per chunk
+    batched = MP._all_moments(feats, feats, points, points, budget=1)  # one input per chunk
     for a in points:
         for b in points:
-            want = M._moments(feats[a], feats[b])
+            want = MF._moments(feats[a], feats[b])
             for got, ref in zip((batched[(a, b)].cross, batched[(a, b)].sq_x, batched[(a, b)].sq_y),
                                 (want.cross, want.sq_x, want.sq_y)):
                 assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12), (a, b)

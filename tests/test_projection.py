@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from symstitch import projection
 from symstitch.data import DataModule
-from symstitch.projection import ProjectionModule, projection_points, write_report
+from symstitch.projection import ProjectionExperiment, ProjectionModule, projection_points
+from symstitch.report import projection_files
 from symstitch.symmetry import feature, intertwiner_group, monomial_inverse, next_layer
 from symstitch.training import ClassifierModule
 
@@ -85,14 +85,14 @@ def test_retrain_next_trains_exactly_one_layer(trained):
 def test_grid_is_resumable_and_reported(trained, tmp_path, monkeypatch):
     import yaml
 
-    from symstitch.sweep import ProjectionSweep, load_sweep
+    from symstitch.sweep import load_sweep
 
     out = tmp_path / "proj"
     config = tmp_path / "projection.yaml"
     config.write_text(yaml.safe_dump({"experiment": "projection", "models": {"relu-net": str(trained)},
                                       "kinds": ["identity", "group"], "points": ["layer3.act", "layer4.act"],
                                       "epochs": 1}))
-    records = [r["result"] for r in load_sweep(config, out).run(progress=False)]
+    records = [r.result for r in load_sweep(config, out).run(progress=False)]
     assert len(records) == 4 and {r["matrix"] for r in records} == {"identity", "group"}
     for r in records:
         if r["matrix"] == "identity":  # inserting I changes nothing before retraining
@@ -102,9 +102,9 @@ def test_grid_is_resumable_and_reported(trained, tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
 
-    monkeypatch.setattr(ProjectionSweep, "run_cell", no_work)
-    assert [r["result"] for r in load_sweep(config, out).run(progress=False)] == records
-    paths = write_report(records, out)
+    monkeypatch.setattr(ProjectionExperiment, "run_cell", no_work)
+    assert [r.result for r in load_sweep(config, out).run(progress=False)] == records
+    paths = projection_files(records, out)
     rows = paths["csv"].read_text().strip().splitlines()
     assert len(rows) == 5 and rows[0].startswith("network,activation,point,layer,matrix")
     assert paths["png"].stat().st_size > 10_000
@@ -121,9 +121,9 @@ def test_points(trained):
 @pytest.mark.slow
 def test_acceptance_group_insertions_recover_on_digits(tmp_path):
     """Issue acceptance: G_ReLU insertions come back to the clean accuracy (within 1 point) at every layer."""
-    from symstitch.projection import main
+    from symstitch.commands import main
 
-    assert main(["--models", "mcnn", "--kinds", "group", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"),
+    assert main(["projection", "--models", "mcnn", "--kinds", "group", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"),
                  "--data.dataset", "digits", "--model.arch_kwargs", "{width: 0.5}", "--trainer.max_epochs", "20",
                  "--config", str(CONFIGS / "logger/csv.yaml"), "--trainer.enable_progress_bar", "false"]) == 0
     rows = [json.loads(p.read_text())["result"] for p in (tmp_path / "out").glob("cells/*/*/*.json")]

@@ -51,7 +51,7 @@ def _stitch_cells(root: Path, penalties: dict) -> None:
                 cell = {"arch": ARCH, "source": source, "target": target, "source_seed": 0,
                         "target_seed": int(target[-1]), "point": point, "point_index": i, "layer": layer,
                         "repeat": 0}
-                result = {"penalty": penalty, "stitched_acc": 0.9 - penalty, "source_acc": 0.9, "target_acc": 0.9,
+                result = {"penalty_pts": 100 * penalty, "stitched_acc": 0.9 - penalty, "source_acc": 0.9, "target_acc": 0.9,
                           "permutation": [0, 1], "model": {"x": 1}}
                 _write_cell(root, f"stitch/{layer}/{target[-5:]}/{point}-r0", "stitch", cell, result)
 
@@ -126,7 +126,7 @@ def test_stitch_csv(built):
     assert len(rows) == 16
     birkhoff = [r for r in rows if r["layer"] == "birkhoff" and r["target"] == "mcnn/seed1"]
     assert [r["point"] for r in birkhoff] == POINTS  # depth order, not alphabetical
-    assert [float(r["penalty"]) for r in birkhoff] == GROWING["birkhoff"][0]
+    assert [float(r["penalty_pts"]) for r in birkhoff] == pytest.approx([100 * v for v in GROWING["birkhoff"][0]])
     assert [int(r["point_index"]) for r in birkhoff] == [0, 1, 2, 3]
     assert float(birkhoff[0]["stitched_acc"]) == pytest.approx(0.89)
 
@@ -167,7 +167,7 @@ def test_report_md_states_measured_numbers(built):
     assert "cka_linear (mcnn): 1 of 18 similarities were not computed (NaN)" in text
     # model library
     assert "| mcnn | 0 | digits | 98.12 % |" in text and "| mcnn | 1 | digits | 97.55 % |" in text
-    # projection, through projection.write_report
+    # projection, through report.projection_files
     assert "| mcnn-seed0 | relu | group | next | 0.980 |" in text
 
 
@@ -235,28 +235,28 @@ def test_figures_exist(built):
 
 
 def test_main(tmp_path, capsys):
+    from symstitch.commands import main
+
     root = _sweeps(tmp_path / "results", projection=False)
-    assert report.main([str(root), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'rep' / 'report.md'}" in out
     assert "stitch 16" in out and "stitch mcnn birkhoff against the paper: agrees" in out
     assert (tmp_path / "rep" / "stitch.csv").exists()
-    assert report.main([str(root)]) == 0  # default out: RESULTS_DIR/report
+    assert main(["report", str(root)]) == 0  # default out: RESULTS_DIR/report
     assert (root / "report" / "report.md").exists()
-    assert report.main([str(root)]) == 0  # rerun over its own earlier report
+    assert main(["report", str(root)]) == 0  # rerun over its own earlier report
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert report.main([str(empty)]) == 1
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert main(["report", str(empty)]) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2
 
 
 def test_wandb_failure_keeps_files(tmp_path, monkeypatch, capsys):
-    import symstitch.loggers
-
     def boom():
         raise RuntimeError("no W&B here")
 
-    monkeypatch.setattr(symstitch.loggers, "default_wandb_offline", boom)
+    monkeypatch.setattr(report, "default_wandb_offline", boom)
     root = _sweeps(tmp_path / "results", projection=False)
     md = report.write_report(root, tmp_path / "out", wandb=True)
     assert md.exists() and (tmp_path / "out" / "stitch.csv").exists()

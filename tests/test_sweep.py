@@ -99,8 +99,9 @@ def test_killed_sweep_resumes_without_recomputing(zoo, tmp_path):
     keys = [json.loads(p.read_text())["key"] for p in results]
     assert sorted(keys) == sorted(c.key for c in load_sweep(config).cells())
     for p in results:
-        r = json.loads(p.read_text())["result"]
-        assert r["penalty"] == pytest.approx((r["source_acc"] + r["target_acc"]) / 2 - r["stitched_acc"], abs=1e-6)
+        r = json.loads(p.read_text())["result"]  # the penalty in points of accuracy
+        assert r["penalty_pts"] == pytest.approx(100 * ((r["source_acc"] + r["target_acc"]) / 2 - r["stitched_acc"]),
+                                                 abs=1e-4)
 
     again = subprocess.run(command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
     assert "4 finished, running 0" in again.stdout
@@ -109,14 +110,14 @@ def test_killed_sweep_resumes_without_recomputing(zoo, tmp_path):
 def test_emit_slurm_and_single_cell(zoo, tmp_path):
     config = _stitch_config(zoo, tmp_path, slurm={"gpus": 2, "time": "00:10:00", "partition": "gpu"})
     sweep = load_sweep(config)
-    script = sweep.emit_slurm().read_text()
+    script = sweep.emit_slurm(config).read_text()
     assert "#SBATCH --array=0-3%32" in script
     assert "#SBATCH --gres=gpu:2" in script and "#SBATCH --ntasks-per-node=2" in script
     assert "#SBATCH --partition=gpu" in script
     assert "--cell ${FIRST}-${LAST}" in script and str(config.resolve()) in script
     # a cluster's MaxArraySize: 4 cells in at most 3 tasks → 2 tasks of 2 consecutive cells
-    small = load_sweep(_stitch_config(zoo, tmp_path / "small", slurm={"max_array": 3}))
-    script = small.emit_slurm().read_text()
+    small_config = _stitch_config(zoo, tmp_path / "small", slurm={"max_array": 3})
+    script = load_sweep(small_config).emit_slurm(small_config).read_text()
     assert "#SBATCH --array=0-1%32" in script and "#SBATCH --ntasks-per-node=1" in script
     ranges = []
     for task in (0, 1):
@@ -127,7 +128,7 @@ def test_emit_slurm_and_single_cell(zoo, tmp_path):
     assert ranges == ["0-1", "2-3"]
     # what one array task runs
     records = sweep.run(only=[2], progress=False)
-    assert [r["key"] for r in records] == [sweep.cells()[2].key]
+    assert [r.key for r in records] == [sweep.cells()[2].key]
 
 
 def test_errors(zoo, tmp_path):
@@ -143,9 +144,9 @@ def test_errors(zoo, tmp_path):
         load_sweep(_write(tmp_path / "x.yaml", {"experiment": "stich"}))
     # a folder holding another grid's results is never reused
     first = load_sweep(_stitch_config(zoo, tmp_path))
-    first.claim_folder()
-    with pytest.raises(ValueError, match="another sweep configuration"):
-        load_sweep(_stitch_config(zoo, tmp_path, repeats=2)).claim_folder()
+    first.claim()
+    with pytest.raises(ValueError, match="another stitch configuration"):
+        load_sweep(_stitch_config(zoo, tmp_path, repeats=2)).claim()
 
 
 def test_align_and_projection_sweeps_then_report(zoo, tmp_path):
@@ -155,21 +156,22 @@ def test_align_and_projection_sweeps_then_report(zoo, tmp_path):
     align = load_sweep(_write(tmp_path / "align.yaml", {
         "experiment": "align", "out": str(tmp_path / "res" / "align"), "zoo": str(zoo / "zoo"), "arch": "mcnn",
         "seeds": "0-1", "metrics": ["procrustes_relu", "cka_linear"], "images": 100}))
-    records = align.run(progress=False)
-    assert [r["cell"]["metric"] for r in records] == ["procrustes_relu", "cka_linear"]
-    for r in records:
-        values = r["result"]["values"]
-        assert len(values) == len(r["result"]["points_a"]) == 4 and all(len(row) == 4 for row in values)
+    (record,) = align.run(progress=False)  # one cell per pair, every metric in one pass
+    assert record.cell["metrics"] == ["procrustes_relu", "cka_linear"]
+    assert list(record.result["metrics"]) == ["procrustes_relu", "cka_linear"]
+    for r in record.result["metrics"].values():
+        values = r["values"]
+        assert len(values) == len(r["points_a"]) == 4 and all(len(row) == 4 for row in values)
         assert all(v is not None and -0.1 < v <= 1 + 1e-9 for row in values for v in row)
 
     projection = load_sweep(_write(tmp_path / "projection.yaml", {
         "experiment": "projection", "out": str(tmp_path / "res" / "projection"), "zoo": str(zoo / "zoo"),
         "archs": ["mcnn"], "points": ["layer2.act"], "kinds": ["identity", "group"], "epochs": 1}))
     records = projection.run(progress=False)
-    assert [r["cell"]["matrix"] for r in records] == ["identity", "group"]
+    assert [r.cell["matrix"] for r in records] == ["identity", "group"]
     for r in records:
-        assert 0 <= r["result"]["recovered_acc"] <= 1 and 0 <= r["result"]["clean_acc"] <= 1
-    identity = records[0]["result"]
+        assert 0 <= r.result["recovered_acc"] <= 1 and 0 <= r.result["clean_acc"] <= 1
+    identity = records[0].result
     assert identity["inserted_acc"] == pytest.approx(identity["clean_acc"])  # M = I changes nothing
 
     report = write_report(tmp_path / "res")
@@ -180,13 +182,13 @@ def test_align_and_projection_sweeps_then_report(zoo, tmp_path):
 
 def test_stitch_command_on_library_models(zoo, tmp_path):
     """`symstitch stitch` on models trained through the CLI (their DataModule settings carry CLI extras)."""
-    from symstitch.stitching import main
+    from symstitch.commands import main
 
     out = tmp_path / "st"
-    argv = ["--source", f"{zoo / 'zoo'}:mcnn/seed0", "--target", f"{zoo / 'zoo'}:mcnn/seed1",
+    argv = ["stitch", "--source", f"{zoo / 'zoo'}:mcnn/seed0", "--target", f"{zoo / 'zoo'}:mcnn/seed1",
             "--points", "layer1.act", "--layers", "standard", "--epochs", "1", "--out", str(out)]
     assert main(argv) == 0
-    (data,) = out.glob("data-*.yaml")
-    assert yaml.safe_load(data.read_text())["dataset"] == "digits"
+    (config,) = (out / "runs").rglob("config.yaml")  # the cell ran on the networks' own data and its settings
+    assert yaml.safe_load(config.read_text())["data"]["crop_padding"] == 2  # configs/data/digits.yaml's, not 4
     (record,) = [json.loads(p.read_text()) for p in (out / "cells").rglob("*.json")]
     assert record["cell"]["point"] == "layer1.act" and 0 <= record["result"]["stitched_acc"] <= 1

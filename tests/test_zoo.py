@@ -14,6 +14,7 @@ import torch
 
 from symstitch import zoo
 from symstitch.checkpoints import load_classifier
+from symstitch.io import parse_range
 from symstitch.data import DataModule, normalize_batch
 
 from .conftest import cli_env
@@ -23,13 +24,16 @@ FIT = ["--data.dataset", "digits", "--model.init_args.arch_kwargs", "{width: 0.1
        "--trainer.enable_model_summary", "false"]
 
 
-def test_parse_seeds():
-    assert zoo.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
-    assert zoo.parse_seeds("5") == [5]
-    assert zoo.parse_seeds("2,1-3") == [2, 1, 3]
-    for bad in ("", "a-b", "1-x"):
-        with pytest.raises(ValueError):
-            zoo.parse_seeds(bad)
+def test_parse_range():
+    assert parse_range("0-3,7") == [0, 1, 2, 3, 7]
+    assert parse_range("5") == [5]
+    assert parse_range("2,1-3") == [2, 1, 3]
+    assert parse_range(4) == [4] and parse_range([1, "3-4"]) == [1, 3, 4]
+    for bad in ("", "a-b", "1-x", "5-2"):
+        with pytest.raises(ValueError, match="bad seed list"):
+            parse_range(bad)
+    with pytest.raises(ValueError, match="bad cell list 'x'"):
+        parse_range("x", "cell")
 
 
 def test_zoo_trains_records_and_skips(tmp_path, monkeypatch):

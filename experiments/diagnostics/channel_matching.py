@@ -26,7 +26,7 @@ import torch
 
 from symstitch.data import normalize_batch
 from symstitch.stitch_layers import hungarian
-from symstitch.stitching import datamodule_for, load_pair
+from symstitch.library import datamodule_for, load_pair, load_model
 
 
 def r_squared(Y: torch.Tensor, fit: torch.Tensor) -> float:
@@ -96,10 +96,7 @@ def main() -> None:
 
 
 def _first_point(ref: str) -> str:
-    from symstitch.checkpoints import load_classifier
-    from symstitch.stitching import resolve_model
-
-    return load_classifier(resolve_model(ref)).stitch_points[0]
+    return load_model(ref).stitch_points[0]
 
 
 if __name__ == "__main__":

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from symstitch.models.base import ACTIVATIONS, StagedNet
-from symstitch.registry import Registry
-
-MODELS: Registry[StagedNet] = Registry("architecture")
-register = MODELS.register
+# one file per family; importing them registers their networks in MODELS
+from symstitch.models import cct, mcnn, resnet  # noqa: F401
+from symstitch.models.base import ACTIVATIONS, MODELS, StagedNet, register
 
 
 def build(name: str, **kwargs: Any) -> StagedNet:
@@ -25,8 +23,5 @@ def build(name: str, **kwargs: Any) -> StagedNet:
 def available() -> list[str]:
     return MODELS.available()
 
-
-# one file per family; importing registers them
-from symstitch.models import cct, mcnn, resnet  # noqa: E402,F401
 
 __all__ = ["ACTIVATIONS", "MODELS", "StagedNet", "available", "build", "register"]

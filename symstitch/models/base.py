@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from symstitch.registry import Registry
+
 #: Modules whose outputs are feature points.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -134,3 +136,8 @@ class StagedNet(nn.Module):
                 h.remove()
             self.train(was_training)
         return shapes
+
+
+#: architecture name → factory (each family file registers its networks; ``symstitch.models.build`` builds one)
+MODELS: Registry[StagedNet] = Registry("architecture")
+register = MODELS.register

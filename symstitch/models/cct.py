@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symstitch.models import register
-from symstitch.models.base import StagedNet
+from symstitch.models.base import StagedNet, register
 from symstitch.models.mcnn import scaled
 
 

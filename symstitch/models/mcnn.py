@@ -27,8 +27,7 @@ from typing import Sequence
 
 from torch import nn
 
-from symstitch.models import register
-from symstitch.models.base import StagedNet
+from symstitch.models.base import StagedNet, register
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 

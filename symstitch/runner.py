@@ -1,0 +1,306 @@
+"""The experiment layer: one record type for every cell, one runner that runs, resumes and records cells.
+
+An *experiment* (a registered :class:`Experiment` kind: ``zoo``, ``stitch``, ``align``, ``projection``) is a
+grid of independent *cells*. A kind only says which cells its settings make (:meth:`Experiment.cells`) and
+how one cell runs (:meth:`Experiment.run_cell`: build its LightningModule and fit/evaluate it, or compute it);
+everything else is the :class:`Runner`'s, the same for every kind:
+
+- the folder: ``<out>/sweep.json`` records the settings' fingerprint; a folder holding another grid is refused
+  (results are never mixed or overwritten). It is written only once the grid has been expanded and checked,
+  so a typo claims nothing;
+- resuming: cell ``k`` is done when ``<out>/cells/<k>.json`` (a :class:`CellRecord`, written atomically after
+  the cell finished) exists; a rerun skips it, so a killed sweep loses only the cell in progress;
+- concurrency: a cell is run under a non-blocking lock ``<out>/cells/<k>.lock``; a cell another process is
+  running is skipped (and reported), never computed twice or deleted;
+- SLURM: :meth:`Runner.emit_slurm` writes an array script whose tasks run ``symstitch sweep --cell i``.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from symstitch import configs
+from symstitch.io import Busy, Lock, parse_range, read_json, write_json, writable_folder
+from symstitch.registry import Registry
+
+#: experiment kind → its :class:`Experiment` class
+EXPERIMENTS: Registry[type["Experiment"]] = Registry("experiment")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: ``key`` names its record (``cells/<key>.json``), ``params`` its settings."""
+
+    key: str
+    params: dict
+
+
+@dataclass
+class CellRecord:
+    """What a finished cell leaves, the same for every experiment (``cells/<key>.json``).
+
+    ``result`` holds the experiment's numbers; a stitching penalty is ``penalty_pts``, in points of accuracy
+    (×100), everywhere."""
+
+    experiment: str
+    key: str
+    cell: dict
+    result: dict
+    seconds: float = 0.0
+    finished: str = ""
+    file: Optional[str] = field(default=None, compare=False)
+
+    @classmethod
+    def read(cls, path: Path) -> "CellRecord":
+        data = read_json(path)
+        return cls(experiment=data["experiment"], key=data["key"], cell=data.get("cell") or {},
+                   result=data["result"], seconds=data.get("seconds", 0.0), finished=data.get("finished", ""),
+                   file=str(path))
+
+    def write(self, path: Path) -> None:
+        write_json(path, {k: v for k, v in asdict(self).items() if k != "file"})
+
+
+REQUIRED = object()
+
+
+class Experiment(abc.ABC):
+    """A grid of independent cells. Subclasses declare their settings in ``options`` (name → default;
+    :data:`REQUIRED` marks required ones), list their cells and run one."""
+
+    name: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    #: cells run as one process per GPU (Lightning DDP inside the cell)
+    multi_process_cells: ClassVar[bool] = False
+
+    def __init__(self, settings: dict, base: Path = Path(".")):
+        """``settings``: the sweep config without ``experiment``/``out``/``slurm``; ``base``: the folder paths
+        written in it are relative to (the config file's)."""
+        unknown = sorted(set(settings) - set(self.options))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} for a {self.name} experiment; valid keys: "
+                             f"{', '.join(sorted(['experiment', 'out', 'slurm', *self.options]))}")
+        missing = [k for k, v in self.options.items() if v is REQUIRED and k not in settings]
+        if missing:
+            raise ValueError(f"a {self.name} experiment needs {', '.join(missing)}")
+        self.settings = {**self.options, **settings}
+        self.base = Path(base)
+
+    @abc.abstractmethod
+    def cells(self) -> list[Cell]:
+        """Every cell of the grid, in a fixed order (the SLURM array index is the position here). Checks the
+        settings (names, points, networks) and raises before any work."""
+
+    @abc.abstractmethod
+    def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
+        """Run one cell of the grid in the folder ``out`` (its own files under :meth:`cell_dir`); its result,
+        or None on the non-zero ranks of a multi-process cell."""
+
+    @staticmethod
+    def cell_dir(out: Path, cell: Cell) -> Path:
+        """Where a cell's own files (logs, checkpoints) go: ``<out>/runs/<key>``."""
+        return Path(out) / "runs" / cell.key
+
+    def check(self, cells: Sequence[Cell]) -> None:
+        """Checks that need a cell (e.g. that its training arguments parse); nothing by default."""
+
+    def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
+        """What a kind does once its cells ran (e.g. a figure over all of them); nothing by default."""
+
+    # ---------------------------------------------------------------- helpers for kinds
+    def resolve(self, path: str) -> str:
+        """A config path written in the settings: relative to the config file, else a shipped config."""
+        return configs.resolve(path, self.base)
+
+    def fit_args(self, **fmt: str) -> list[str]:
+        """``fit_args`` of the settings with ``{name}`` filled in and config files resolved."""
+        args = [str(a) for a in self.settings.get("fit_args") or []]
+        for name, value in fmt.items():
+            args = [a.replace("{" + name + "}", value) for a in args]
+        for i, a in enumerate(args[:-1]):
+            if a in ("--config", "-c", "--data", "--model", "--trainer") and args[i + 1].endswith((".yaml", ".yml")):
+                args[i + 1] = self.resolve(args[i + 1])
+        return args
+
+    def fingerprint(self) -> str:
+        """Hash of every setting (what changes a cell's outcome)."""
+        return hashlib.sha256(json.dumps(self.settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def names(value: Any) -> list[str]:
+    """A list of names from a YAML list or a comma-separated string."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [str(v) for v in value]
+
+
+def pairs(items: Sequence[Any], kind: str) -> list[tuple[Any, Any]]:
+    """Pairs of ``items``: ``unordered`` (i < j), ``ordered`` (i ≠ j) or ``self`` (i = j)."""
+    kinds = {
+        "unordered": [(a, b) for i, a in enumerate(items) for b in items[i + 1:]],
+        "ordered": [(a, b) for a in items for b in items if a != b],
+        "self": [(a, a) for a in items],
+    }
+    if kind not in kinds:
+        raise ValueError(f"pairs is one of {', '.join(kinds)}, got {kind!r}")
+    return kinds[kind]
+
+
+class Runner:
+    """Runs, resumes and records the cells of one experiment in the folder ``out``."""
+
+    def __init__(self, experiment: Experiment, out: Path, label: str = "", slurm: Optional[dict] = None):
+        self.experiment = experiment
+        self.out = Path(out)
+        self.label = label or experiment.name
+        self.slurm = slurm or {}
+        self._cells: Optional[list[Cell]] = None
+        self._checked = False
+
+    def cells(self) -> list[Cell]:
+        """The experiment's cells (expanded once)."""
+        if self._cells is None:
+            self._cells = self.experiment.cells()
+        return self._cells
+
+    def record_path(self, cell: Cell) -> Path:
+        return self.out / "cells" / f"{cell.key}.json"
+
+    def done(self, cell: Cell) -> bool:
+        return self.record_path(cell).exists()
+
+    def select(self, only: Optional[str | Sequence[int]]) -> list[Cell]:
+        """The cells at positions ``only`` (``"0-4,9"`` or a list), all when None."""
+        cells = self.cells()
+        if only is None:
+            return cells
+        index = parse_range(only, "cell") if isinstance(only, str) else list(only)
+        bad = [i for i in index if not 0 <= i < len(cells)]
+        if bad:
+            raise ValueError(f"cell index {bad[0]} is outside 0..{len(cells) - 1}")
+        return [cells[i] for i in index]
+
+    def claim(self) -> None:
+        """Record the grid in ``<out>/sweep.json``; refuse a folder holding another grid. Only after the grid
+        and its arguments were checked, so a failed start writes nothing."""
+        record = self.out / "sweep.json"
+        mine = {"experiment": self.experiment.name, "fingerprint": self.experiment.fingerprint(),
+                "settings": self.experiment.settings, "label": self.label}
+        writable_folder(self.out)
+        with Lock(self.out / ".sweep.lock", what=str(record)):
+            if record.exists():
+                theirs = read_json(record)
+                if theirs.get("fingerprint") != mine["fingerprint"]:
+                    raise ValueError(f"{self.out} holds results of another {theirs.get('experiment')} configuration "
+                                     f"({theirs.get('label')}); results are never mixed or overwritten: choose "
+                                     "another output folder")
+                return
+            write_json(record, mine)
+
+    def prepare(self) -> list[Cell]:
+        """Expand the grid and check it (names, points, networks, each cell kind's arguments): raises before
+        anything is written."""
+        if not self._checked:
+            self.experiment.check(self.cells())
+            self._checked = True
+        return self.cells()
+
+    def run(self, only: Optional[str | Sequence[int]] = None, progress: bool = True) -> list[CellRecord]:
+        """Run every unfinished cell (or those at positions ``only``); returns every finished record."""
+        self.prepare()
+        chosen = self.select(only)
+        self.claim()
+        todo = [c for c in chosen if not self.done(c)]
+        finished = len(self.cells()) - sum(not self.done(c) for c in self.cells())
+        print(f"{self.label}: {len(self.cells())} cells, {finished} finished, running {len(todo)} → {self.out}", flush=True)
+        busy: list[str] = []
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        # its own console on stderr, no stream redirection: cells print and may start W&B, which wraps stdout
+        with Progress(*columns, disable=not progress, console=Console(stderr=True), redirect_stdout=False,
+                      redirect_stderr=False) as bar:
+            task = bar.add_task(f"{self.experiment.name} cells", total=len(todo))
+            for cell in todo:
+                bar.update(task, description=f"{self.experiment.name}: {cell.key}")
+                try:
+                    self._run_one(cell)
+                except Busy:
+                    busy.append(cell.key)
+                bar.advance(task)
+        if busy:
+            print(f"{self.label}: {len(busy)} cell(s) are being run by another process and were left to it: "
+                  f"{', '.join(busy[:5])}{' …' if len(busy) > 5 else ''}; rerun later to collect them", flush=True)
+        records = self.records()
+        self.experiment.after_run(self.out, records)
+        return records
+
+    def _run_one(self, cell: Cell) -> None:
+        path = self.record_path(cell)
+        with Lock(path.with_name(path.name[: -len(".json")] + ".lock"), what=f"cell {cell.key}", wait=False):
+            if path.exists():  # finished by another process while this one waited for its turn
+                return
+            start = time.time()
+            result = self.experiment.run_cell(cell, self.out)
+            if result is not None:  # rank 0 of a multi-process cell writes; the others return None
+                CellRecord(self.experiment.name, cell.key, cell.params, result, round(time.time() - start, 2),
+                           time.strftime("%Y-%m-%dT%H:%M:%S")).write(path)
+
+    def records(self) -> list[CellRecord]:
+        return [CellRecord.read(self.record_path(c)) for c in self.cells() if self.done(c)]
+
+    def unfinished(self) -> int:
+        return sum(not self.done(c) for c in self.cells())
+
+    # ---------------------------------------------------------------- SLURM
+    def emit_slurm(self, config_path: Path) -> Path:
+        """``<out>/slurm.sh``: a SLURM array over the cells, each task running ``symstitch sweep --cell``.
+
+        ``slurm:`` in the config sets resources: ``gpus`` per cell (several, for stitch cells: one task per GPU,
+        Lightning DDP inside the cell, Lightning reads the SLURM environment), ``cpus``, ``time``, ``partition``,
+        ``max_parallel``, ``max_array`` (the cluster's MaxArraySize − 1, default 1000: larger grids give each
+        task a consecutive range of cells), ``setup`` (a shell line run first; by default the Python
+        environment this script was written from is activated)."""
+        cells = self.prepare()
+        if not cells:
+            raise ValueError(f"{config_path}: the grid has no cells; nothing to submit")
+        s = {"gpus": 1, "cpus": 8, "time": "04:00:00", "partition": None, "max_parallel": 32, "max_array": 1000,
+             "setup": None, **self.slurm}
+        gpus = int(s["gpus"])
+        per_task = -(-len(cells) // int(s["max_array"]))  # ceil
+        tasks = -(-len(cells) // per_task)
+        log_dir = (self.out / "slurm").resolve()
+        multi = self.experiment.multi_process_cells
+        lines = ["#!/bin/bash", f"#SBATCH --job-name=symstitch-{Path(config_path).stem}",
+                 f"#SBATCH --array=0-{tasks - 1}%{s['max_parallel']}",
+                 f"#SBATCH --output={log_dir}/%A_%a.out", f"#SBATCH --time={s['time']}",
+                 f"#SBATCH --cpus-per-task={s['cpus']}", "#SBATCH --nodes=1",
+                 f"#SBATCH --ntasks-per-node={max(gpus, 1) if multi else 1}"]
+        if gpus:
+            lines.append(f"#SBATCH --gres=gpu:{gpus}")
+        if s["partition"]:
+            lines.append(f"#SBATCH --partition={s['partition']}")
+        lines += ["", f"# {len(cells)} independent cells of {config_path}, {per_task} per array task.",
+                  "# A cell that finished is skipped, so resubmitting the array only runs what is missing.",
+                  "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
+        # the environment symstitch runs in now (a venv or conda env), unless the config says how to get one
+        lines.append(str(s["setup"]) if s["setup"] else
+                     f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"")
+        lines += [f"FIRST=$((SLURM_ARRAY_TASK_ID * {per_task}))",
+                  f"LAST=$((FIRST + {per_task - 1} < {len(cells) - 1} ? FIRST + {per_task - 1} : {len(cells) - 1}))"]
+        command = [sys.executable, "-m", "symstitch", "sweep", "--config", str(Path(config_path).resolve()),
+                   "--out", str(self.out.resolve()), "--cell", "${FIRST}-${LAST}", "--no-progress"]
+        lines.append("srun " + " ".join(c if c.startswith("$") else shlex.quote(c) for c in command))
+        self.claim()
+        path = self.out / "slurm.sh"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o755)
+        return path
