@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -21,6 +22,8 @@ import torch
 import torch.distributed as dist
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import loggers as pl_loggers
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from symstitch import configs
@@ -28,19 +31,30 @@ from symstitch.callbacks import DDPConsistency, FiniteLoss
 from symstitch.checkpoints import read_checkpoint
 from symstitch.data import DataModule, dataset_info
 from symstitch.io import write_json
-from symstitch.library import datamodule_settings
-from symstitch.loggers import DEFAULT_RUN_DIR, default_loggers, default_wandb_offline, finish_wandb
+from symstitch.library import check_same_data, datamodule_settings
+from symstitch.loggers import DEFAULT_RUN_DIR, default_loggers, default_wandb_offline, finish_wandb, verbose
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: options whose value is a config file
 CONFIG_OPTIONS = ("--config", "-c", "--data", "--model", "--trainer")
 
 
+class WandbLogger(pl_loggers.WandbLogger):
+    """Lightning's W&B logger without the ``anonymous`` setting it always passes (W&B warns on every run that
+    the setting has no effect). Same arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
 def trainer_defaults() -> dict:
     """Defaults for every trainer: CSV + W&B logging, bf16 autocast on GPU, DDP consistency checks, a stop on a
-    non-finite loss."""
+    non-finite loss; the model summary table only with ``-v``."""
     return {
         "default_root_dir": DEFAULT_RUN_DIR,
+        "enable_model_summary": verbose(),
         "max_epochs": 30,
         "logger": default_loggers("fit"),
         "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
@@ -107,6 +121,7 @@ class SymstitchCLI(LightningCLI):
             for key, value in datamodule_settings(ref).items():
                 if key in cfg.data and cfg.data[key] == defaults[key].default:
                     cfg.data[key] = value
+            check_same_data([ref], cfg.data)  # a dataset given explicitly must be theirs
         # `--trainer.default_root_dir X` moves the default loggers' folders too
         root = cfg.trainer.default_root_dir
         loggers = cfg.trainer.logger
@@ -128,8 +143,27 @@ class SymstitchCLI(LightningCLI):
             super().after_instantiate_classes()
 
     def _run_subcommand(self, subcommand: str) -> None:
-        if not self.parse_only:
+        if self.parse_only:
+            return
+        try:
             super()._run_subcommand(subcommand)
+        except BaseException:
+            self._discard_empty_log_dirs()
+            raise
+
+    def _discard_empty_log_dirs(self) -> None:
+        """A run that failed before it logged anything leaves no ``runs/fit/version_N`` behind (only its saved
+        config would be there); a run that logged metrics or saved a checkpoint keeps its folder."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            folder = Path(getattr(logger, "log_dir", None) or "")
+            if not isinstance(logger, CSVLogger) or not folder.is_dir():
+                continue
+            kept = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("config.yaml", "hparams.yaml")]
+            if not kept:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def after_fit(self) -> None:
         trainer = self.trainer

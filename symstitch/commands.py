@@ -105,6 +105,8 @@ class Command(abc.ABC):
     name: str = ""
     help: str = ""
     passes_fit_args = False
+    #: the command runs Lightning (imported before its loggers are quietened: Lightning sets them on import)
+    uses_lightning = True
 
     @abc.abstractmethod
     def build(self, parser: argparse.ArgumentParser) -> None:
@@ -364,6 +366,7 @@ class Report(Command):
     """Tables, figures and a markdown report from the cell records of one or more sweeps."""
 
     name, help = "report", "tidy CSVs, figures and a markdown summary of sweep results"
+    uses_lightning = False
 
     def build(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("results_dir", metavar="RESULTS_DIR",
@@ -417,6 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         args_ = None if from_sys and not verbose else rest
         runner = lambda: (_load("cli").build_cli(args_), 0)[1]  # noqa: E731
+    if COMMANDS[name].uses_lightning if name in COMMANDS else True:
+        importlib.import_module("lightning.pytorch")  # after the arguments parsed: --help never pays for it
     loggers = _load("loggers")  # light: no torch
     loggers.quiet(verbose)
     loggers.default_wandb_offline()

@@ -81,8 +81,7 @@ def default_loggers(name: str, project: str = "symstitch") -> list[dict]:
     """Trainer ``logger`` default: a CSV logger and a W&B logger, both under the run folder."""
     return [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": name}},
-        {"class_path": "lightning.pytorch.loggers.WandbLogger",
-         "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project}},
+        {"class_path": "symstitch.cli.WandbLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project}},
     ]
 
 
@@ -108,12 +107,39 @@ _NOISE = (
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning")
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """The process's console handler: Lightning's info messages only when verbose."""
+
+    verbose = False
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.verbose and record.levelno < logging.WARNING and record.name.startswith(_LIGHTNING_LOGGERS):
+            return False
+        return super().filter(record)
+
+
+def verbose() -> bool:
+    """Whether the console was asked for Lightning's own messages (``-v``; False until :func:`quiet` is called)."""
+    return _ConsoleHandler.verbose
+
+
 def quiet(verbose: bool = False) -> None:
     """Lightning's info messages (device banners, tips, model summaries, FLOP counts) and known harmless
-    warnings off, unless ``verbose``. Errors and real warnings always show."""
-    level = logging.INFO if verbose else logging.WARNING
+    warnings off, unless ``verbose``. Errors and real warnings always show.
+
+    Lightning sets its loggers to INFO (with console handlers of its own) when it is imported: call this after
+    importing it. A root console handler is installed too, filtering what Lightning sends up to it."""
+    _ConsoleHandler.verbose = verbose
+    root = logging.getLogger()
+    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        root.addHandler(_ConsoleHandler())
     for name in _LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+        if name in sys.modules:
+            logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if verbose:
         return
     for pattern in _NOISE:
