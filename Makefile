@@ -35,6 +35,7 @@ bench: install
 	$(PY) experiments/benchmarks/data.py
 	$(PY) experiments/benchmarks/stitch_step.py
 	$(PY) experiments/benchmarks/metrics.py
+	$(PY) experiments/benchmarks/cell_overhead.py --compare 6d5f7c2
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

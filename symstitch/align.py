@@ -19,10 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from symstitch.data import TensorImageDataset, batch_loader, normalize_batch
-from symstitch.io import parse_range
-from symstitch.library import architecture, check_same_data, datamodule_for, library_models, load_model
+from symstitch.library import architecture, check_same_data, datamodule_for, load_model
 from symstitch.metrics import METRICS, similarity_matrix
-from symstitch.runner import EXPERIMENTS, Cell, Experiment, names, pairs
+from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
 
 PAPER_METRICS = ("procrustes_relu", "procrustes_orthogonal", "cka_linear", "cka_relu")
 SPLITS = ("test", "val", "train")
@@ -69,23 +68,14 @@ def align_pair(source: str, target: str, metrics: Sequence[str], *, points: Any 
 
 
 @EXPERIMENTS.register("align")
-class AlignExperiment(Experiment):
+class AlignExperiment(PairExperiment):
     """Paper §5 alignment: one cell per pair of networks, every metric and every feature-point pair in one pass
     of the evaluation data (``split``). The networks come from a model library (``zoo``, ``arch``, ``seeds``,
     ``pairs``) or are one pair (``source``, ``target``), which is what ``symstitch align`` writes."""
 
     name = "align"
-    options = {"zoo": None, "arch": None, "seeds": None, "pairs": "unordered", "source": None, "target": None,
-               "metrics": list(PAPER_METRICS), "points": "all", "cka_mode": "exact", "data": {}, "split": "test",
-               "images": None, "batch_size": 500}
-
-    def __init__(self, settings: dict, base: Path = Path(".")):
-        super().__init__(settings, base)
-        library = [k for k in ("zoo", "arch", "seeds") if settings.get(k) is not None]
-        pair = [k for k in ("source", "target") if settings.get(k) is not None]
-        if not ((len(library) == 3 and not pair) or (len(pair) == 2 and not library)):
-            raise ValueError("an align experiment takes its networks from a model library (zoo, arch, seeds) or as "
-                             "one pair (source, target)")
+    options = {**PAIR_OPTIONS, "metrics": list(PAPER_METRICS), "points": "all", "cka_mode": "exact", "data": {},
+               "split": "test", "images": None, "batch_size": 500}
 
     def cells(self) -> list[Cell]:
         s = self.settings
@@ -94,11 +84,7 @@ class AlignExperiment(Experiment):
             METRICS.get(metric)
         if s["split"] not in SPLITS:
             raise ValueError(f"split is one of {', '.join(SPLITS)}; got {s['split']!r}")
-        if s["source"] is not None:
-            models, chosen, key = {"A": str(s["source"]), "B": str(s["target"])}, [("A", "B")], "{a}-{b}"
-        else:
-            models = library_models(s["zoo"], s["arch"], parse_range(s["seeds"]))
-            chosen, key = pairs(list(models), s["pairs"]), "s{a}-s{b}"
+        models, chosen, key = self.network_pairs()
         arch = architecture(next(iter(models.values())))
         for a, b in chosen:
             check_same_data([models[a], models[b]])

@@ -83,8 +83,9 @@ def _init_args(cfg: Namespace) -> Optional[Namespace]:
 class SymstitchCLI(LightningCLI):
     """LightningCLI over symstitch modules and the DataModule (see ``symstitch fit --help``)."""
 
-    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False, **kwargs):
-        self.parse_only = parse_only
+    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
+                 announce: bool = True, **kwargs):
+        self.parse_only, self.announce = parse_only, announce
         super().__init__(
             model_class=pl.LightningModule,
             subclass_mode_model=True,
@@ -181,8 +182,9 @@ class SymstitchCLI(LightningCLI):
             if callable(summary):  # e.g. the stitching layer learned: permutation, scales, sparsity
                 result["model"] = summary()
             out = write_json(Path(log_dir) / "result.json", result)
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-            print(f"symstitch fit: {shown}\n  result: {out}\n  checkpoint: {checkpoint}")
+            if self.announce:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+                print(f"symstitch fit: {shown}\n  result: {out}\n  checkpoint: {checkpoint}")
         teardown_distributed()
 
 
@@ -193,14 +195,17 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def build_cli(args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False) -> SymstitchCLI:
+def build_cli(args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
+              announce: bool = True) -> SymstitchCLI:
     """A :class:`SymstitchCLI` (``run=False``: parsed and instantiated, nothing trained yet; ``parse_only``:
-    parsed and checked, nothing instantiated). ``args`` None reads ``sys.argv``."""
+    parsed and checked, nothing instantiated; ``announce``: print the result of a fit). ``args`` None reads
+    ``sys.argv``."""
     default_wandb_offline()
     with warnings.catch_warnings():
         # args given from Python (the commands, sweeps, tests) while sys.argv holds another program's options
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return SymstitchCLI(args=shipped_configs(args) if args is not None else None, run=run, parse_only=parse_only)
+        return SymstitchCLI(args=shipped_configs(args) if args is not None else None, run=run, parse_only=parse_only,
+                            announce=announce)
 
 
 def check_args(args: Sequence[str]) -> None:
@@ -215,8 +220,9 @@ def check_args(args: Sequence[str]) -> None:
 
 
 def fit_in_process(args: Sequence[str]) -> SymstitchCLI:
-    """``symstitch fit ARGS`` in this process (the path of every training cell); the W&B run is closed after."""
+    """``symstitch fit ARGS`` in this process (the path of every training cell, which records its result itself);
+    the W&B run is closed after."""
     try:
-        return build_cli(["fit", *args])
+        return build_cli(["fit", *args], announce=False)
     finally:
         finish_wandb()

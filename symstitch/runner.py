@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -32,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from symstitch import configs
 from symstitch.io import Busy, Lock, parse_range, read_json, write_json, writable_folder
+from symstitch.library import library_models
 from symstitch.registry import Registry
 
 #: experiment kind → its :class:`Experiment` class
@@ -155,6 +157,42 @@ def pairs(items: Sequence[Any], kind: str) -> list[tuple[Any, Any]]:
     return kinds[kind]
 
 
+class PairExperiment(Experiment):
+    """An experiment over pairs of networks, taken from a model library (``zoo``, ``arch``, ``seeds``, ``pairs``)
+    or given as one pair (``source``, ``target``: checkpoints or library entries; what the one-pair commands
+    write). Subclasses add their own ``options`` to :data:`PAIR_OPTIONS`."""
+
+    def __init__(self, settings: dict, base: Path = Path(".")):
+        super().__init__(settings, base)
+        library = [k for k in ("zoo", "arch", "seeds") if settings.get(k) is not None]
+        pair = [k for k in ("source", "target") if settings.get(k) is not None]
+        if not ((len(library) == 3 and not pair) or (len(pair) == 2 and not library)):
+            raise ValueError(f"the {self.name} experiment takes its networks from a model library (zoo, arch, seeds) "
+                             "or as one pair (source, target)")
+
+    def network_pairs(self) -> tuple[dict[Any, str], list[tuple[Any, Any]], str]:
+        """Name → model reference, the pairs of names, and the pair's part of a cell key (``s0-s1`` for library
+        seeds, ``A-B`` for a given pair), as a format string of ``a`` and ``b``."""
+        s = self.settings
+        if s["source"] is not None:
+            return {"A": str(s["source"]), "B": str(s["target"])}, [("A", "B")], "{a}-{b}"
+        models = library_models(s["zoo"], s["arch"], parse_range(s["seeds"]))
+        return models, pairs(list(models), s["pairs"]), "s{a}-s{b}"
+
+
+#: the settings of every :class:`PairExperiment`
+PAIR_OPTIONS = {"zoo": None, "arch": None, "seeds": None, "pairs": "unordered", "source": None, "target": None}
+
+
+def launched_rank() -> int:
+    """The global rank this process was launched as (Lightning's DDP launcher sets ``LOCAL_RANK``/``NODE_RANK`` in
+    the processes it starts, SLURM sets ``SLURM_PROCID`` in every task, torchrun ``RANK``); 0 for a lone process."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) + int(os.environ.get("NODE_RANK", "0") or 0)
+
+
 class Runner:
     """Runs, resumes and records the cells of one experiment in the folder ``out``."""
 
@@ -244,7 +282,11 @@ class Runner:
 
     def _run_one(self, cell: Cell) -> None:
         path = self.record_path(cell)
-        with Lock(path.with_name(path.name[: -len(".json")] + ".lock"), what=f"cell {cell.key}", wait=False):
+        if launched_rank() > 0:
+            # another process of a multi-process (DDP) cell: its rank 0 holds the cell's lock and writes the record
+            self.experiment.run_cell(cell, self.out)
+            return
+        with Lock(path.with_suffix(".lock"), what=f"cell {cell.key}", wait=False):
             if path.exists():  # finished by another process while this one waited for its turn
                 return
             start = time.time()

@@ -47,10 +47,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from symstitch import configs
 from symstitch.cli import check_args, fit_in_process
 from symstitch.data import DataModule, TensorImageDataset, normalize_batch
-from symstitch.io import dumps, parse_range
-from symstitch.library import architecture, check_same_data, library_models, load_model, load_pair
+from symstitch.io import dumps
+from symstitch.library import architecture, check_same_data, load_model, load_pair
 from symstitch.models import StagedNet
-from symstitch.runner import EXPERIMENTS, Cell, Experiment, names, pairs
+from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
 from symstitch.stitch_layers import STITCH_LAYERS, StitchLayer, build_stitch_layer
 from symstitch.training import configure_schedule
 
@@ -401,7 +401,7 @@ def stitch(
 
 
 @EXPERIMENTS.register("stitch")
-class StitchExperiment(Experiment):
+class StitchExperiment(PairExperiment):
     """Paper §4 stitching: pairs × stitch points × stitch layers × repeats, each cell ``symstitch fit`` with
     ``stitch_config`` (``{layer}`` replaced by the layer's name) plus ``fit_args``, seed = the repeat.
 
@@ -410,47 +410,26 @@ class StitchExperiment(Experiment):
 
     name = "stitch"
     multi_process_cells = True
-    options = {"zoo": None, "arch": None, "seeds": None, "pairs": "unordered", "source": None, "target": None,
-               "points": "all", "layers": ["standard", "birkhoff"], "repeats": 1,
+    options = {**PAIR_OPTIONS, "points": "all", "layers": ["standard", "birkhoff"], "repeats": 1,
                "stitch_config": "configs/stitch/{layer}.yaml", "fit_args": []}
-
-    def __init__(self, settings: dict, base: Path = Path(".")):
-        super().__init__(settings, base)
-        library = [k for k in ("zoo", "arch", "seeds") if settings.get(k) is not None]
-        pair = [k for k in ("source", "target") if settings.get(k) is not None]
-        if not ((len(library) == 3 and not pair) or (len(pair) == 2 and not library)):
-            raise ValueError("a stitch experiment takes its networks from a model library (zoo, arch, seeds) or as "
-                             "one pair (source, target)")
-
-    def _networks(self) -> tuple[str, dict, list[tuple], list[str]]:
-        """Architecture, name → model reference, pairs of names, and the stitch points in depth order (every
-        pair checked to be stitchable before any cell runs)."""
-        s = self.settings
-        if s["source"] is not None:
-            models, chosen = {"A": str(s["source"]), "B": str(s["target"])}, [("A", "B")]
-        else:
-            models = library_models(s["zoo"], s["arch"], parse_range(s["seeds"]))
-            chosen = pairs(list(models), s["pairs"])
-        if not chosen:
-            return s["arch"] or "", models, [], []
-        first = models[chosen[0][0]]
-        order = list(load_model(first).stitch_points)
-        for a, b in chosen:
-            load_pair(models[a], models[b], order[0])  # same architecture, shapes and data
-        return architecture(first), models, chosen, order
 
     def cells(self) -> list[Cell]:
         s = self.settings
         for layer in names(s["layers"]):
             STITCH_LAYERS.get(layer)
-        arch, models, chosen, order = self._networks()
+        models, chosen, key = self.network_pairs()
+        if not chosen:
+            return []
+        first = models[chosen[0][0]]
+        arch, order = architecture(first), list(load_model(first).stitch_points)
+        for a, b in chosen:
+            load_pair(models[a], models[b], order[0])  # same architecture, shapes and data, before any cell runs
         points = order if s["points"] == "all" else names(s["points"])
         for p in points:
             if p not in order:
                 raise ValueError(f"{arch} has no stitch point {p!r}; valid stitch points: {', '.join(order)}")
-        key = (lambda a, b: f"s{a}-s{b}") if s["source"] is None else (lambda a, b: f"{a}-{b}")
         return [
-            Cell(f"{arch}/{key(a, b)}/{layer}/{point}/r{r}",
+            Cell(f"{arch}/{key.format(a=a, b=b)}/{layer}/{point}/r{r}",
                  {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
                   "point": point, "point_index": order.index(point), "layer": layer, "repeat": r})
             for a, b in chosen for layer in names(s["layers"]) for point in points for r in range(int(s["repeats"]))

@@ -199,3 +199,22 @@ def test_stitch_from_python_equals_the_command(lib, tmp_path):
     (record,) = [json.loads(p.read_text()) for p in (out / "cells").rglob("*.json")]
     assert record["result"]["penalty_pts"] == first.penalty_pts
     assert record["result"]["stitched_acc"] == first.stitched_acc
+
+
+def test_a_ddp_cell_in_a_sweep_is_locked_once_and_recorded_once(lib, tmp_path):
+    """A stitch cell on 2 CPU processes (Lightning DDP relaunches the sweep command for rank 1): only rank 0 takes
+    the cell's lock and writes its record; rank 1 runs the same cell with it instead of skipping it (a hang)."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump({
+        "experiment": "stitch", "out": str(tmp_path / "sw"), "zoo": str(lib), "arch": "mcnn", "seeds": "0-1",
+        "points": [POINT], "layers": ["standard"],
+        "fit_args": ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                     "--trainer.strategy", "ddp", "--config", str(CONFIGS / "logger/csv.yaml"),
+                     "--trainer.enable_progress_bar", "false"]}))
+    proc = subprocess.run([sys.executable, "-m", "symstitch", "sweep", "--config", str(config), "--no-progress"],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = (tmp_path / "sw/cells").rglob("*.json")
+    ranks = json.loads(next((tmp_path / "sw/runs").rglob("ranks.json")).read_text())
+    assert ranks["world_size"] == 2 and ranks["consistent"]
+    assert json.loads(record.read_text())["result"]["penalty_pts"] is not None

@@ -15,12 +15,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from rich.progress import Progress
 from torchmetrics import Metric
-
-try:
-    from rich.progress import Progress
-except ImportError:  # the bar is optional
-    Progress = None
 
 from symstitch.metrics.functional import (
     MODES,
@@ -236,7 +232,7 @@ def _all_moments(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[st
 
 
 def _progress(enabled: bool):
-    if not enabled or Progress is None:
+    if not enabled:
         return None
     return Progress(transient=True)
 
