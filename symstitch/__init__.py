@@ -5,7 +5,7 @@ groups, after "On the Symmetries of Deep Learning Models and their Internal Repr
 (Godfrey, Brown, Emerson, Kvinge; NeurIPS 2022).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

@@ -39,7 +39,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from symstitch.checkpoints import load_classifier
 from symstitch.io import read_json, write_json
-from symstitch.library import check_same_data, datamodule_for, library_models, load_model, resolve_model
+from symstitch.library import datamodule_for, library_models, load_model, resolve_model
 from symstitch.models import StagedNet
 from symstitch.registry import Registry
 from symstitch.runner import EXPERIMENTS, Cell, Experiment, names
@@ -276,8 +276,7 @@ class ProjectionExperiment(Experiment):
         """Insert, measure, retrain, measure; the cell's record, with the network's clean accuracy."""
         s, p = self.settings, cell.params
         checkpoint = resolve_model(p["model"])
-        datamodule = datamodule_for(checkpoint)
-        check_same_data([checkpoint], datamodule)
+        datamodule = datamodule_for(checkpoint)  # the data the network was trained on
         epochs, lr = int(s["epochs"]), float(s["lr"])
         pl.seed_everything(p["repeat"], verbose=False)
         module = ProjectionModule(
