@@ -15,6 +15,7 @@ The data a network was trained on travels in its checkpoint (the DataModule's sa
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -112,8 +113,17 @@ def load_pair(source: ModelRef, target: ModelRef, point: str) -> tuple[StagedNet
 def datamodule_settings(ref: ModelRef) -> dict[str, Any]:
     """The :class:`~symstitch.data.DataModule` arguments a network was trained with (its checkpoint's saved
     data hyper-parameters, without extras); empty when it saved none."""
-    saved = read_checkpoint(resolve_model(ref)).get("datamodule_hyper_parameters") or {}
-    return {k: v for k, v in saved.items() if k in inspect.signature(DataModule).parameters}
+    path = resolve_model(ref).resolve()
+    stat = path.stat()
+    return dict(_saved_data_settings(path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _saved_data_settings(path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, Any], ...]:
+    """The data settings in the checkpoint at ``path`` as it is now (a checkpoint is read once, not at every check
+    of a cell; a rewritten file has another mtime or size and is read again)."""
+    saved = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    return tuple((k, v) for k, v in saved.items() if k in inspect.signature(DataModule).parameters)
 
 
 def datamodule_for(ref: ModelRef, **overrides: Any) -> DataModule:
