@@ -51,7 +51,8 @@ STANDARD_LAYER = "standard"
 #: our reading of "near zero" for unconstrained stitching, in points of accuracy (not a number from the paper)
 NEAR_ZERO_POINTS = 2.0
 
-STITCH_COLUMNS = ["arch", "source", "target", "layer", "point", "point_index", "repeat", "penalty_pts", "stitched_acc",
+STITCH_COLUMNS = ["arch", "source", "target", "layer", "protocol", "point", "point_index", "repeat", "penalty_pts",
+                  "stitched_acc",
                   "source_acc", "target_acc"]
 ALIGN_COLUMNS = ["arch", "source", "target", "metric", "cka_mode", "point_a", "point_b", "value"]
 ZOO_COLUMNS = ["arch", "seed", "dataset", "test_acc"]
@@ -169,22 +170,38 @@ def _penalty_pts(result: dict) -> float:
     return 100 * _float(result["penalty"])
 
 
+#: evaluation protocol → (penalty key, stitched-accuracy key) in a stitch record (SPEC §2: both are reported)
+PROTOCOL_KEYS = {"frozen": ("penalty_pts", "stitched_acc"),
+                 "recalibrated": ("penalty_recalibrated_pts", "stitched_recalibrated_acc")}
+
+
+def series_name(layer: str, protocol: str) -> str:
+    """How a layer under a protocol is named in summaries and figures: ``birkhoff``, ``birkhoff/recalibrated``."""
+    return layer if protocol == "frozen" else f"{layer}/{protocol}"
+
+
 def _stitch_rows(records: list[dict]) -> list[dict]:
+    """One row per cell and protocol it reports (a protocol the cell did not run has no row)."""
     rows = []
     for rec in records:
         c, r = rec["cell"], rec["result"]
         try:
-            row = {"arch": str(c["arch"]), "source": str(c["source"]), "target": str(c["target"]),
-                   "layer": str(c["layer"]), "point": str(c["point"]), "point_index": c.get("point_index"),
-                   "repeat": c.get("repeat", 0), "penalty_pts": _penalty_pts(r),
-                   "stitched_acc": _float(r.get("stitched_acc")), "source_acc": _float(r.get("source_acc")),
-                   "target_acc": _float(r.get("target_acc"))}
+            base = {"arch": str(c["arch"]), "source": str(c["source"]), "target": str(c["target"]),
+                    "layer": str(c["layer"]), "point": str(c["point"]), "point_index": c.get("point_index"),
+                    "repeat": c.get("repeat", 0), "source_acc": _float(r.get("source_acc")),
+                    "target_acc": _float(r.get("target_acc"))}
+            penalties = {"frozen": _penalty_pts(r) if "penalty_pts" in r or "penalty" in r else math.nan,
+                         "recalibrated": _float(r.get("penalty_recalibrated_pts"))}
         except KeyError as e:
             _warn(f"skipping stitch cell {rec.get('file')}: missing {e}")
             continue
-        rows.append(row)
-    key = lambda r: (r["arch"], r["layer"], r["point_index"] if r["point_index"] is not None else 1 << 30,  # noqa: E731
-                     r["point"], r["source"], r["target"], str(r["repeat"]))
+        for protocol, (_, acc_key) in PROTOCOL_KEYS.items():
+            if math.isfinite(penalties[protocol]):
+                rows.append({**base, "protocol": protocol, "penalty_pts": penalties[protocol],
+                             "stitched_acc": _float(r.get(acc_key))})
+    key = lambda r: (r["arch"], r["layer"], r["protocol"],  # noqa: E731
+                     r["point_index"] if r["point_index"] is not None else 1 << 30, r["point"], r["source"],
+                     r["target"], str(r["repeat"]))
     return sorted(rows, key=key)
 
 
@@ -199,16 +216,18 @@ def _point_order(rows: list[dict]) -> list[str]:
 
 
 def stitch_summary(rows: list[dict]) -> dict[str, dict]:
-    """``{arch: {"points": [...], "layers": {layer: {"points", "mean", "std", "n"}}}}``, penalties in points."""
+    """``{arch: {"points": [...], "layers": {series: {"points", "mean", "std", "n"}}}}``, penalties in points; a
+    series is a layer under one protocol (:func:`series_name`)."""
     summary: dict[str, dict] = {}
     for arch in sorted({r["arch"] for r in rows}):
-        arch_rows = [r for r in rows if r["arch"] == arch]
+        arch_rows = [{**r, "series": series_name(r["layer"], r.get("protocol", "frozen"))}
+                     for r in rows if r["arch"] == arch]
         points = _point_order(arch_rows)
         layers = {}
-        for layer in sorted({r["layer"] for r in arch_rows}):
+        for layer in sorted({r["series"] for r in arch_rows}):
             pts, means, stds, ns = [], [], [], []
             for p in points:
-                vals = [r["penalty_pts"] for r in arch_rows if r["layer"] == layer and r["point"] == p]
+                vals = [r["penalty_pts"] for r in arch_rows if r["series"] == layer and r["point"] == p]
                 m, s, n = _mean_std(vals)
                 if n:
                     pts.append(p), means.append(m), stds.append(s), ns.append(n)
@@ -221,7 +240,7 @@ def stitch_summary(rows: list[dict]) -> dict[str, dict]:
 
 def _is_g_relu(layer: str) -> bool:
     name = layer.lower()
-    return any(name == g or re.match(rf"{g}[_\-.]", name) for g in G_RELU_LAYERS)
+    return any(name == g or re.match(rf"{g}[_\-./]", name) for g in G_RELU_LAYERS)
 
 
 def _thirds(means: list[float]) -> tuple[float, float, int]:
@@ -681,16 +700,23 @@ def main_report(root: Path, out: Optional[Path] = None, wandb: bool = False) -> 
 
 def print_penalties(records: Sequence[Any], layers: Sequence[str]) -> None:
     """The stitching penalty of every stitch point × layer of one pair's records (mean over repeats), in points."""
-    table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points")
+    table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points: frozen / recalibrated")
     table.add_column("stitch point", no_wrap=True)
     for layer in layers:
         table.add_column(layer, justify="right")
-    values: dict[tuple[str, str], list[float]] = {}
+    values: dict[tuple[str, str, str], list[float]] = {}
     for r in records:
-        values.setdefault((r.cell["point"], r.cell["layer"]), []).append(_penalty_pts(r.result))
+        for protocol, (key, _) in PROTOCOL_KEYS.items():
+            value = _float(r.result.get(key))
+            if math.isfinite(value):
+                values.setdefault((r.cell["point"], r.cell["layer"], protocol), []).append(value)
+
+    def shown(point: str, layer: str) -> str:
+        return " / ".join(f"{np.mean(values[point, layer, p]):+.2f}" if (point, layer, p) in values else "–"
+                          for p in PROTOCOL_KEYS)
+
     for point in dict.fromkeys(r.cell["point"] for r in records):
-        table.add_row(point, *[f"{np.mean(values[point, layer]):+.2f}" if (point, layer) in values else ""
-                               for layer in layers])
+        table.add_row(point, *[shown(point, layer) for layer in layers])
     Console().print(table)
 
 

@@ -18,6 +18,15 @@ The projection onto the constraint set runs in :meth:`StitchingModule.on_after_o
 exactly once after every real optimizer step by a torch optimizer step post-hook registered at fit start —
 so steps skipped by a mixed-precision GradScaler and micro-batches of gradient accumulation do not count.
 
+Two evaluation protocols (SPEC §2), chosen by ``protocols``; each has its own accuracy and penalty:
+
+- ``frozen``: S uses B's own BatchNorm running statistics (``…/stitch/acc``, ``…/stitch/penalty_pts``);
+- ``recalibrated`` (the paper's): before each evaluation, a deep copy of B (and of T's own BatchNorm, if any)
+  gets the running statistics of every BatchNorm after the stitch re-estimated — reset, ``momentum=None`` (an
+  exact average), one no-grad pass of the stitched network over the un-augmented training images in train
+  mode with T in its evaluated (hardened) form — and S is evaluated with that copy
+  (``…/stitch_recalibrated/acc``, ``…/stitch_recalibrated/penalty_pts``). The stored networks never change.
+
 The networks run on their own data: their checkpoints carry the DataModule settings they were trained with
 (:func:`symstitch.library.datamodule_settings`); a DataModule of another dataset is refused at setup.
 
@@ -33,7 +42,7 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -42,6 +51,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
 from symstitch import configs
@@ -53,6 +63,10 @@ from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
 from symstitch.stitch_layers import STITCH_LAYERS, StitchLayer, build_stitch_layer
 from symstitch.training import configure_schedule
+
+
+#: evaluation protocol → the name its accuracy and penalty are logged under (``test/<name>/penalty_pts``)
+PROTOCOLS = {"frozen": "stitch", "recalibrated": "stitch_recalibrated"}
 
 
 def _freeze(net: StagedNet) -> StagedNet:
@@ -80,6 +94,9 @@ class StitchingModule(pl.LightningModule):
             augmentation (the stitch sees the un-augmented training images). Validation and test still run
             the whole source, stitched and target networks on the evaluation images. Needs the package's
             :class:`~symstitch.data.DataModule`; the cache lives in host memory (N·C·H·W values).
+        protocols: the evaluation protocols to report (see the module docstring): ``frozen``, ``recalibrated``
+            or both. ``recalibrated`` costs one pass of the training images through the stitched network per
+            evaluation and needs the package's DataModule.
     """
 
     def __init__(
@@ -94,6 +111,7 @@ class StitchingModule(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: Optional[LRSchedulerCallable] = None,
         prefix_cache: Optional[Literal["float32", "bfloat16"]] = None,
+        protocols: Sequence[Literal["frozen", "recalibrated"]] = ("frozen",),
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -106,15 +124,21 @@ class StitchingModule(pl.LightningModule):
         if init == "data" and not hasattr(self.stitch, "init_from_data"):
             raise ValueError(f"the {layer!r} layer has no data-driven initialisation; use init='random'")
         self.optimizer, self.scheduler = optimizer, scheduler
+        unknown = sorted(set(protocols) - set(PROTOCOLS))
+        if unknown or not protocols:
+            raise ValueError(f"protocols are some of {', '.join(PROTOCOLS)}; got {list(protocols)}")
+        self.protocols = [p for p in PROTOCOLS if p in protocols]
         num_classes = self.source_net.num_classes
         self.accuracy = torch.nn.ModuleDict(
-            {k: MulticlassAccuracy(num_classes, average="micro") for k in ("stitch", "source", "target")}
+            {k: MulticlassAccuracy(num_classes, average="micro")
+             for k in (*(PROTOCOLS[p] for p in self.protocols), "source", "target")}
         )
         if prefix_cache not in (None, "float32", "bfloat16"):
             raise ValueError(f"prefix_cache is None, 'float32' or 'bfloat16'; got {prefix_cache!r}")
         self._hooks: list = []
         self._uncached_train_set = None  # the DataModule's image train set while the cache replaces it
         self.__dict__["_eval_layer"] = None  # the evaluated form; not a registered submodule
+        self.__dict__["_recalibrated"] = None  # (copy of B, copy of T) with re-estimated BatchNorm statistics
 
     # ------------------------------------------------------------------ frozen parts stay frozen
     def train(self, mode: bool = True):
@@ -240,10 +264,54 @@ class StitchingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self) -> None:
-        self.__dict__["_eval_layer"] = self._hardened_layer()
+        self._prepare_evaluation()
 
     def on_test_epoch_start(self) -> None:
+        self._prepare_evaluation()
+
+    def _prepare_evaluation(self) -> None:
         self.__dict__["_eval_layer"] = self._hardened_layer()
+        if "recalibrated" in self.protocols and not self.trainer.sanity_checking:
+            self.__dict__["_recalibrated"] = self.recalibrate(self._eval_layer)
+
+    @torch.no_grad()
+    def recalibrate(self, layer: StitchLayer) -> tuple[StagedNet, StitchLayer]:
+        """Copies of B and of ``layer`` whose BatchNorm running statistics after the stitch are re-estimated on
+        one pass of the un-augmented training images through the stitched network (the paper's protocol).
+
+        Every BatchNorm of the copies is reset with ``momentum=None`` (a cumulative average: the exact mean over
+        the pass) and put in train mode for the pass; the copy of B only ever runs ``forward_from(·, point)``,
+        so its BatchNorms before the point are never used. Each DDP rank makes the same pass over all the
+        training images, so every rank ends with the same statistics. The stored networks are untouched."""
+        suffix, layer = copy.deepcopy(self.target_net).eval(), copy.deepcopy(layer).eval()
+        norms = [m for net in (suffix, layer) for m in net.modules() if isinstance(m, _BatchNorm)]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        if norms:
+            for h in self._training_prefix():
+                suffix.forward_from(layer(h), self.point)
+        for norm in norms:
+            norm.eval()
+        return suffix, layer
+
+    def _training_prefix(self) -> Iterator[torch.Tensor]:
+        """A_{≤p}(x) of every un-augmented training image, batch by batch (from the prefix cache when it holds
+        them)."""
+        dm = self.trainer.datamodule
+        if not isinstance(dm, DataModule):
+            raise ValueError("the recalibrated protocol needs symstitch.data.DataModule (it reads its training images)")
+        dm.setup()
+        if self._uncached_train_set is not None:  # fitting on the cache: it holds exactly these activations
+            cached = dm.train_set.x
+            for i in range(0, len(cached), dm.eval_batch_size):
+                yield self._from_cache(cached[i:i + dm.eval_batch_size].to(self.device))
+            return
+        images = dm.train_set.x
+        for i in range(0, len(images), dm.eval_batch_size):
+            x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
+            yield self.source_net.forward_to(x, self.point)
 
     def _hardened_layer(self) -> StitchLayer:
         """The exact evaluated form of T (a hardened copy while T is still relaxed)."""
@@ -255,20 +323,27 @@ class StitchingModule(pl.LightningModule):
 
     def _evaluate(self, batch) -> None:
         x, y = batch
-        outputs = {
-            "stitch": self.stitched(x, self._eval_layer),
-            "source": self.source_net(x),
-            "target": self.target_net(x),
-        }
+        with torch.no_grad():
+            h = self.source_net.forward_to(x, self.point)
+        outputs = {"source": self.source_net(x), "target": self.target_net(x)}
+        if "frozen" in self.protocols:
+            outputs["stitch"] = self.target_net.forward_from(self._eval_layer(h), self.point)
+        if "recalibrated" in self.protocols and self._recalibrated is not None:
+            suffix, layer = self._recalibrated
+            outputs["stitch_recalibrated"] = suffix.forward_from(layer(h), self.point)
         for name, logits in outputs.items():
             self.accuracy[name].update(logits, y)
 
     def _log_epoch(self, prefix: str) -> None:
-        acc = {name: metric.compute() for name, metric in self.accuracy.items()}
+        acc = {name: metric.compute() for name, metric in self.accuracy.items() if metric.update_called}
         for name, value in acc.items():
             self.log(f"{prefix}{name}/acc", value, sync_dist=False)
-        penalty_pts = 100 * ((acc["source"] + acc["target"]) / 2 - acc["stitch"])
-        self.log(f"{prefix}stitch/penalty_pts", penalty_pts, prog_bar=True, sync_dist=False)
+        for protocol in self.protocols:
+            name = PROTOCOLS[protocol]
+            if name in acc:  # penalty in points: (acc(A) + acc(B)) / 2 − acc(S)
+                penalty_pts = 100 * ((acc["source"] + acc["target"]) / 2 - acc[name])
+                self.log(f"{prefix}{name}/penalty_pts", penalty_pts, prog_bar=protocol == self.protocols[0],
+                         sync_dist=False)
         for metric in self.accuracy.values():
             metric.reset()
 
@@ -328,27 +403,36 @@ def stitch_options(*, epochs: int = configs.STITCH_DEFAULTS["epochs"],
 
 
 def stitch_result(module: StitchingModule, metrics: dict[str, float]) -> dict[str, Any]:
-    """A finished stitch as a record: penalty in points, the three accuracies, the learned layer."""
+    """A finished stitch as a record: the penalty in points and the stitched accuracy of each protocol
+    (``penalty_pts``/``stitched_acc`` frozen, ``penalty_recalibrated_pts``/``stitched_recalibrated_acc``
+    recalibrated; None for a protocol not run), the two networks' accuracies, the learned layer."""
     summary = module.summary()
-    return {"penalty_pts": metrics["test/stitch/penalty_pts"], "stitched_acc": metrics["test/stitch/acc"],
-            "source_acc": metrics["test/source/acc"], "target_acc": metrics["test/target/acc"],
+    result: dict[str, Any] = {"penalty_pts": None, "stitched_acc": None}
+    for protocol in module.protocols:
+        name, suffix = PROTOCOLS[protocol], "" if protocol == "frozen" else f"_{protocol}"
+        result[f"penalty{suffix}_pts"] = metrics[f"test/{name}/penalty_pts"]
+        result[f"stitched{suffix}_acc"] = metrics[f"test/{name}/acc"]
+    return {**result, "source_acc": metrics["test/source/acc"], "target_acc": metrics["test/target/acc"],
             "permutation": summary.get("permutation"), "model": summary}
 
 
 @dataclass
 class StitchResult:
-    """What :func:`stitch` returns; ``penalty_pts`` in points of accuracy; ``permutation`` where the layer has one."""
+    """What :func:`stitch` returns: penalties in points of accuracy, frozen (``penalty_pts``) and recalibrated
+    (``penalty_recalibrated_pts``) where that protocol ran; ``permutation`` where the layer has one."""
 
     point: str
     layer_name: str
-    penalty_pts: float
-    stitched_acc: float
+    penalty_pts: Optional[float]
+    stitched_acc: Optional[float]
     source_acc: float
     target_acc: float
     layer: StitchLayer = field(repr=False)
     permutation: Optional[list[int]] = None
     description: dict = field(default_factory=dict, repr=False)
     run_dir: Optional[str] = None
+    penalty_recalibrated_pts: Optional[float] = None
+    stitched_recalibrated_acc: Optional[float] = None
 
     def to_json(self) -> str:
         return dumps({k: v for k, v in asdict(self).items() if k != "layer"})
@@ -397,7 +481,9 @@ def stitch(
     return StitchResult(point=point, layer_name=layer, penalty_pts=r["penalty_pts"], stitched_acc=r["stitched_acc"],
                         source_acc=r["source_acc"], target_acc=r["target_acc"], layer=cli.model.stitch,
                         permutation=r["permutation"], description=r["model"],
-                        run_dir=str(folder) if run_dir is not None else None)
+                        run_dir=str(folder) if run_dir is not None else None,
+                        penalty_recalibrated_pts=r.get("penalty_recalibrated_pts"),
+                        stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"))
 
 
 @EXPERIMENTS.register("stitch")

@@ -90,21 +90,26 @@ def test_frozen_networks_are_bit_identical_after_stitching(nets):
 def test_prefix_cache_trains_exactly_like_the_full_forward(nets):
     """Without augmentation, training on cached A_{≤p}(x) is the same computation as running the prefix each
     step: same batches, same loss, so the same stitch weights; the DataModule gets its images back."""
-    weights, starts = {}, {}
+    weights, starts, recalibrated = {}, {}, {}
     for cache in (None, "float32"):
         pl.seed_everything(3, verbose=False)
         dm = DataModule(dataset="digits", crop_padding=0, flip=False)
         module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", prefix_cache=cache,
-                                 scheduler=lambda opt: WarmupCosine(opt, warmup=0.1))  # needs the loader early
+                                 scheduler=lambda opt: WarmupCosine(opt, warmup=0.1),  # needs the loader early
+                                 protocols=["frozen", "recalibrated"])
         starts[cache] = module.stitch.matrix().detach().clone()
-        pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
-                   num_sanity_val_steps=0).fit(module, datamodule=dm)
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
+                             num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=dm)
         weights[cache] = module.stitch.matrix().detach()
+        # the recalibration pass reads the cached activations during fit: the same statistics as from images
+        recalibrated[cache] = float(trainer.callback_metrics["stitch_recalibrated/acc"])
         assert dm.train_set.x.dtype == torch.uint8 and dm.train_set.x.shape[1:] == (3, 32, 32)
     assert torch.equal(starts[None], starts["float32"])
     assert (weights[None] - starts[None]).abs().max() > 1e-3  # it trained
     torch.testing.assert_close(weights["float32"], weights[None], atol=1e-5, rtol=1e-5)
+    assert recalibrated["float32"] == recalibrated[None]
     with pytest.raises(ValueError, match="prefix_cache"):
         StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="standard", prefix_cache="int8")
 
@@ -190,6 +195,10 @@ def test_ddp_stitch_weights_identical_on_both_ranks(nets, tmp_path):
     report = json.loads((tmp_path / "runs/fit/version_0/ranks.json").read_text())
     assert report["consistent"] and len({r["parameters"] for r in report["ranks"]}) == 1
     assert [r["rank"] for r in report["ranks"]] == [0, 1]
+    # the recalibrated protocol under DDP: every rank re-estimates on all training images, the accuracy is synced
+    metrics = json.loads((tmp_path / "runs/fit/version_0/result.json").read_text())["metrics"]
+    for name in ("stitch", "stitch_recalibrated"):
+        assert f"test/{name}/penalty_pts" in metrics and 0 <= metrics[f"test/{name}/acc"] <= 1
 
 
 def test_stitch_command_every_point_resumable(nets, tmp_path, monkeypatch, capsys):
@@ -201,7 +210,8 @@ def test_stitch_command_every_point_resumable(nets, tmp_path, monkeypatch, capsy
             "--epochs", "1", "--relaxed-epochs", "0", "--out", str(tmp_path / "st")]
     assert main(argv) == 0
     rows = (tmp_path / "st/report/stitch.csv").read_text().strip().splitlines()
-    assert len(rows) == 5 and "penalty_pts" in rows[0]
+    assert len(rows) == 1 + 4 * 2 and "penalty_pts" in rows[0]  # every cell under both protocols
+    assert sum(",frozen," in r for r in rows) == sum(",recalibrated," in r for r in rows) == 4
     assert (tmp_path / "st/report/stitch_penalty.png").stat().st_size > 5000
     assert len(list((tmp_path / "st/cells").rglob("*.json"))) == 4
     monkeypatch.setattr(StitchExperiment, "run_cell", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
@@ -209,3 +219,49 @@ def test_stitch_command_every_point_resumable(nets, tmp_path, monkeypatch, capsy
     other = [a if a != "1" else "2" for a in argv]  # --epochs 2: other results, never mixed into this folder
     assert main(other) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def _test(module: StitchingModule) -> dict:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    (res,) = trainer.test(module, datamodule=DataModule(dataset="digits"), verbose=False)
+    return res
+
+
+def test_recalibration_absorbs_what_batchnorm_can_and_leaves_the_networks_alone(nets):
+    """T = 3·I between A and itself: every channel after the stitch is 3× too large for B's stored BatchNorm
+    statistics (frozen: a large penalty), but re-estimated statistics absorb the scale exactly (the next BatchNorm
+    normalises it away): the recalibrated penalty is that of T = I. The stored networks stay bit-identical."""
+    module = StitchingModule(str(nets["A"]), str(nets["A"]), POINT, layer="standard",
+                             protocols=["frozen", "recalibrated"])
+    before = {k: v.clone() for k, v in module.state_dict().items() if not k.startswith("stitch.")}
+    with torch.no_grad():
+        module.stitch.weight.copy_(torch.eye(module.stitch.weight.shape[0]))
+        module.stitch.bias.zero_()
+    identity = _test(module)
+    assert identity["test/stitch/penalty_pts"] == pytest.approx(0.0, abs=1e-4)  # T = I is A itself
+    with torch.no_grad():
+        module.stitch.weight.mul_(3.0)
+    scaled = _test(module)
+    assert scaled["test/stitch/penalty_pts"] > 5  # B's stored statistics do not fit 3× larger channels
+    assert scaled["test/stitch_recalibrated/penalty_pts"] == pytest.approx(
+        identity["test/stitch_recalibrated/penalty_pts"], abs=0.3)  # 1 image in 360 at most
+    assert abs(scaled["test/stitch_recalibrated/penalty_pts"]) < 2  # statistics of the training images suffice
+    after = module.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert all(m.momentum == 0.1 for m in module.target_net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_recalibrated_equals_frozen_for_a_network_and_its_symmetry(nets):
+    """B = g·A with the exact start (P·D of g): the stitched network is A's function through B's suffix, so
+    re-estimating the statistics after the stitch changes (almost) nothing."""
+    result = stitch(nets["A"], nets["B"], POINT, layer="birkhoff", init="data", relaxed_epochs=1, epochs=2)
+    assert result.penalty_pts is not None and result.penalty_recalibrated_pts is not None
+    assert abs(result.penalty_pts) <= 0.5
+    assert result.penalty_recalibrated_pts == pytest.approx(result.penalty_pts, abs=1.0)
+
+
+def test_protocols_are_checked(nets):
+    with pytest.raises(ValueError, match="protocols are some of frozen, recalibrated"):
+        StitchingModule(str(nets["A"]), str(nets["C"]), POINT, protocols=["paper"])
