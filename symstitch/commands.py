@@ -159,13 +159,16 @@ class Stitch(Command):
         parser.add_argument("--target", required=True, help="likewise")
         parser.add_argument("--points", type=_points, default="all", help="comma-separated stitch points, or all")
         parser.add_argument("--layers", type=name_list, default=list(d["layers"]),
-                            help=f"stitching layers (default {','.join(d['layers'])})")
+                            help=f"stitching layers, with options as name:key=value (default {','.join(d['layers'])};"
+                                 " the paper's yardstick: standard,lowrank:rank=4,lowrank:rank=2,lowrank:rank=1,"
+                                 "birkhoff)")
         parser.add_argument("--epochs", type=positive_int, default=d["epochs"], help=f"default {d['epochs']}")
         parser.add_argument("--relaxed-epochs", type=non_negative_int, default=d["relaxed_epochs"],
                             help=f"for birkhoff/softsort, epochs before hardening (default {d['relaxed_epochs']})")
         parser.add_argument("--lr", type=positive_float, default=d["lr"], help=f"Adam learning rate (default {d['lr']})")
         parser.add_argument("--init", choices=["data", "random"], default=d["init"],
-                            help="start from the data (standard, lasso: least squares; birkhoff: channel matching)")
+                            help="start from the data where the layer has such a start (standard, lasso: least "
+                                 "squares; birkhoff: channel matching), else the layer's own")
         parser.add_argument("--repeats", type=positive_int, default=1, help="seeds per cell (default 1)")
         parser.add_argument("--prefix-cache", choices=["float32", "bfloat16"], default=d["prefix_cache"],
                             help="train on cached source activations of the un-augmented training images")
@@ -174,10 +177,6 @@ class Stitch(Command):
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
         stitching, sweep, report = _load("stitching"), _load("sweep"), _load("report")
-        lacking = [name for name in args.layers if args.init == "data" and not stitching.has_data_start(name)]
-        if lacking:
-            raise ValueError(f"--init data: the {', '.join(lacking)} layer(s) have no data-driven start; use "
-                             "--init random")
         config = {
             "experiment": "stitch", "source": args.source, "target": args.target, "points": args.points,
             "layers": args.layers, "repeats": args.repeats, "stitch_config": "configs/stitch/{layer}.yaml",

@@ -26,11 +26,14 @@ Training contract, for whoever runs the loop:
 from __future__ import annotations
 
 import abc
+import re
+from dataclasses import dataclass, field
 
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+import yaml
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -362,6 +365,47 @@ STITCH_LAYERS: Registry[StitchLayer] = Registry("stitch layer")
 
 def _register(cls: type[StitchLayer]) -> type[StitchLayer]:
     return STITCH_LAYERS.register(cls.name)(cls)
+
+
+def _scalar(text: str) -> Any:
+    """An option value: an int, a float (``1e-3`` too, which YAML reads as a string), else a YAML scalar."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A stitching layer as a sweep or a command names it: a registry name, optionally with options,
+    ``lowrank:rank=4`` (several options: ``lasso:lam=0.01;threshold=1e-3``; numbers, else YAML scalars).
+
+    The paper's yardstick is written ``standard, lowrank:rank=4, lowrank:rank=2, lowrank:rank=1, birkhoff``.
+    The options replace the ``layer_kwargs`` of the layer's config."""
+
+    label: str
+    name: str
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerSpec":
+        label = str(text).strip()
+        name, _, rest = label.partition(":")
+        STITCH_LAYERS.get(name)  # an unknown layer: the list of known ones
+        options: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in rest.split(";"))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"layer {label!r}: options are key=value, e.g. lowrank:rank=4")
+            options[key.strip()] = _scalar(value.strip())
+        return cls(label, name, options)
+
+    @property
+    def slug(self) -> str:
+        """The label as a file-name part: ``lowrank_rank_4``."""
+        return re.sub(r"[^A-Za-z0-9.-]+", "_", self.label).strip("_")
 
 
 def build_stitch_layer(name: str, channels: int, activation: str = "relu", **kw: Any) -> StitchLayer:

@@ -61,7 +61,7 @@ from symstitch.io import dumps
 from symstitch.library import architecture, check_same_data, load_model, load_pair
 from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
-from symstitch.stitch_layers import STITCH_LAYERS, StitchLayer, build_stitch_layer
+from symstitch.stitch_layers import STITCH_LAYERS, LayerSpec, StitchLayer, build_stitch_layer
 from symstitch.training import configure_schedule
 
 
@@ -87,7 +87,8 @@ class StitchingModule(pl.LightningModule):
             ``None`` hardens only at the end of fit.
         init: ``random`` (the layer's own start) or ``data``: the layer's data-driven start from A's and B's
             activations on a few training batches (least squares for ``standard``/``lasso``, channel
-            matching for ``birkhoff``).
+            matching for ``birkhoff``); a layer without one (``lowrank``, ``softsort``) keeps its own start,
+            and the result says which start was used (``init``).
         optimizer, scheduler: for the stitching layer's parameters.
         prefix_cache: ``None`` (default), or the dtype (``float32``, ``bfloat16``) of a cache of A_{≤p}(x) for
             every training image, computed once at fit start: training then skips the frozen prefix and
@@ -121,8 +122,8 @@ class StitchingModule(pl.LightningModule):
         self.stitch = build_stitch_layer(layer, channels, activation=self.source_net.activation, **(layer_kwargs or {}))
         if init not in ("random", "data"):
             raise ValueError(f"init is 'random' or 'data', got {init!r}")
-        if init == "data" and not hasattr(self.stitch, "init_from_data"):
-            raise ValueError(f"the {layer!r} layer has no data-driven initialisation; use init='random'")
+        # a layer without a data-driven start (lowrank, softsort) keeps its own: one setting serves a mixed sweep
+        self.init = init if hasattr(self.stitch, "init_from_data") else "random"
         self.optimizer, self.scheduler = optimizer, scheduler
         unknown = sorted(set(protocols) - set(PROTOCOLS))
         if unknown or not protocols:
@@ -176,7 +177,7 @@ class StitchingModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.train()
-        if self.hparams.init == "data" and not self.trainer.ckpt_path:  # a resumed fit keeps its restored T
+        if self.init == "data" and not self.trainer.ckpt_path:  # a resumed fit keeps its restored T
             self._init_from_data()
         for opt in self.trainer.optimizers:
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
@@ -375,16 +376,11 @@ class StitchingModule(pl.LightningModule):
     # ------------------------------------------------------------------ result
     def summary(self) -> dict:
         """The learned layer, for result files: its description (permutation, scales, sparsity, rank)."""
-        return {"point": self.point, "layer": self.hparams.layer, **self.stitch.describe()}
+        return {"point": self.point, "layer": self.hparams.layer, "init": self.init, **self.stitch.describe()}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One stitch from Python, and the stitch experiment (``symstitch stitch``, stitch sweeps): one LightningCLI path
-
-
-def has_data_start(layer: str) -> bool:
-    """Whether the stitching layer ``layer`` has a data-driven start (``init="data"``)."""
-    return hasattr(STITCH_LAYERS.get(layer), "init_from_data")
 
 
 def stitch_options(*, epochs: int = configs.STITCH_DEFAULTS["epochs"],
@@ -501,8 +497,7 @@ class StitchExperiment(PairExperiment):
 
     def cells(self) -> list[Cell]:
         s = self.settings
-        for layer in names(s["layers"]):
-            STITCH_LAYERS.get(layer)
+        specs = [LayerSpec.parse(layer) for layer in names(s["layers"])]
         models, chosen, key = self.network_pairs()
         if not chosen:
             return []
@@ -515,16 +510,17 @@ class StitchExperiment(PairExperiment):
             if p not in order:
                 raise ValueError(f"{arch} has no stitch point {p!r}; valid stitch points: {', '.join(order)}")
         return [
-            Cell(f"{arch}/{key.format(a=a, b=b)}/{layer}/{point}/r{r}",
+            Cell(f"{arch}/{key.format(a=a, b=b)}/{spec.slug}/{point}/r{r}",
                  {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
-                  "point": point, "point_index": order.index(point), "layer": layer, "repeat": r})
-            for a, b in chosen for layer in names(s["layers"]) for point in points for r in range(int(s["repeats"]))
+                  "point": point, "point_index": order.index(point), "layer": spec.label, "repeat": r})
+            for a, b in chosen for spec in specs for point in points for r in range(int(s["repeats"]))
         ]
 
     def _args(self, cell: Cell, cell_dir: Path) -> list[str]:
-        p = cell.params
-        return ["--config", self.resolve(self.settings["stitch_config"].replace("{layer}", p["layer"])),
-                *self.fit_args(layer=p["layer"]),
+        p, spec = cell.params, LayerSpec.parse(cell.params["layer"])
+        options = ["--model.init_args.layer_kwargs", json.dumps(spec.options)] if spec.options else []
+        return ["--config", self.resolve(self.settings["stitch_config"].replace("{layer}", spec.name)),
+                *self.fit_args(layer=spec.name), *options,
                 "--model.source", p["source"], "--model.target", p["target"], "--model.point", p["point"],
                 "--seed_everything", str(p["repeat"]), "--trainer.default_root_dir", str(cell_dir)]
 

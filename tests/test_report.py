@@ -10,24 +10,32 @@ from pathlib import Path
 import pytest
 
 from symstitch import report
+from symstitch.runner import CellRecord
 
 ARCH = "mcnn"
 # depth order differs from alphabetical order on purpose
 POINTS = ["conv", "block1", "block2", "avgpool"]
 PAIRS = [("mcnn/seed0", "mcnn/seed1"), ("mcnn/seed0", "mcnn/seed2")]
 
-# penalties (fractions) per layer and pair, in depth order
-GROWING = {
-    # means in points [2, 3, 5, 9], std √2 at every point, Spearman +1
-    "birkhoff": [[0.01, 0.02, 0.04, 0.08], [0.03, 0.04, 0.06, 0.10]],
-    # means [1.5, 1.0, 0.5, 0.0], max 1.5 ≤ 2
+# penalties (fractions) per layer and pair, in depth order; layer names as a sweep writes them
+PAPERLIKE = {
+    # means in points [2, 9, 5, 1], std √2 at every point, Spearman −0.4
+    "birkhoff": [[0.01, 0.08, 0.04, 0.00], [0.03, 0.10, 0.06, 0.02]],
+    # means [1.5, 1.0, 0.5, 0.0], max 1.5 ≤ 2: G_ReLU ≥ full at every point
     "standard": [[0.01, 0.01, 0.00, 0.00], [0.02, 0.01, 0.01, 0.00]],
+    # means [20, 30, 25, 10]: G_ReLU ≤ rank 1 at 4 of 4 points
+    "lowrank:rank=1": [[0.20, 0.30, 0.25, 0.10]] * 2,
+    # means [5, 8, 6, 2]: G_ReLU ≤ rank 2 at 3 of 4 (not at block1: 9 > 8)
+    "lowrank:rank=2": [[0.05, 0.08, 0.06, 0.02]] * 2,
+    # means [1, 2, 3, 0.5]: G_ReLU ≤ rank 4 at none
+    "lowrank:rank=4": [[0.01, 0.02, 0.03, 0.005]] * 2,
 }
-SHRINKING = {
-    # means [9, 5, 3, 2], Spearman −1
-    "birkhoff": [[0.08, 0.04, 0.02, 0.01], [0.10, 0.06, 0.04, 0.03]],
+OPPOSITE = {
+    # means [0, 0, 10, 30]: below full at conv, ≤ rank 1 at 2 of 4 only, large at the last point
+    "birkhoff": [[0.00, 0.00, 0.10, 0.30]] * 2,
     # means [5, 1, 1, 1], max 5 > 2
     "standard": [[0.04, 0.01, 0.01, 0.01], [0.06, 0.01, 0.01, 0.01]],
+    "lowrank:rank=1": [[0.01, 0.01, 0.01, 0.01]] * 2,
 }
 
 ALIGN_POINTS = ["a", "b", "c"]
@@ -83,7 +91,7 @@ def _zoo_cells(root: Path) -> None:
         _write_cell(root, f"zoo/{ARCH}-seed{seed}", "zoo", {"arch": ARCH, "seed": seed}, entry)
 
 
-def _sweeps(root: Path, penalties: dict = GROWING, projection: bool = True) -> Path:
+def _sweeps(root: Path, penalties: dict = PAPERLIKE, projection: bool = True) -> Path:
     """A folder holding several sweep folders, plus junk that must be skipped."""
     _stitch_cells(root / "stitch_sweep", penalties)
     _align_cells(root / "align_sweep")
@@ -111,7 +119,7 @@ def built(tmp_path_factory):
 def test_collect_groups_and_skips_junk(tmp_path, capsys):
     root = _sweeps(tmp_path / "results", projection=False)
     found = report.collect(root)
-    assert {k: len(v) for k, v in found.items()} == {"stitch": 16, "align": 3, "zoo": 2}
+    assert {k: len(v) for k, v in found.items()} == {"stitch": 40, "align": 3, "zoo": 2}
     err = capsys.readouterr().err
     assert "broken.json" in err and "not readable JSON" in err
     assert "other.json" in err and "no \"experiment\"" in err
@@ -123,10 +131,10 @@ def test_stitch_csv(built):
     root, md = built
     rows = _csv(md.parent / "stitch.csv")
     assert list(rows[0]) == report.STITCH_COLUMNS
-    assert len(rows) == 16
+    assert len(rows) == 40  # 5 layers × 2 pairs × 4 points, one protocol
     birkhoff = [r for r in rows if r["layer"] == "birkhoff" and r["target"] == "mcnn/seed1"]
     assert [r["point"] for r in birkhoff] == POINTS  # depth order, not alphabetical
-    assert [float(r["penalty_pts"]) for r in birkhoff] == pytest.approx([100 * v for v in GROWING["birkhoff"][0]])
+    assert [float(r["penalty_pts"]) for r in birkhoff] == pytest.approx([100 * v for v in PAPERLIKE["birkhoff"][0]])
     assert [int(r["point_index"]) for r in birkhoff] == [0, 1, 2, 3]
     assert float(birkhoff[0]["stitched_acc"]) == pytest.approx(0.89)
 
@@ -136,10 +144,10 @@ def test_stitch_summary_numbers(built):
     s = report.stitch_summary(rows)[ARCH]
     assert s["points"] == POINTS
     b = s["layers"]["birkhoff"]
-    assert b["mean"] == pytest.approx([2, 3, 5, 9])
+    assert b["mean"] == pytest.approx([2, 9, 5, 1])
     assert b["std"] == pytest.approx([math.sqrt(2)] * 4)
     assert b["n"] == [2, 2, 2, 2]
-    assert report._spearman(b["mean"]) == pytest.approx(1.0)
+    assert report._spearman(b["mean"]) == pytest.approx(-0.4)
     assert s["layers"]["standard"]["mean"] == pytest.approx([1.5, 1.0, 0.5, 0.0])
     assert report._spearman([1.0, 1.0, 1.0]) is None and report._spearman([1.0, 2.0]) is None
 
@@ -147,16 +155,19 @@ def test_stitch_summary_numbers(built):
 def test_report_md_states_measured_numbers(built):
     _, md = built
     text = md.read_text()
-    assert "| stitch | 16 |" in text and "| align | 3 |" in text and "| zoo | 2 |" in text
+    assert "| stitch | 40 |" in text and "| align | 3 |" in text and "| zoo | 2 |" in text
     assert "| projection | 2 |" in text
     # per layer: first, middle, last, max, Spearman
-    assert "| birkhoff | 2 | 2.00 (conv) | 3.00 (block1) | 9.00 (avgpool) | 9.00 (avgpool) | +1.000 |" in text
+    assert "| birkhoff | 2 | 2.00 (conv) | 9.00 (block1) | 1.00 (avgpool) | 9.00 (block1) | -0.400 |" in text
     assert "| standard | 2 | 1.50 (conv) | 1.00 (block1) | 0.00 (avgpool) | 1.50 (conv) | -1.000 |" in text
-    # against the paper: growing G_ReLU penalty and small standard penalty agree
-    assert ("first-third mean 2.00 pts (first 1 of 4 points) < last-third mean 9.00 pts (last 1); "
-            "Spearman ρ = +1.000 → **agrees**") in text
-    assert "max mean penalty 1.50 pts ≤ 2 pts → **agrees**" in text
-    assert "**does not agree**" not in text
+    # against the paper's claims (SPEC §2), every number shown
+    assert "**mcnn, frozen:**" in text and "**mcnn, recalibrated:**" not in text  # no recalibrated penalties here
+    assert "(a) `birkhoff`: G_ReLU ≥ full − 1 pts at 4 of 4 points → **agrees**." in text
+    assert ("(b) `birkhoff`: G_ReLU ≤ rank 1 at 4 of 4 points; G_ReLU ≤ rank 2 at 3 of 4 points; "
+            "G_ReLU ≤ rank 4 at 0 of 4 points → **agrees**.") in text
+    assert "(c) `birkhoff`: last point avgpool: 1.00 pts (≤ 10; mean over the other points 5.33) → **agrees**." in text
+    assert "(d) `standard`: max mean penalty 1.50 pts ≤ 2 pts → **agrees**." in text
+    assert "**does not agree**" not in text and "grows with depth" not in text
     # figures linked with relative paths
     for link in ("(stitch_penalty.png)", "(align_cka_linear.png)", "(align_procrustes_relu.png)",
                  "(align_diagonal.png)", "(projection/projection.png)"):
@@ -172,25 +183,58 @@ def test_report_md_states_measured_numbers(built):
 
 
 def test_opposite_data_gives_opposite_verdicts(tmp_path):
-    root = _sweeps(tmp_path / "results", SHRINKING, projection=False)
+    root = _sweeps(tmp_path / "results", OPPOSITE, projection=False)
     text = report.write_report(root, tmp_path / "out").read_text()
-    assert ("first-third mean 9.00 pts (first 1 of 4 points) ≥ last-third mean 2.00 pts (last 1); "
-            "Spearman ρ = -1.000 → **does not agree**") in text
+    assert ("(a) `birkhoff`: G_ReLU ≥ full − 1 pts at 3 of 4 points (below at conv: 0.00 vs 5.00) → "
+            "**does not agree**.") in text
+    assert "(b) `birkhoff`: G_ReLU ≤ rank 1 at 2 of 4 points → **does not agree**." in text
+    assert "(c) `birkhoff`: last point avgpool: 30.00 pts (> 10; mean over the other points 3.33)" in text
     assert "max mean penalty 5.00 pts > 2 pts → **does not agree**" in text
     assert "**agrees**" not in text
-    assert "| birkhoff | 2 | 9.00 (conv) | 5.00 (block1) | 2.00 (avgpool) | 9.00 (conv) | -1.000 |" in text
 
 
 def test_verdict_edge_cases():
-    assert report.g_relu_verdict([1.0])[0] == "cannot be tested"
-    verdict, evidence = report.g_relu_verdict([1.0, 2.0])
-    assert verdict == "agrees" and "undefined" in evidence
-    assert report.g_relu_verdict([3.0, 3.0, 3.0])[0] == "does not agree"
-    # first third below the last third, but no rank correlation with depth (ρ = 0)
-    verdict, evidence = report.g_relu_verdict([0.0, 9.0, 8.0, 1.0, 0.5])
-    assert verdict == "does not agree" and "<" in evidence and "ρ = +0.000" in evidence
+    g = {"a": 3.0, "b": 5.0}
+    assert report.g_relu_vs_full(g, {"c": 1.0})[0] == "cannot be tested"
+    assert report.g_relu_vs_full(g, {"a": 3.9, "b": 5.0})[0] == "agrees"  # within the 1-point noise
+    assert report.g_relu_vs_full(g, {"a": 4.01, "b": 5.0})[0] == "does not agree"
+    assert report.g_relu_vs_ranks(g, {2: {"a": 9.0, "b": 9.0}}) == (
+        "cannot be tested", "no rank-1 stitch (lowrank:rank=1) in these results")
+    assert report.g_relu_vs_ranks(g, {1: {"a": 3.0, "b": 4.0}})[0] == "does not agree"  # 1 of 2 is not most
+    assert report.g_relu_vs_ranks(g, {1: {"a": 3.0, "b": 5.0}})[0] == "agrees"  # ties count as ≤
+    assert report.g_relu_last([1.0], ["a"])[0] == "cannot be tested"
+    assert report.g_relu_last([4.0, 4.0], ["a", "b"])[0] == "does not agree"  # not below the rest
+    assert report.g_relu_last([20.0, 10.0], ["a", "b"])[0] == "agrees"
+    assert report.g_relu_last([30.0, 10.5], ["a", "b"])[0] == "does not agree"  # above our line
     assert report.standard_verdict([0.0, 2.0])[0] == "agrees"
     assert report.standard_verdict([0.0, 2.01])[0] == "does not agree"
+
+
+def test_both_protocols_are_reported_and_judged_apart(tmp_path, capsys):
+    """Cells carrying frozen and recalibrated penalties: one CSV row per protocol, verdicts for each, the console
+    table shows both."""
+    root = tmp_path / "results"
+    records = []
+    for i, point in enumerate(POINTS):
+        for layer, frozen, recalibrated in (("birkhoff", 0.30, 0.05), ("standard", 0.01, 0.0)):
+            cell = {"arch": ARCH, "source": "a", "target": "b", "point": point, "point_index": i, "layer": layer,
+                    "repeat": 0}
+            result = {"penalty_pts": 100 * frozen, "stitched_acc": 0.9 - frozen, "penalty_recalibrated_pts":
+                      100 * recalibrated, "stitched_recalibrated_acc": 0.9 - recalibrated, "source_acc": 0.9,
+                      "target_acc": 0.9}
+            _write_cell(root, f"stitch/{layer}/{point}", "stitch", cell, result)
+    md = report.write_report(root)
+    rows = _csv(md.parent / "stitch.csv")
+    assert len(rows) == 16 and {r["protocol"] for r in rows} == {"frozen", "recalibrated"}
+    recal = [r for r in rows if r["layer"] == "birkhoff" and r["protocol"] == "recalibrated"]
+    assert [float(r["penalty_pts"]) for r in recal] == pytest.approx([5.0] * 4)
+    assert float(recal[0]["stitched_acc"]) == pytest.approx(0.85)
+    text = md.read_text()
+    assert "**mcnn, frozen:**" in text and "**mcnn, recalibrated:**" in text
+    assert "(c) `birkhoff`: last point avgpool: 30.00 pts" in text and "(c) `birkhoff`: last point avgpool: 5.00 pts" in text
+    records = [CellRecord("stitch", rec["key"], rec["cell"], rec["result"]) for rec in report.collect(root)["stitch"]]
+    report.print_penalties(records, ["birkhoff", "standard"])
+    assert "+30.00 / +5.00" in capsys.readouterr().out
 
 
 def test_align_csv_keeps_nan_empty(built):
@@ -241,7 +285,7 @@ def test_main(tmp_path, capsys):
     assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'rep' / 'report.md'}" in out
-    assert "stitch 16" in out and "stitch mcnn birkhoff against the paper: agrees" in out
+    assert "stitch 40" in out and "stitch mcnn birkhoff g_relu_vs_ranks: agrees" in out
     assert (tmp_path / "rep" / "stitch.csv").exists()
     assert main(["report", str(root)]) == 0  # default out: RESULTS_DIR/report
     assert (root / "report" / "report.md").exists()

@@ -469,3 +469,17 @@ def test_softsort_recovers_a_nearby_group_element(activation):
     layer = _recover("softsort", activation, g, h, seed=11)
     assert torch.equal(layer.permutation, perm)
     torch.testing.assert_close(layer.scales, S.decompose(g)[1], rtol=1e-2, atol=0)
+
+
+def test_layer_spec_names_a_layer_with_options():
+    from symstitch.stitch_layers import LayerSpec
+
+    spec = LayerSpec.parse("lowrank:rank=4")
+    assert (spec.label, spec.name, spec.options, spec.slug) == ("lowrank:rank=4", "lowrank", {"rank": 4},
+                                                                  "lowrank_rank_4")
+    assert LayerSpec.parse("lasso:lam=0.01;threshold=1e-3").options == {"lam": 0.01, "threshold": 1e-3}
+    assert LayerSpec.parse("birkhoff") == LayerSpec("birkhoff", "birkhoff", {})
+    with pytest.raises(KeyError, match="unknown stitch layer 'lowrnk'"):
+        LayerSpec.parse("lowrnk:rank=4")
+    with pytest.raises(ValueError, match="key=value"):
+        LayerSpec.parse("lowrank:4")
