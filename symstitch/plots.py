@@ -92,6 +92,44 @@ def stitch_penalty_plot(summary: dict[str, dict], path: Path) -> Path:
     return path
 
 
+def stitch_penalty_bars(summary: dict[str, dict], path: Path) -> Path:
+    """The paper's stitching figure: for each stitch point a group of bars, one per stitching layer (mean over
+    pairs × repeats, error bars: sample standard deviation where n > 1); one panel per architecture and
+    evaluation protocol (``frozen``, ``recalibrated``).
+
+    ``summary``: :func:`symstitch.report.stitch_summary`, whose series are ``layer`` or ``layer/protocol``."""
+    panels = []
+    for arch, s in summary.items():
+        protocols = list(dict.fromkeys((name.split("/", 1) + ["frozen"])[1] for name in s["layers"]))
+        panels += [(arch, protocol) for protocol in protocols]
+    width = max(6.0, 0.9 * max(len(summary[a]["points"]) for a, _ in panels) + 3.0)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.9 * len(panels)), squeeze=False, sharey=False)
+    for ax, (arch, protocol) in zip(axes[:, 0], panels):
+        s = summary[arch]
+        points = s["points"]
+        series = {name.split("/", 1)[0]: ls for name, ls in s["layers"].items()
+                  if (name.split("/", 1) + ["frozen"])[1] == protocol}
+        bar = 0.8 / max(len(series), 1)
+        colours = matplotlib.colormaps["tab10"](np.arange(len(series)) % 10)
+        for k, (layer, ls) in enumerate(series.items()):
+            xs = [points.index(p) - 0.4 + bar * (k + 0.5) for p in ls["points"]]
+            yerr = [sd if n > 1 else np.nan for sd, n in zip(ls["std"], ls["n"])]
+            n_lo, n_hi = min(ls["n"]), max(ls["n"])
+            n_text = f"n={n_lo}" if n_lo == n_hi else f"n={n_lo}–{n_hi}"
+            ax.bar(xs, ls["mean"], width=bar, yerr=yerr, capsize=2, color=colours[k], label=f"{layer} ({n_text})")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(points)), points, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("stitching penalty (points)")
+        ax.set_title(f"{arch}, {protocol} BatchNorm statistics: mean ± std over {len(s['pairs'])} pair(s) × "
+                     "repeats", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, ncol=min(len(series), 5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def align_heatmap(metric: str, entries: list[tuple[str, dict]], path: Path) -> Path:
     """One heatmap of ``metric`` per architecture (``entries``: ``[(arch, summary)]`` from
     :func:`symstitch.report.align_summary`); NaN (never computed) in grey."""

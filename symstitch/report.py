@@ -221,6 +221,14 @@ def _point_order(rows: list[dict]) -> list[str]:
     return sorted(index, key=lambda p: (index[p], p))
 
 
+def _layer_order(series: str) -> tuple:
+    """The paper's order of stitching layers: full, low-rank by falling rank, then the others (G_ReLU …)."""
+    layer = series.split("/", 1)[0]
+    rank = LOW_RANK.match(layer)
+    group = 0 if layer == STANDARD_LAYER else 1 if rank else 2
+    return group, -int(rank.group(1)) if rank else 0, series
+
+
 def stitch_summary(rows: list[dict]) -> dict[str, dict]:
     """``{arch: {"points": [...], "layers": {series: {"points", "mean", "std", "n"}}}}``, penalties in points; a
     series is a layer under one protocol (:func:`series_name`)."""
@@ -230,7 +238,7 @@ def stitch_summary(rows: list[dict]) -> dict[str, dict]:
                      for r in rows if r["arch"] == arch]
         points = _point_order(arch_rows)
         layers = {}
-        for layer in sorted({r["series"] for r in arch_rows}):
+        for layer in sorted({r["series"] for r in arch_rows}, key=_layer_order):
             pts, means, stds, ns = [], [], [], []
             for p in points:
                 vals = [r["penalty_pts"] for r in arch_rows if r["series"] == layer and r["point"] == p]
@@ -314,10 +322,14 @@ def standard_verdict(means: list[float]) -> tuple[str, str]:
 
 def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path], dict]:
     summary = stitch_summary(rows)
+    bars = plots.stitch_penalty_bars(summary, out / "stitch_bars.png")
     png = plots.stitch_penalty_plot(summary, out / "stitch_penalty.png")
     lines = ["## Stitching", "",
              "Penalty = (acc(source) + acc(target))/2 − acc(stitched), in points of test accuracy (×100); "
-             "mean over pairs and repeats, error bars: sample standard deviation (none where n = 1).", "",
+             "mean over pairs and repeats, error bars: sample standard deviation (none where n = 1). Frozen: the "
+             "stitched network uses B's own BatchNorm statistics; recalibrated (the paper's protocol): the "
+             "statistics of every BatchNorm after the stitch are re-estimated on the training images first.", "",
+             f"![stitching penalty per stitch point and layer]({bars.name})", "",
              f"![stitching penalty per stitch point]({png.name})", "", "Data: [stitch.csv](stitch.csv)", ""]
     for arch, s in summary.items():
         lines += [f"### {arch}", "",
@@ -373,7 +385,7 @@ def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path],
                 verdicts["standard"].append((arch, series_name(STANDARD_LAYER, protocol), verdict))
                 lines.append(f"- (d) `{STANDARD_LAYER}`: {evidence} → **{verdict}**.")
             lines.append("")
-    return lines, [png], {"summary": summary, "verdicts": verdicts}
+    return lines, [bars, png], {"summary": summary, "verdicts": verdicts}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -145,6 +145,8 @@ def test_stitch_summary_numbers(built):
     assert s["points"] == POINTS
     b = s["layers"]["birkhoff"]
     assert b["mean"] == pytest.approx([2, 9, 5, 1])
+    # the paper's order: full, low rank by falling rank, then G_ReLU
+    assert list(s["layers"]) == ["standard", "lowrank:rank=4", "lowrank:rank=2", "lowrank:rank=1", "birkhoff"]
     assert b["std"] == pytest.approx([math.sqrt(2)] * 4)
     assert b["n"] == [2, 2, 2, 2]
     assert report._spearman(b["mean"]) == pytest.approx(-0.4)
@@ -271,7 +273,7 @@ def test_zoo_csv(built):
 
 def test_figures_exist(built):
     out = built[1].parent
-    for name in ("stitch_penalty.png", "align_cka_linear.png", "align_procrustes_relu.png", "align_diagonal.png",
+    for name in ("stitch_bars.png", "stitch_penalty.png", "align_cka_linear.png", "align_procrustes_relu.png", "align_diagonal.png",
                  "projection/projection.png"):
         assert (out / name).stat().st_size > 5000, name
     rows = _csv(out / "projection" / "projection.csv")
