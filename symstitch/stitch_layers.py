@@ -413,6 +413,19 @@ def build_stitch_layer(name: str, channels: int, activation: str = "relu", **kw:
     return STITCH_LAYERS.build(name, channels=channels, activation=activation, **kw)
 
 
+def _least_squares(layer: StitchLayer, h_a: Tensor, h_b: Tensor) -> Tensor:
+    """β of min_β ‖X β − B‖_F, X = [A | 1] (the ones only when ``layer`` has a bias), rows a_n, b_n ∈ R^C over every
+    (N, H, W) or (N, L) position; float64 on the CPU. The fit is for T itself, so ``layer`` must have no norm."""
+    if layer.norm != "none":
+        raise ValueError("a least-squares start fits T alone; it needs norm='none'")
+    A = _channels_last(h_a, layer.channels)[0].reshape(-1, layer.channels).to("cpu", torch.float64)
+    B = _channels_last(h_b, layer.channels)[0].reshape(-1, layer.channels).to("cpu", torch.float64)
+    if A.shape != B.shape:
+        raise ValueError(f"h_a and h_b must hold the same positions; got {tuple(h_a.shape)}, {tuple(h_b.shape)}")
+    X = A if layer.bias is None else torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], dim=1)
+    return torch.linalg.lstsq(X, B).solution
+
+
 @_register
 class StandardStitch(StitchLayer):
     """T = W ∈ R^{C×C}, unconstrained. Init W = I + ε, ε_ij ~ N(0, init_std²): the identity stitch (source
@@ -437,14 +450,7 @@ class StandardStitch(StitchLayer):
         with a bias) solve min_β ‖X β − B‖_F (torch.linalg.lstsq, float64, CPU), then W = β[:C]ᵀ, b = β[C].
         Only with ``norm="none"``: the fit is for T itself.
         """
-        if self.norm != "none":
-            raise ValueError("least-squares initialisation fits T alone; it needs norm='none'")
-        A = _channels_last(h_a, self.channels)[0].reshape(-1, self.channels).to("cpu", torch.float64)
-        B = _channels_last(h_b, self.channels)[0].reshape(-1, self.channels).to("cpu", torch.float64)
-        if A.shape != B.shape:
-            raise ValueError(f"h_a and h_b must hold the same positions; got {tuple(h_a.shape)}, {tuple(h_b.shape)}")
-        X = A if self.bias is None else torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], dim=1)
-        beta = torch.linalg.lstsq(X, B).solution
+        beta = _least_squares(self, h_a, h_b)
         self.weight.copy_(beta[: self.channels].T)
         if self.bias is not None:
             self.bias.copy_(beta[self.channels])
@@ -516,6 +522,25 @@ class LowRankStitch(StitchLayer):
 
     def matrix(self) -> Tensor:
         return self.U @ self.V
+
+    @torch.no_grad()
+    def init_from_data(self, h_a: Tensor, h_b: Tensor) -> "LowRankStitch":
+        """Reduced-rank regression: the best rank-r linear map from A's to B's activations in least squares.
+
+        With β the full least-squares fit (:func:`_least_squares`) and Ŷ = X β = U S Vᵀ its fitted values, the
+        rank-r optimum is β V_r V_rᵀ (V_r: the top r right singular vectors of Ŷ), so T = V_r (V_rᵀ W) with
+        W = β[:C]ᵀ: U ← V_r, V ← V_rᵀ W, and the bias β[C] V_r V_rᵀ.
+        """
+        beta = _least_squares(self, h_a, h_b)
+        A = _channels_last(h_a, self.channels)[0].reshape(-1, self.channels).to("cpu", torch.float64)
+        X = A if self.bias is None else torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], dim=1)
+        V_r = torch.linalg.svd(X @ beta, full_matrices=False).Vh[: self.rank].T  # C × r
+        W = beta[: self.channels].T
+        self.U.copy_(V_r)
+        self.V.copy_(V_r.T @ W)
+        if self.bias is not None:
+            self.bias.copy_(beta[self.channels] @ V_r @ V_r.T)
+        return self
 
     def _details(self) -> dict[str, Any]:
         return {"rank": self.rank, "numerical_rank": int(torch.linalg.matrix_rank(self.matrix().detach()))}

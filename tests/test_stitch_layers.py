@@ -483,3 +483,23 @@ def test_layer_spec_names_a_layer_with_options():
         LayerSpec.parse("lowrnk:rank=4")
     with pytest.raises(ValueError, match="key=value"):
         LayerSpec.parse("lowrank:4")
+
+
+def test_lowrank_data_start_is_the_reduced_rank_regression():
+    """B = M·A with rank M = 2: the rank-2 layer's data start is M exactly; a rank-1 layer gets the best rank-1
+    fit, which no other rank-1 map beats in least squares (checked against the truncated full fit)."""
+    g = torch.Generator().manual_seed(0)
+    C = 6
+    M = torch.randn(C, 2, generator=g, dtype=torch.float64) @ torch.randn(2, C, generator=g, dtype=torch.float64)
+    h_a = torch.randn(50, C, 3, 3, generator=g, dtype=torch.float64)
+    h_b = torch.einsum("ij,njhw->nihw", M, h_a)
+    two = SL.LowRankStitch(C, rank=2, bias=False).init_from_data(h_a.float(), h_b.float())
+    torch.testing.assert_close(two.matrix().detach().double(), M, atol=1e-4, rtol=1e-4)
+    one = SL.LowRankStitch(C, rank=1, bias=False).init_from_data(h_a.float(), h_b.float())
+    A = h_a.permute(0, 2, 3, 1).reshape(-1, C)
+    B = h_b.permute(0, 2, 3, 1).reshape(-1, C)
+    ours = (A @ one.matrix().detach().double().T - B).norm()
+    U, S, Vh = torch.linalg.svd(M)
+    naive = (A @ (S[0] * torch.outer(U[:, 0], Vh[0])).T - B).norm()  # truncating M itself
+    assert ours <= naive + 1e-6
+    assert int(torch.linalg.matrix_rank(one.matrix().detach())) == 1

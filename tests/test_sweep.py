@@ -195,14 +195,14 @@ def test_stitch_command_on_library_models(zoo, tmp_path):
 
 
 def test_the_paper_family_by_name(zoo, tmp_path):
-    """Layers with options (the paper's low-rank yardstick): the cell key is file-safe, the layer gets the options,
-    and a layer without a data-driven start keeps its own under `init: data`."""
-    config = _stitch_config(zoo, tmp_path, points=["layer2.act"], layers=["lowrank:rank=2", "birkhoff"],
+    """Layers with options (the paper's low-rank yardstick): the cell key is file-safe, the layer gets the options
+    and its data start (reduced-rank regression); a layer without a data start keeps its own under `init: data`."""
+    config = _stitch_config(zoo, tmp_path, points=["layer2.act"], layers=["lowrank:rank=2", "softsort"],
                             fit_args=["--trainer.max_epochs", "1", "--model.init_args.relaxed_epochs", "0",
                                       "--model.init_args.init", "data", "--config",
                                       str(REPO / "configs/logger/csv.yaml"), "--trainer.enable_progress_bar", "false"])
     records = load_sweep(config).run(progress=False)
-    assert [r.key for r in records] == ["mcnn/s0-s1/lowrank_rank_2/layer2.act/r0", "mcnn/s0-s1/birkhoff/layer2.act/r0"]
-    low, g = (r.result["model"] for r in records)
-    assert low["rank"] == 2 and low["numerical_rank"] <= 2 and low["init"] == "random"
-    assert g["init"] == "data" and records[0].cell["layer"] == "lowrank:rank=2"
+    assert [r.key for r in records] == ["mcnn/s0-s1/lowrank_rank_2/layer2.act/r0", "mcnn/s0-s1/softsort/layer2.act/r0"]
+    low, soft = (r.result["model"] for r in records)
+    assert low["rank"] == 2 and low["numerical_rank"] <= 2 and low["init"] == "data"
+    assert soft["init"] == "random" and records[0].cell["layer"] == "lowrank:rank=2"
