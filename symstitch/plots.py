@@ -102,7 +102,7 @@ def stitch_penalty_bars(summary: dict[str, dict], path: Path) -> Path:
     for arch, s in summary.items():
         protocols = list(dict.fromkeys((name.split("/", 1) + ["frozen"])[1] for name in s["layers"]))
         panels += [(arch, protocol) for protocol in protocols]
-    width = max(6.0, 0.9 * max(len(summary[a]["points"]) for a, _ in panels) + 3.0)
+    width = max(9.0, 0.9 * max(len(summary[a]["points"]) for a, _ in panels) + 3.0)
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.9 * len(panels)), squeeze=False, sharey=False)
     for ax, (arch, protocol) in zip(axes[:, 0], panels):
         s = summary[arch]
@@ -121,9 +121,10 @@ def stitch_penalty_bars(summary: dict[str, dict], path: Path) -> Path:
         ax.set_xticks(range(len(points)), points, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("stitching penalty (points)")
         ax.set_title(f"{arch}, {protocol} BatchNorm statistics: mean ± std over {len(s['pairs'])} pair(s) × "
-                     "repeats", fontsize=10)
+                     "repeats", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7, ncol=min(len(series), 5))
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.18)  # room for the legend above the bars
+        ax.legend(fontsize=7, ncol=min(len(series), 5), loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
