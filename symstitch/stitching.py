@@ -65,6 +65,11 @@ from symstitch.stitch_layers import STITCH_LAYERS, LayerSpec, StitchLayer, build
 from symstitch.training import configure_schedule
 
 
+#: training batches on which the data start and the trained relaxed form are compared before hardening
+KEEP_START_BATCHES = 4
+#: how much lower (relative) the trained form's loss must be to replace the data start
+KEEP_START_MARGIN = 0.01
+
 #: evaluation protocol → the name its accuracy and penalty are logged under (``test/<name>/penalty_pts``)
 PROTOCOLS = {"frozen": "stitch", "recalibrated": "stitch_recalibrated"}
 
@@ -186,8 +191,7 @@ class StitchingModule(pl.LightningModule):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        if hasattr(self.stitch, "harden"):
-            self.stitch.harden()  # the result is always the exact evaluated form
+        self._harden_stitch()  # the result is always the exact evaluated form
 
     def on_after_optimizer_step(self) -> None:
         """Projection onto the constraint set: runs once after every real optimizer step."""
@@ -196,7 +200,36 @@ class StitchingModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         relaxed = self.hparams.relaxed_epochs
         if relaxed is not None and self.current_epoch >= relaxed and not self.stitch.hardened:
-            self.stitch.harden()
+            self._harden_stitch()
+
+    @torch.no_grad()
+    def _harden_stitch(self) -> None:
+        """Harden T (Hungarian rounding of the relaxed permutation) — or, when the relaxed phase found nothing
+        better than the data-driven start, go back to that start first.
+
+        The start of a G stitch from the data (channel matching) is already a scaled permutation, and for B = g·A
+        it is g exactly; the relaxed phase can only lose that by drifting between channels that the suffix
+        treats alike. So before hardening, the cross-entropy of the stitched network on the first
+        :data:`KEEP_START_BATCHES` batches of un-augmented training images is compared for the two evaluated
+        forms, and the data start is kept unless the trained one is lower by more than
+        :data:`KEEP_START_MARGIN` (relative). Every DDP rank compares on the same images, so all decide alike."""
+        if self.stitch.hardened:
+            return
+        start = self.__dict__.get("_start")
+        if start is not None:
+            trained_loss = self._training_loss(self._hardened_layer())
+            start_loss = self._training_loss(self._hardened_copy(start))
+            self.__dict__["start_kept"] = bool(trained_loss >= start_loss * (1 - KEEP_START_MARGIN))
+            if self.start_kept:
+                self.stitch.load_state_dict(start.state_dict())
+        self.stitch.harden()
+
+    def _training_loss(self, layer: StitchLayer) -> float:
+        total, count = 0.0, 0
+        for h, y in self._training_prefix(with_labels=True, limit=KEEP_START_BATCHES):
+            total += float(F.cross_entropy(self.target_net.forward_from(layer(h), self.point), y, reduction="sum"))
+            count += len(y)
+        return total / max(count, 1)
 
     @torch.no_grad()
     def _init_from_data(self, batches: int = 4) -> None:
@@ -222,6 +255,8 @@ class StitchingModule(pl.LightningModule):
         if dist.is_available() and dist.is_initialized():
             for tensor in [*self.stitch.parameters(), *self.stitch.buffers()]:
                 dist.broadcast(tensor.data, src=0)
+        if not self.stitch.hardened:  # a G stitch: its data start is a scaled permutation, kept in reserve
+            self.__dict__["_start"] = copy.deepcopy(self.stitch)
 
     @torch.no_grad()
     def _cache_prefix(self, dtype: torch.dtype) -> None:
@@ -297,28 +332,31 @@ class StitchingModule(pl.LightningModule):
             norm.eval()
         return suffix, layer
 
-    def _training_prefix(self) -> Iterator[torch.Tensor]:
-        """A_{≤p}(x) of every un-augmented training image, batch by batch (from the prefix cache when it holds
-        them)."""
+    def _training_prefix(self, with_labels: bool = False, limit: Optional[int] = None) -> Iterator[Any]:
+        """A_{≤p}(x) of the un-augmented training images (the first ``limit`` batches, else all), batch by batch,
+        with their labels if asked (from the prefix cache when it holds them)."""
         dm = self.trainer.datamodule
         if not isinstance(dm, DataModule):
-            raise ValueError("the recalibrated protocol needs symstitch.data.DataModule (it reads its training images)")
+            raise ValueError("this needs symstitch.data.DataModule (it reads its training images)")
         dm.setup()
-        if self._uncached_train_set is not None:  # fitting on the cache: it holds exactly these activations
-            cached = dm.train_set.x
-            for i in range(0, len(cached), dm.eval_batch_size):
-                yield self._from_cache(cached[i:i + dm.eval_batch_size].to(self.device))
-            return
-        images = dm.train_set.x
-        for i in range(0, len(images), dm.eval_batch_size):
-            x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
-            yield self.source_net.forward_to(x, self.point)
+        cached = self._uncached_train_set is not None  # fitting on the cache: it holds exactly these activations
+        data = dm.train_set
+        stop = len(data.x) if limit is None else min(len(data.x), limit * dm.eval_batch_size)
+        for i in range(0, stop, dm.eval_batch_size):
+            chunk = data.x[i:i + dm.eval_batch_size].to(self.device)
+            if cached:
+                h = self._from_cache(chunk)
+            else:
+                h = self.source_net.forward_to(normalize_batch(chunk, dm.mean, dm.std, dm.channels_last), self.point)
+            yield (h, data.y[i:i + dm.eval_batch_size].to(self.device)) if with_labels else h
 
     def _hardened_layer(self) -> StitchLayer:
         """The exact evaluated form of T (a hardened copy while T is still relaxed)."""
-        if self.stitch.hardened:
-            return self.stitch
-        layer = copy.deepcopy(self.stitch)
+        return self.stitch if self.stitch.hardened else self._hardened_copy(self.stitch)
+
+    @staticmethod
+    def _hardened_copy(layer: StitchLayer) -> StitchLayer:
+        layer = copy.deepcopy(layer)
         layer.harden()
         return layer.eval()
 
@@ -376,7 +414,9 @@ class StitchingModule(pl.LightningModule):
     # ------------------------------------------------------------------ result
     def summary(self) -> dict:
         """The learned layer, for result files: its description (permutation, scales, sparsity, rank)."""
-        return {"point": self.point, "layer": self.hparams.layer, "init": self.init, **self.stitch.describe()}
+        kept = self.__dict__.get("start_kept")
+        return {"point": self.point, "layer": self.hparams.layer, "init": self.init,
+                **({"data_start_kept": kept} if kept is not None else {}), **self.stitch.describe()}
 
 
 # ----------------------------------------------------------------------------------------------------------
