@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from symstitch.checkpoints import CheckpointError
-from symstitch.data import DataModule
+from symstitch.data import DataModule, normalize_batch
 from symstitch.library import load_pair
 from symstitch.stitching import StitchingModule, stitch
 from symstitch.symmetry import act, decompose, intertwiner_group
@@ -268,25 +268,33 @@ def test_protocols_are_checked(nets):
 
 
 def _g_pairs(tmp_path, width: float, epochs: int):
-    """A trained mCNN of ``width`` and, for each stitch point, B = g·A with a random positive-scaled permutation g."""
+    """A trained mCNN of ``width`` and, for each stitch point, B = g·A with a random positive-scaled permutation g,
+    and the channels of A at the point that are ever active on the training images."""
     module, trainer = _train(0, width=width, epochs=epochs)
     a = tmp_path / f"A{width}.ckpt"
     trainer.save_checkpoint(a, weights_only=True)
+    dm = DataModule(dataset="digits")
+    dm.setup()
+    x = normalize_batch(dm.train_set.x, dm.mean, dm.std, channels_last=False)
     for point in module.net.stitch_points:
-        n = module.net.feature_shapes()[point][0]
-        g = intertwiner_group("relu").sample(n, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            alive = module.net.eval().forward_to(x, point).amax(dim=(0, 2, 3)) > 0
+        g = intertwiner_group("relu").sample(len(alive), generator=torch.Generator().manual_seed(7))
         ckpt = torch.load(a, weights_only=True)
         ckpt["state_dict"] = {f"net.{k}": v for k, v in act(module.net, point, g).state_dict().items()}
         b = tmp_path / f"B{width}-{point}.ckpt"
         torch.save(ckpt, b)
-        yield point, a, b, g
+        yield point, a, b, g, alive
 
 
 def _assert_exact(tmp_path, width: float, epochs: int) -> None:
-    for point, a, b, g in _g_pairs(tmp_path, width, epochs):
+    """g's permutation on every channel that carries anything: a channel never active on the training images (a
+    dead ReLU) is zero whatever it is matched to, so no method can tell where g sent it."""
+    for point, a, b, g, alive in _g_pairs(tmp_path, width, epochs):
         result = stitch(a, b, point, layer="birkhoff")  # the command's defaults: 4 epochs, 3 relaxed, data start
-        perm, _ = decompose(g)
-        assert result.permutation == perm.tolist(), (width, point)
+        perm = decompose(g)[0].tolist()
+        wrong = [i for i, (got, want) in enumerate(zip(result.permutation, perm)) if got != want]
+        assert not [i for i in wrong if alive[perm[i]]], (width, point, len(wrong), int((~alive).sum()))
         assert abs(result.penalty_pts) <= 1.0, (width, point, result.penalty_pts)
 
 
