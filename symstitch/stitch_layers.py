@@ -369,11 +369,10 @@ def _register(cls: type[StitchLayer]) -> type[StitchLayer]:
 
 def _scalar(text: str) -> Any:
     """An option value: an int, a float (``1e-3`` too, which YAML reads as a string), else a YAML scalar."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+        return float(text)
     return yaml.safe_load(text)
 
 
