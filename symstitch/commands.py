@@ -12,6 +12,7 @@ import abc
 import argparse
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -105,7 +106,7 @@ class Command(abc.ABC):
         """Do the work; the exit status."""
 
     def parser(self) -> argparse.ArgumentParser:
-        doc = (type(self).__doc__ or self.help).strip()
+        doc = inspect.cleandoc(type(self).__doc__ or self.help)
         parser = argparse.ArgumentParser(prog=f"symstitch {self.name}", description=doc,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         self.build(parser)
