@@ -131,10 +131,6 @@ def datamodule_for(ref: ModelRef, **overrides: Any) -> DataModule:
     return DataModule(**{**datamodule_settings(ref), **overrides})
 
 
-#: the settings that decide which images and labels a network sees (batch sizes, workers, augmentation do not)
-DATA_IDENTITY = ("dataset",)
-
-
 def trained_on(ref: ModelRef) -> Optional[str]:
     """The dataset name in a reference's checkpoint, None when it saved no data settings."""
     return datamodule_settings(ref).get("dataset")
