@@ -19,7 +19,7 @@ from rich.table import Table
 from symstitch.data import DataModule, normalize_batch
 from symstitch.library import load_model
 from symstitch.models import StagedNet
-from symstitch.symmetry import act, act_on_features, actionable_points, feature, intertwiner_group
+from symstitch.symmetry import act, act_on_features, actionable_points, feature, intertwiner_group, sample_action
 from symstitch.training import ClassifierModule
 
 #: relative tolerance on logits and representation (float32 rounding is ~1e-7)
@@ -39,14 +39,13 @@ def train_on_the_spot(arch: str, width: float, epochs: int, seed: int) -> Staged
 def check_network(net: StagedNet, x: torch.Tensor, seed: int = 0) -> list[dict]:
     """One row per actionable point: the action's effect on outputs and on the representation."""
     net = net.eval()
-    group = intertwiner_group(net.activation)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         logits = net(x)
     rows = []
     for point in actionable_points(net):
         h = feature(net, point, x)
-        g = group.sample(h.shape[1], generator=generator)
+        g = sample_action(net, point, generator=generator)
         moved = act(net, point, g).eval()
         with torch.no_grad():
             logits_g = moved(x)

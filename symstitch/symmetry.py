@@ -27,6 +27,14 @@ then σ, the edit
 
 leaves the network function unchanged, and the representation at the feature point becomes φ_σ(g)·h
 (= g·h for every activation of the zoo, where φ_σ is the identity).
+
+On the residual stream of a ResNet (``stem.act``, every block output ``layerS.b.act2``) the blocks of a stage
+add into one stream, so the same g embeds every producer of the stage (the stem's or each block's
+conv/BatchNorm before the sum, and an option-B shortcut's 1×1 conv/BatchNorm) and every reader absorbs
+φ_σ(g)^{-1} (each next block's conv1 and option-B shortcut, or the classifier). An option-A shortcut carries the
+stream into the next stage zero-padded, so the next stage sees g ⊕ I, and a point in a later stage sees the
+earlier stage's stream in its first channels: g must there be block diagonal (:func:`action_blocks`) and its
+top-left block acts on the earlier stage. An option-B shortcut absorbs g like any reader.
 """
 
 from __future__ import annotations
@@ -345,18 +353,46 @@ def intertwiner_group(activation: ActivationLike, scale_spread: float = 0.5, **k
 
 
 @dataclass(frozen=True)
-class Site:
-    """The modules around a feature point: ``h ↦ σ(norm(layer(h)))`` → ``between`` → ``next_layer``.
+class Segment:
+    """A stretch of the network whose channels all move together, ``size`` of them.
 
-    ``layer`` holds W_l, b_l (output channels on dim 0), ``norm`` an optional BatchNorm, ``between`` the
-    modules after σ that must commute with φ_σ(g) (pooling, flatten), ``next_layer`` holds W_{l+1} (input
-    channels on dim 1: a convolution, or a Linear after global pooling).
+    Every ``producers`` pair ``(layer, norm)`` computes a pre-activation ``norm(layer(h))`` of this stretch
+    (``norm`` an optional BatchNorm): its output channels get g. Every module of ``consumers`` (a
+    convolution, or a Linear after global pooling) reads the stretch's activations on its input channels (dim
+    1): it absorbs φ_σ(g)^{-1}.
     """
 
-    layer: nn.Conv2d
-    norm: Optional[nn.BatchNorm2d]
-    between: tuple[nn.Module, ...]
-    next_layer: Union[nn.Conv2d, nn.Linear]
+    size: int
+    producers: tuple[tuple[nn.Module, Optional[nn.BatchNorm2d]], ...]
+    consumers: tuple[nn.Module, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Everything the action at one feature point edits.
+
+    ``segments[0]`` holds the point itself (``channels`` = its size). A plain layer is one segment:
+    ``h ↦ σ(norm(layer(h)))`` → ``between`` → ``next_layer``. A residual stream is several: the blocks
+    of a stage add their outputs to one stream, so g acts on all of them at once, and parameter-free
+    zero-padding shortcuts tie the stream to the previous stage's (which sees the top-left block of g) and
+    to the next stage's (which sees g ⊕ I). ``between`` are the modules after σ that must commute with
+    φ_σ(g) (pooling, flatten). g must be block diagonal with blocks ``blocks`` (their sum is
+    ``channels``), so that each segment's restriction of g is itself in the group.
+    """
+
+    segments: tuple[Segment, ...]
+    between: tuple[nn.Module, ...] = ()
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def channels(self) -> int:
+        return self.segments[0].size
+
+
+def _plain_site(layer: nn.Module, norm: Optional[nn.BatchNorm2d], between: tuple[nn.Module, ...],
+                next_layer: nn.Module) -> Site:
+    size = layer.out_channels
+    return Site((Segment(size, ((layer, norm),), (next_layer,)),), between, (size,))
 
 
 #: model class name → function ``net → {feature point: Site}``
@@ -372,20 +408,79 @@ def _mcnn_sites(net: StagedNet) -> dict[str, Site]:
     following = [((nxt.pool,), nxt.conv) for nxt in layers[1:]]
     following.append(((head.pool, head.gap, head.flatten), head.fc))
     return {
-        point: Site(layer.conv, getattr(layer, "bn", None), between, next_layer)
+        point: _plain_site(layer.conv, getattr(layer, "bn", None), between, next_layer)
         for point, layer, (between, next_layer) in zip(net.stitch_points, layers, following)
     }
 
 
+def _stream_segments(net: StagedNet) -> list[tuple[list[str], Segment, int]]:
+    """The residual stream of a ResNet cut into segments: ``([stitch points], Segment, run)`` in forward
+    order; segments of one ``run`` are joined by zero-padding shortcuts (each is the previous one plus
+    channels).
+
+    The stream is the stem's output, then every block's output ``act2(bn2(conv2(·)) + shortcut(x))``. A block
+    whose shortcut is the identity, or an option-A zero-padding shortcut, continues the segment of its input
+    (the padding grows it: its first channels are the previous ones); a block with an option-B projection
+    shortcut (1×1 conv + BatchNorm) starts a new segment, its shortcut being one more producer, and consumes
+    the previous segment through that 1×1 conv as well as through its conv1.
+    """
+    stages = net.stages()  # stem, then every block
+    runs: list[list[int]] = []
+    for k, (_, module) in enumerate(stages):
+        projects = k == 0 or isinstance(module.shortcut, nn.Sequential)
+        if projects:
+            runs.append([k])
+        else:
+            runs[-1].append(k)
+    segments = []
+    for run in runs:
+        for k in run:
+            point, module = stages[k]
+            if k == 0:
+                producers = [(module.conv, module.bn)]
+            else:
+                producers = [(module.conv2, module.bn2)]
+                if isinstance(module.shortcut, nn.Sequential):
+                    producers.append((module.shortcut.conv, module.shortcut.bn))
+            if k + 1 < len(stages):
+                nxt = stages[k + 1][1]
+                consumers = [nxt.conv1] + ([nxt.shortcut.conv] if isinstance(nxt.shortcut, nn.Sequential) else [])
+            else:
+                consumers = [net.classifier.fc]  # after global average pooling and flatten: both linear
+            size = producers[0][0].out_channels
+            segments.append(([point], Segment(size, tuple(producers), tuple(consumers)), run[0]))
+    # merge the stages of one run that have the same size into one segment per size
+    merged: list[tuple[list[str], Segment, int]] = []
+    for points, segment, start in segments:
+        if merged and merged[-1][2] == start and merged[-1][1].size == segment.size:
+            last_points, last, _ = merged.pop()
+            segment = Segment(segment.size, last.producers + segment.producers, last.consumers + segment.consumers)
+            points = last_points + points
+        merged.append((points, segment, start))
+    return merged
+
+
 @FAMILIES.register("CifarResNet")
 def _resnet_sites(net: StagedNet) -> dict[str, Site]:
-    """Block-internal ``layerS.b.act1`` only: conv1 → bn1 → act1 → conv2. The residual stream (``stem.act``,
-    ``*.act2``) would need the same g on every block of a stage and on the shortcuts."""
-    return {
-        f"{name}.act1": Site(block.conv1, block.bn1, (), block.conv2)
+    """Block-internal ``layerS.b.act1`` (conv1 → bn1 → act1 → conv2), and the residual stream ``stem.act``,
+    ``layerS.b.act2``: g acts on the whole segment of the point (every block output of the stage, the
+    next blocks' inputs), on the earlier segments joined to it by zero-padding shortcuts through its top-left
+    blocks, and on the later ones as g ⊕ I; option-B shortcuts end a segment and absorb it."""
+    sites = {
+        f"{name}.act1": _plain_site(block.conv1, block.bn1, (), block.conv2)
         for name, block in net.named_modules()
         if isinstance(block, BasicBlock)
     }
+    segments = _stream_segments(net)
+    for points, segment, start in segments:
+        joined = [s for _, s, st in segments if st == start]  # the segments of this run, in order
+        earlier = [s.size for s in joined if s.size < segment.size]
+        blocks = tuple(b - a for a, b in zip([0] + earlier, earlier + [segment.size]))
+        others = tuple(s for s in joined if s is not segment)
+        for point in points:
+            sites[point] = Site((segment,) + others, (), blocks)
+    order = {point: i for i, point in enumerate(net.feature_points)}
+    return dict(sorted(sites.items(), key=lambda item: order[item[0]]))
 
 
 def _sites(model: StagedNet) -> dict[str, Site]:
@@ -396,17 +491,41 @@ def _sites(model: StagedNet) -> dict[str, Site]:
 
 
 def next_layer(model: StagedNet, point: str) -> nn.Module:
-    """The layer holding W_{l+1}, the one that can absorb φ_σ(g)^{-1} for a g acting at ``point``."""
+    """The layer holding W_{l+1}, the one that can absorb φ_σ(g)^{-1} for a g acting at ``point`` (points
+    whose activation feeds one layer only; a residual stream feeds several)."""
     sites = _sites(model)
     if point not in sites:
         raise ValueError(f"no weight-space action at {point!r} of {type(model).__name__}; it is defined at: "
                          + (", ".join(sites) or "(none)"))
-    return sites[point].next_layer
+    segments = sites[point].segments
+    if len(segments) > 1 or len(segments[0].consumers) > 1:
+        raise ValueError(f"{point!r} of {type(model).__name__} is on a residual stream: several layers read it")
+    return segments[0].consumers[0]
 
 
 def actionable_points(model: StagedNet) -> tuple[str, ...]:
     """The feature points of ``model`` where :func:`act` is defined, in forward order."""
     return tuple(_sites(model))
+
+
+def action_blocks(model: StagedNet, point: str) -> tuple[int, ...]:
+    """The block sizes g must respect at ``point``: g = g_1 ⊕ g_2 ⊕ … with g_i ∈ G_σ of size ``blocks[i]``.
+
+    One block (every channel) except on the residual stream of a ResNet with zero-padding shortcuts, where
+    the first channels of a stage are the previous stage's stream (ResNet-20 at ``layer3.*``: 16, 16, 32).
+    """
+    sites = _sites(model)
+    if point not in sites:
+        raise ValueError(f"no weight-space action at {point!r} of {type(model).__name__}; it is defined at: "
+                         + (", ".join(sites) or "(none)"))
+    return sites[point].blocks
+
+
+def sample_action(model: StagedNet, point: str, generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random element of the group acting at ``point`` (float64): ⊕ of G_σ samples over
+    :func:`action_blocks`."""
+    group = intertwiner_group(model.activation)
+    return torch.block_diag(*[group.sample(n, generator=generator) for n in action_blocks(model, point)])
 
 
 def feature(model: nn.Module, point: str, x: Tensor) -> Tensor:
@@ -448,28 +567,57 @@ def _edit(tensor: Tensor, edit: Callable[[Tensor], Tensor]) -> None:
     tensor.copy_(edit(tensor.detach().to(torch.float64)).to(tensor.dtype))
 
 
-def _apply(site: Site, g: Tensor, phi_g: Tensor) -> None:
-    """The edit of the module docstring, on ``site``'s modules (g, φ(g) in float64)."""
+def _embed(layer: nn.Module, norm: Optional[nn.BatchNorm2d], g: Tensor) -> None:
+    """``norm(layer(h)) ↦ g · norm(layer(h))``: the edit of the module docstring on one producer."""
+    if norm is None:
+        _edit(layer.weight, lambda W: _left(g, W))  # W_l ← g W_l
+        if layer.bias is not None:
+            _edit(layer.bias, lambda b: _left(g, b))  # b_l ← g b_l
+        return
     P = compose(decompose(g)[0], torch.ones_like(g[0]))
-    if site.norm is None:
-        _edit(site.layer.weight, lambda W: _left(g, W))  # W_l ← g W_l
-        if site.layer.bias is not None:
-            _edit(site.layer.bias, lambda b: _left(g, b))  # b_l ← g b_l
-    else:
-        _edit(site.layer.weight, lambda W: _left(P, W))  # W_l ← P W_l
-        if site.layer.bias is not None:
-            _edit(site.layer.bias, lambda b: _left(P, b))
-        bn = site.norm
-        _edit(bn.weight, lambda gamma: _left(g, gamma))  # γ ← P D γ
-        _edit(bn.bias, lambda beta: _left(g, beta))  # β ← P D β
-        _edit(bn.running_mean, lambda mu: _left(P, mu))  # μ ← P μ
-        _edit(bn.running_var, lambda v: _left(P, v))  # v ← P v
-    phi_g_inv = monomial_inverse(phi_g)
-    _edit(site.next_layer.weight, lambda W: _right(W, phi_g_inv))  # W_{l+1} ← W_{l+1} φ(g)^{-1}
+    _edit(layer.weight, lambda W: _left(P, W))  # W_l ← P W_l
+    if layer.bias is not None:
+        _edit(layer.bias, lambda b: _left(P, b))
+    _edit(norm.weight, lambda gamma: _left(g, gamma))  # γ ← P D γ
+    _edit(norm.bias, lambda beta: _left(g, beta))  # β ← P D β
+    _edit(norm.running_mean, lambda mu: _left(P, mu))  # μ ← P μ
+    _edit(norm.running_var, lambda v: _left(P, v))  # v ← P v
 
 
-def _check_commutes(site: Site, phi_g: Tensor, point: str) -> None:
-    """Max-pooling commutes with φ(g) only when its nonzeros are positive (max(−x) ≠ −max(x))."""
+def _resize(g: Tensor, size: int) -> Tensor:
+    """g seen by a segment of ``size`` channels: its top-left block, or g ⊕ I (zero-padded channels stay 0)."""
+    n = g.shape[0]
+    if size <= n:
+        return g[:size, :size]
+    return torch.block_diag(g, torch.eye(size - n, dtype=g.dtype, device=g.device))
+
+
+def _apply(site: Site, g: Tensor, group: IntertwinerGroup) -> None:
+    """The edit of the module docstring on every segment of ``site`` (g in float64)."""
+    for segment in site.segments:
+        g_s = _resize(g, segment.size)
+        for layer, norm in segment.producers:
+            _embed(layer, norm, g_s)
+        phi_inv = monomial_inverse(group.phi(g_s))
+        for consumer in segment.consumers:
+            _edit(consumer.weight, lambda W: _right(W, phi_inv))  # W_{l+1} ← W_{l+1} φ(g)^{-1}
+
+
+def _check(site: Site, g: Tensor, phi_g: Tensor, point: str, group: IntertwinerGroup) -> None:
+    """What the group alone does not ensure at ``point``: g's block structure on a residual stream, φ(g) = g
+    where activations are added to pre-activations (shortcuts), max-pooling with positive scales only."""
+    if len(site.blocks) > 1:
+        edges = torch.tensor([0, *site.blocks]).cumsum(0)
+        mask = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool) for n in site.blocks])
+        if g[~mask].abs().max() > 0:
+            raise ValueError(
+                f"at {point!r} g must be block diagonal with blocks {'+'.join(map(str, site.blocks))} (channels "
+                f"{', '.join(f'{int(a)}–{int(b) - 1}' for a, b in zip(edges[:-1], edges[1:]))}): the first "
+                "channels of the stream come from the previous stage through a zero-padding shortcut")
+    stream = len(site.segments) > 1 or len(site.segments[0].producers) > 1
+    if stream and not torch.equal(phi_g, g):
+        raise ValueError(f"{point!r} is on a residual stream, where the action needs φ_σ(g) = g; "
+                         f"{group.name} has φ_σ(g) ≠ g for this g")
     if any(isinstance(m, nn.MaxPool2d) for m in site.between) and (phi_g < 0).any():
         raise ValueError(f"max-pooling after {point!r} does not commute with negative scales of φ(g); "
                          "use an element with positive scales")
@@ -482,7 +630,8 @@ def act(model: StagedNet, point: str, g: Tensor) -> StagedNet:
         model: a network of the zoo (left untouched, including its training mode).
         point: a feature point listed by :func:`actionable_points`.
         g: an n×n element of ``intertwiner_group(model.activation)``, n the channels at ``point``
-            (any float dtype; the edit runs in float64 and is cast back to the weights' dtype).
+            (any float dtype; the edit runs in float64 and is cast back to the weights' dtype); on a residual
+            stream block diagonal with the blocks of :func:`action_blocks` (:func:`sample_action` draws one).
     """
     sites = _sites(model)
     if point not in sites:
@@ -490,18 +639,16 @@ def act(model: StagedNet, point: str, g: Tensor) -> StagedNet:
         raise ValueError(f"the weight-space action is not defined at {point!r} of {type(model).__name__}; "
                          f"it is defined at: {where}")
     group = intertwiner_group(model.activation)
-    n = sites[point].layer.out_channels
+    n = sites[point].channels
     g = torch.as_tensor(g).detach().to("cpu", torch.float64)
     if g.shape != (n, n):
         raise ValueError(f"{point!r} has {n} channels, so g must be {n}×{n}; got {tuple(g.shape)}")
     if not group.contains(g):
         raise ValueError(f"g is not in {group.name}")
-    phi_g = group.phi(g)
-    _check_commutes(sites[point], phi_g, point)
+    _check(sites[point], g, group.phi(g), point, group)
     new = copy.deepcopy(model)
     site = _sites(new)[point]
-    device = site.layer.weight.device
-    _apply(site, g.to(device), phi_g.to(device))
+    _apply(site, g.to(site.segments[0].producers[0][0].weight.device), group)
     return new
 
 
@@ -515,8 +662,10 @@ __all__ = [
     "Permutations",
     "PositiveScaledPermutations",
     "SignedPermutations",
+    "Segment",
     "Site",
     "act",
+    "action_blocks",
     "act_on_features",
     "actionable_points",
     "activation_fn",
@@ -527,4 +676,5 @@ __all__ = [
     "is_monomial",
     "monomial_inverse",
     "nonlinearity",
+    "sample_action",
 ]

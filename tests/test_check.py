@@ -20,10 +20,15 @@ def test_check_on_the_spot_model_passes(tmp_path, capsys):
     assert "G_ReLU" in capsys.readouterr().out
 
 
-def test_check_resnet_lists_points_without_action(capsys):
-    assert main(["check", "--arch", "resnet20", "--width", "0.25", "--epochs", "1", "--samples", "32"]) == 0
+def test_check_resnet_covers_the_residual_stream(capsys, tmp_path):
+    rows_file = tmp_path / "rows.json"
+    assert main(["check", "--arch", "resnet20", "--width", "0.25", "--epochs", "1", "--samples", "32",
+                 "--json", str(rows_file)]) == 0
     out = capsys.readouterr().out
-    assert "layer3.2.act1" in out and "no weight-space action at: stem.act" in out
+    rows = json.loads(rows_file.read_text())
+    points = ["stem.act"] + [f"layer{s}.{b}.act{i}" for s in (1, 2, 3) for b in range(3) for i in (1, 2)]
+    assert [r["point"] for r in rows] == points and all(r["ok"] for r in rows)
+    assert "layer3.2.act2" in out and "no weight-space action" not in out
 
 
 def test_check_fails_when_the_function_changes(monkeypatch, tmp_path):

@@ -239,7 +239,9 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def sample_for(net: models.StagedNet, point: str, seed: int) -> torch.Tensor:
     x = torch.zeros(1, 3, 32, 32, dtype=next(net.parameters()).dtype)
     channels = S.feature(net, point, x).shape[1]
-    return S.intertwiner_group(net.activation).sample(channels, generator=torch.Generator().manual_seed(seed))
+    g = S.sample_action(net, point, generator=torch.Generator().manual_seed(seed))
+    assert g.shape == (channels, channels)
+    return g
 
 
 def check_action(net: models.StagedNet, point: str, g: torch.Tensor, x: torch.Tensor) -> None:
@@ -286,14 +288,33 @@ def test_actionable_points_cover_every_mcnn_feature_point():
         assert S.actionable_points(net) == net.feature_points
 
 
-RESNET20_POINTS = [f"layer{s}.{b}.act1" for s in (1, 2, 3) for b in range(3)]
+RESNET20_INSIDE = [f"layer{s}.{b}.act1" for s in (1, 2, 3) for b in range(3)]
+RESNET20_STREAM = ["stem.act"] + [f"layer{s}.{b}.act2" for s in (1, 2, 3) for b in range(3)]
+RESNET20_POINTS = ["stem.act"] + [f"layer{s}.{b}.act{i}" for s in (1, 2, 3) for b in range(3) for i in (1, 2)]
 
 
 def test_actionable_points_resnets():
-    net = models.build("resnet20", width=SMALL)
-    assert S.actionable_points(net) == tuple(RESNET20_POINTS)
-    assert set(S.actionable_points(net)) == {p for p in net.feature_points if p.endswith("act1")}
+    for arch in ("resnet20", "resnet56", "resnet18"):
+        net = models.build(arch, width=SMALL)
+        assert S.actionable_points(net) == net.feature_points  # every ReLU, in forward order
+    assert S.actionable_points(models.build("resnet20", width=SMALL)) == tuple(RESNET20_POINTS)
     assert S.actionable_points(models.build("cct", width=SMALL)) == ()
+
+
+def test_action_blocks_follow_the_shortcuts():
+    """Option A (ResNet-20, widths 16-32-64 at width 1): a stage's stream starts with the previous stage's
+    channels; option B (ResNet-18): every stage is free."""
+    net = models.build("resnet20")
+    assert S.action_blocks(net, "stem.act") == (16,)
+    assert S.action_blocks(net, "layer1.2.act2") == (16,)
+    assert S.action_blocks(net, "layer2.0.act2") == (16, 16)
+    assert S.action_blocks(net, "layer3.2.act2") == (16, 16, 32)
+    assert S.action_blocks(net, "layer3.2.act1") == (64,)  # inside a block: no shortcut involved
+    resnet18 = models.build("resnet18")
+    assert [S.action_blocks(resnet18, f"layer{s}.1.act2") for s in (1, 2, 3, 4)] == [(64,), (128,), (256,), (512,)]
+    g = S.sample_action(net, "layer3.0.act2", torch.Generator().manual_seed(0))
+    assert g[:16, 16:].abs().max() == 0 and g[16:32, 32:].abs().max() == 0 and g[32:, :32].abs().max() == 0
+    assert S.intertwiner_group("relu").contains(g)
 
 
 @pytest.mark.parametrize("point", RESNET20_POINTS)
@@ -303,11 +324,63 @@ def test_act_resnet20_random_init(point):
     check_action(net, point, sample_for(net, point, seed=2), torch.randn(6, 3, 32, 32))
 
 
-@pytest.mark.parametrize("point", ["layer1.0.act1", "layer4.1.act1"])
+def test_act_resnet56_every_point_random_init():
+    net = random_net("resnet56").eval()
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 32, 32)
+    for k, point in enumerate(S.actionable_points(net)):
+        check_action(net, point, sample_for(net, point, seed=k), x)
+
+
+@pytest.mark.parametrize("point", ["stem.act", "layer1.0.act1", "layer1.1.act2", "layer2.0.act2", "layer3.1.act2",
+                                   "layer4.0.act2", "layer4.1.act1", "layer4.1.act2"])
 def test_act_resnet18_random_init(point):
     net = random_net("resnet18").eval()
     torch.manual_seed(1)
     check_action(net, point, sample_for(net, point, seed=3), torch.randn(4, 3, 32, 32))
+
+
+def test_stream_action_edits_exactly_the_stream():
+    """ResNet-20 at ``layer1.1.act2``: every producer of stage 1 moves (stem, each block's conv2/bn2), each
+    block's conv1 absorbs, stage 2 and 3 see g ⊕ I (first channels moved, padded ones fixed), the classifier
+    absorbs (g ⊕ I)^{-1}; block-internal layers after conv1 of the later stages do not change."""
+    net = random_net("resnet20").eval()
+    g = sample_for(net, "layer1.1.act2", seed=4)
+    n = g.shape[0]
+    new = S.act(net, "layer1.1.act2", g)
+    perm, d = S.decompose(g)  # g = P_π diag(d): row i of g·W is d[π[i]] W[π[i]]
+    torch.testing.assert_close(new.stem.conv.weight, net.stem.conv.weight[perm])
+    torch.testing.assert_close(new.stem.bn.weight, (d[perm] * net.stem.bn.weight.double()[perm]).float())
+    torch.testing.assert_close(new.layer1[2].conv2.weight, net.layer1[2].conv2.weight[perm])
+    torch.testing.assert_close(new.layer1[0].conv1.weight, net.layer1[0].conv1.weight[:, perm] / d[perm].float()[None, :, None, None])
+    torch.testing.assert_close(new.layer3[2].conv2.weight[:n], net.layer3[2].conv2.weight[perm])
+    torch.testing.assert_close(new.layer3[2].conv2.weight[n:], net.layer3[2].conv2.weight[n:])
+    torch.testing.assert_close(new.classifier.fc.weight[:, n:], net.classifier.fc.weight[:, n:])
+    assert not torch.equal(new.classifier.fc.weight[:, :n], net.classifier.fc.weight[:, :n])
+    for block in (1, 2):
+        assert torch.equal(new.layer3[block].conv2.weight[n:], net.layer3[block].conv2.weight[n:])  # padded: I
+        assert torch.equal(new.layer2[block].bn1.weight, net.layer2[block].bn1.weight)
+
+
+def test_option_b_shortcut_absorbs_the_stream():
+    """ResNet-18 at ``layer2.1.act2``: stage 1 and the stem stay bit-identical, layer3.0's 1×1 shortcut absorbs."""
+    net = random_net("resnet18").eval()
+    new = S.act(net, "layer2.1.act2", sample_for(net, "layer2.1.act2", seed=5))
+    before, after = net.state_dict(), new.state_dict()
+    for key in before:
+        if key.startswith(("stem.", "layer1.", "layer4.")) or key.startswith(("layer3.0.bn", "layer3.1.")):
+            assert torch.equal(before[key], after[key]), key
+    for key in ("layer2.0.shortcut.conv.weight", "layer2.0.shortcut.bn.weight", "layer3.0.shortcut.conv.weight",
+                "layer3.0.conv1.weight", "layer2.1.conv1.weight", "layer2.0.conv2.weight"):
+        assert not torch.equal(before[key], after[key]), key
+
+
+def test_stream_refuses_g_mixing_the_stages():
+    net = random_net("resnet20")
+    n = net.layer2[0].conv2.out_channels
+    g = torch.roll(torch.eye(n, dtype=torch.float64), 1, dims=0)  # a permutation across the 16/16 boundary
+    with pytest.raises(ValueError, match=r"block diagonal with blocks 4\+4"):
+        S.act(net, "layer2.1.act2", g)
 
 
 def test_act_channels_last_float64_and_float_g():
@@ -381,10 +454,8 @@ def test_act_refuses_elements_outside_the_group():
 
 def test_act_refuses_undefined_and_unknown_points():
     net = random_net("resnet20")
-    with pytest.raises(ValueError, match=r"stem\.act.*layer1\.0\.act1"):
-        S.act(net, "stem.act", torch.eye(4, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"layer1\.0\.act1"):
-        S.act(net, "layer1.0.act2", torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"layer1\.0\.act1\b.*layer3\.2\.act2"):
+        S.act(net, "layer1.0", torch.eye(4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"layer9\.act.*layer1\.act"):
         S.act(random_net("mcnn"), "layer9.act", torch.eye(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="not defined"):
