@@ -317,7 +317,8 @@ def test_exact_ground_truth_at_every_mcnn_point_full_width(tmp_path):
 
 def test_exact_ground_truth_on_the_resnet20_residual_stream(tmp_path):
     """B = g·A with g acting on the whole residual stream (every block of the stage, g ⊕ I in later stages, the
-    top-left blocks in earlier ones): the stitch at a block output recovers g, in the first stage (g ⊕ I downstream) and in the last (g = g₁ ⊕ g₂ ⊕ g₃)."""
+    top-left blocks in earlier ones): the stitch at a block output recovers g, in the first stage (g ⊕ I
+    downstream) and in the last (g = g₁ ⊕ g₂ ⊕ g₃)."""
     _assert_exact(tmp_path, 0.5, epochs=3, arch="resnet20",
                   points=["layer1.2.act2", "layer3.1.act2"], max_gain=10.0)
 
