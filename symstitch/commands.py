@@ -158,7 +158,8 @@ class Stitch(Command):
         d = STITCH_DEFAULTS
         parser.add_argument("--source", required=True, help="checkpoint or model-library entry <zoo>:<arch>/seed<k>")
         parser.add_argument("--target", required=True, help="likewise")
-        parser.add_argument("--points", type=_points, default="all", help="comma-separated stitch points, or all")
+        parser.add_argument("--points", type=_points, default="all",
+                            help="comma-separated stitch points; all: every cut, inner: the points inside ResNet blocks")
         parser.add_argument("--layers", type=name_list, default=list(d["layers"]),
                             help=f"stitching layers, with options as name:key=value (default {','.join(d['layers'])};"
                                  " the paper's yardstick: standard,lowrank:rank=4,lowrank:rank=2,lowrank:rank=1,"

@@ -103,7 +103,7 @@ def load_pair(source: ModelRef, target: ModelRef, point: str) -> tuple[StagedNet
                          f"{paths[1]} is {specs[1]}")
     check_same_data([source, target])
     nets = load_classifier(paths[0]), load_classifier(paths[1])
-    nets[0].check_stitch_point(point)  # unknown point → the list of valid ones
+    nets[0].check_split_point(point)  # unknown point → the list of valid ones
     shapes = [n.feature_shapes()[point] for n in nets]
     if shapes[0] != shapes[1]:
         raise ValueError(f"representations at {point!r} differ in shape: source {shapes[0]}, target {shapes[1]}")

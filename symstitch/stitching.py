@@ -39,10 +39,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -85,7 +86,9 @@ class StitchingModule(pl.LightningModule):
     Args:
         source: source network A: a classifier checkpoint or a model-library entry ``<zoo>:<arch>/seed<k>``.
         target: target network B, likewise.
-        point: the stitch point p (``net.stitch_points``).
+        point: the stitch point p: a cut (``net.stitch_points``) or an inner point (``net.inner_points``, a
+            ResNet block's ``act1``), where B's block continues from T(h) while its shortcut takes A's block
+            input.
         layer: stitching layer by registry name: ``standard``, ``birkhoff``, ``softsort``, ``lasso``, ``lowrank``.
         layer_kwargs: its options (e.g. ``{alpha: 0.01, projection: euclidean}``, ``{rank: 8}``, ``{norm: before}``).
         relaxed_epochs: epochs before ``harden()`` for layers that have a hardened form (then fine-tuning);
@@ -155,9 +158,11 @@ class StitchingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def stitched(self, x: torch.Tensor, layer: Optional[StitchLayer] = None) -> torch.Tensor:
+        """S(x) = B_{>p}(T(A_{≤p}(x))); at an inner point B's block continues from T(h) and its shortcut from
+        A's block input (the carry)."""
         with torch.no_grad():
-            h = self.source_net.forward_to(x, self.point)
-        return self.target_net.forward_from((layer or self.stitch)(h), self.point)
+            h, carry = self.source_net.split(x, self.point)
+        return self.target_net.forward_from((layer or self.stitch)(h), self.point, carry)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stitched(x)
@@ -226,8 +231,9 @@ class StitchingModule(pl.LightningModule):
 
     def _training_loss(self, layer: StitchLayer) -> float:
         total, count = 0.0, 0
-        for h, y in self._training_prefix(with_labels=True, limit=KEEP_START_BATCHES):
-            total += float(F.cross_entropy(self.target_net.forward_from(layer(h), self.point), y, reduction="sum"))
+        for h, carry, y in self._training_prefix(with_labels=True, limit=KEEP_START_BATCHES):
+            logits = self.target_net.forward_from(layer(h), self.point, carry)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
             count += len(y)
         return total / max(count, 1)
 
@@ -237,7 +243,7 @@ class StitchingModule(pl.LightningModule):
         if self._uncached_train_set is not None:  # training sees un-augmented images: so does the start
             images = self._uncached_train_set.x
             idx = torch.randperm(len(images))[: batches * dm.batch_size]
-            h_a = self._from_cache(dm.train_set.x[idx].to(self.device))
+            h_a = self._from_cache(dm.train_set.x[idx].to(self.device))[0]
             x = normalize_batch(images[idx].to(self.device), dm.mean, dm.std, dm.channels_last)
             h_b = self.target_net.forward_to(x, self.point)
         else:
@@ -260,10 +266,12 @@ class StitchingModule(pl.LightningModule):
 
     @torch.no_grad()
     def _cache_prefix(self, dtype: torch.dtype) -> None:
-        """Swap the DataModule's training images for A_{≤p}(x) of each un-augmented training image.
+        """Swap the DataModule's training images for A_{≤p}(x) (and the carry at an inner point) of each
+        un-augmented training image.
 
-        Stored (N, H, W, C) on the host, so that a batch read back as (N, C, H, W) is channels_last. The
-        DataModule passes floating-point batches through untouched; :meth:`teardown` restores the images.
+        One flat row per image on the host, each (N, C, H, W) part stored as (H, W, C), so that a batch read back
+        as (N, C, H, W) is channels_last. The DataModule passes floating-point batches through untouched;
+        :meth:`teardown` restores the images.
         """
         dm = self.trainer.datamodule
         if not isinstance(dm, DataModule):
@@ -273,21 +281,29 @@ class StitchingModule(pl.LightningModule):
         parts = []
         for i in range(0, len(images), dm.eval_batch_size):
             x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
-            h = self.source_net.forward_to(x, self.point)
-            parts.append(h.movedim(1, -1).to("cpu", dtype).contiguous() if h.dim() == 4 else h.to("cpu", dtype))
+            stored = [t.movedim(1, -1) if t.dim() == 4 else t
+                      for t in self.source_net.split(x, self.point) if t is not None]
+            self.__dict__["_cache_layout"] = [tuple(t.shape[1:]) for t in stored]
+            parts.append(torch.cat([t.flatten(1) for t in stored], dim=1).to("cpu", dtype))
         self._uncached_train_set = dm.train_set
         dm.train_set = TensorImageDataset(torch.cat(parts), labels)
 
-    @staticmethod
-    def _from_cache(h: torch.Tensor) -> torch.Tensor:
-        """A cached batch, stored (N, H, W, C), as the (N, C, H, W) float32 view the stitch layer takes."""
-        return (h.movedim(-1, 1) if h.dim() == 4 else h).float()
+    def _from_cache(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A batch of cached rows as ``(h, carry)``: float32, (N, C, H, W) views of (H, W, C) storage (channels
+        last), the carry ``None`` at a cut."""
+        parts, start = [], 0
+        for shape in self._cache_layout:
+            size = math.prod(shape)
+            t = rows[:, start:start + size].reshape(len(rows), *shape).float()
+            parts.append(t.movedim(-1, 1) if t.dim() == 4 else t)
+            start += size
+        return parts[0], (parts[1] if len(parts) > 1 else None)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self._uncached_train_set is not None:  # x holds cached A_{≤p}(x)
-            h = self._from_cache(x)
-            logits = self.target_net.forward_from(self.stitch(h), self.point)
+            h, carry = self._from_cache(x)
+            logits = self.target_net.forward_from(self.stitch(h), self.point, carry)
         else:
             logits = self.stitched(x)
         loss = F.cross_entropy(logits, y) + self.stitch.regularization()
@@ -326,15 +342,15 @@ class StitchingModule(pl.LightningModule):
             norm.momentum = None
             norm.train()
         if norms:
-            for h in self._training_prefix():
-                suffix.forward_from(layer(h), self.point)
+            for h, carry in self._training_prefix():
+                suffix.forward_from(layer(h), self.point, carry)
         for norm in norms:
             norm.eval()
         return suffix, layer
 
     def _training_prefix(self, with_labels: bool = False, limit: Optional[int] = None) -> Iterator[Any]:
-        """A_{≤p}(x) of the un-augmented training images (the first ``limit`` batches, else all), batch by batch,
-        with their labels if asked (from the prefix cache when it holds them)."""
+        """``(A_{≤p}(x), carry)`` of the un-augmented training images (the first ``limit`` batches, else all),
+        batch by batch, with their labels if asked (from the prefix cache when it holds them)."""
         dm = self.trainer.datamodule
         if not isinstance(dm, DataModule):
             raise ValueError("this needs symstitch.data.DataModule (it reads its training images)")
@@ -345,10 +361,10 @@ class StitchingModule(pl.LightningModule):
         for i in range(0, stop, dm.eval_batch_size):
             chunk = data.x[i:i + dm.eval_batch_size].to(self.device)
             if cached:
-                h = self._from_cache(chunk)
+                h, carry = self._from_cache(chunk)
             else:
-                h = self.source_net.forward_to(normalize_batch(chunk, dm.mean, dm.std, dm.channels_last), self.point)
-            yield (h, data.y[i:i + dm.eval_batch_size].to(self.device)) if with_labels else h
+                h, carry = self.source_net.split(normalize_batch(chunk, dm.mean, dm.std, dm.channels_last), self.point)
+            yield (h, carry, data.y[i:i + dm.eval_batch_size].to(self.device)) if with_labels else (h, carry)
 
     def _hardened_layer(self) -> StitchLayer:
         """The exact evaluated form of T (a hardened copy while T is still relaxed)."""
@@ -363,13 +379,13 @@ class StitchingModule(pl.LightningModule):
     def _evaluate(self, batch) -> None:
         x, y = batch
         with torch.no_grad():
-            h = self.source_net.forward_to(x, self.point)
+            h, carry = self.source_net.split(x, self.point)
         outputs = {"source": self.source_net(x), "target": self.target_net(x)}
         if "frozen" in self.protocols:
-            outputs["stitch"] = self.target_net.forward_from(self._eval_layer(h), self.point)
+            outputs["stitch"] = self.target_net.forward_from(self._eval_layer(h), self.point, carry)
         if "recalibrated" in self.protocols and self._recalibrated is not None:
             suffix, layer = self._recalibrated
-            outputs["stitch_recalibrated"] = suffix.forward_from(layer(h), self.point)
+            outputs["stitch_recalibrated"] = suffix.forward_from(layer(h), self.point, carry)
         for name, logits in outputs.items():
             self.accuracy[name].update(logits, y)
 
@@ -522,6 +538,31 @@ def stitch(
                         stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"))
 
 
+#: point-list keywords → the points they stand for
+POINT_SETS: dict[str, Callable[[StagedNet], Sequence[str]]] = {
+    "all": lambda net: net.stitch_points,
+    "inner": lambda net: net.inner_points,
+}
+
+
+def point_list(net: StagedNet, points: Union[str, Sequence[str]]) -> list[str]:
+    """The stitch points a sweep names, in forward order: point names and the keywords of :data:`POINT_SETS`
+    (``all``: the cuts, ``inner``: the points inside ResNet blocks; ``[all, inner]``: the paper's 19 points of
+    ResNet-20)."""
+    order = net.split_points
+    chosen = set()
+    for name in names(points):
+        if name in POINT_SETS:
+            chosen.update(POINT_SETS[name](net))
+        elif name in order:
+            chosen.add(name)
+        else:
+            inner = f"; inner points: {', '.join(net.inner_points)}" if net.inner_points else ""
+            raise ValueError(f"{type(net).__name__} has no stitch point {name!r}; valid stitch points: "
+                             f"{', '.join(net.stitch_points)}{inner} (or {', '.join(POINT_SETS)})")
+    return [p for p in order if p in chosen]
+
+
 @EXPERIMENTS.register("stitch")
 class StitchExperiment(PairExperiment):
     """Paper §4 stitching: pairs × stitch points × stitch layers × repeats, each cell ``symstitch fit`` with
@@ -542,13 +583,11 @@ class StitchExperiment(PairExperiment):
         if not chosen:
             return []
         first = models[chosen[0][0]]
-        arch, order = architecture(first), list(load_model(first).stitch_points)
+        net = load_model(first)
+        arch, order = architecture(first), list(net.split_points)
         for a, b in chosen:
             load_pair(models[a], models[b], order[0])  # same architecture, shapes and data, before any cell runs
-        points = order if s["points"] == "all" else names(s["points"])
-        for p in points:
-            if p not in order:
-                raise ValueError(f"{arch} has no stitch point {p!r}; valid stitch points: {', '.join(order)}")
+        points = point_list(net, s["points"])
         return [
             Cell(f"{arch}/{key.format(a=a, b=b)}/{spec.slug}/{point}/r{r}",
                  {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,

@@ -144,6 +144,28 @@ def test_split_forward_is_exact(name):
         y = net(x)
         for p in net.stitch_points:
             assert torch.equal(net.forward_from(net.forward_to(x, p), p), y), p
+        for p in net.split_points:  # inner points too: the rest of the block from h and the carry
+            h, carry = net.split(x, p)
+            assert (carry is None) == (p in net.stitch_points), p
+            assert torch.equal(net.forward_from(h, p, carry), y), p
+
+
+def test_inner_points_of_the_resnets():
+    net = small("resnet20")
+    inner = [f"layer{s}.{b}.act1" for s in (1, 2, 3) for b in range(3)]
+    assert net.inner_points == tuple(inner)
+    assert len(net.split_points) == 19 and net.split_points[:3] == ("stem.act", "layer1.0.act1", "layer1.0.act2")
+    assert set(net.split_points) == set(net.feature_points)  # every ReLU of a ResNet is a split point
+    assert small("mcnn").inner_points == () and small("mcnn").split_points == small("mcnn").stitch_points
+    x = torch.randn(2, 3, 32, 32)
+    h, carry = net.split(x, "layer2.0.act1")
+    assert h.shape[1:] == (8, 16, 16) and carry.shape[1:] == (4, 32, 32)  # stride 2 block: the carry is its input
+    with pytest.raises(ValueError, match="needs its carry"):
+        net.forward_from(h, "layer2.0.act1")
+    with pytest.raises(ValueError, match="no carry"):
+        net.forward_from(h, "layer2.0.act2", carry)
+    with pytest.raises(ValueError, match=r"valid stitch points: stem\.act.*inner points: layer1\.0\.act1"):
+        net.check_split_point("layer2.0.conv1")
 
 
 def option_a_count(n: int, num_classes: int = 10, widths=(16, 32, 64)) -> int:
@@ -207,8 +229,8 @@ def test_unknown_stitch_point():
     net = small("resnet20")
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match="layer1.0.act2") as err:
-        net.forward_to(x, "layer1.0.act1")  # a feature point, not a stitch point
-    assert "stem.act" in str(err.value)
+        net.forward_to(x, "layer1.0.conv1")  # a module, not a point
+    assert "stem.act" in str(err.value) and "inner points: layer1.0.act1" in str(err.value)
     with pytest.raises(ValueError, match="valid stitch points"):
         net.forward_from(x, "nope")
 

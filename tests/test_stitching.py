@@ -3,6 +3,7 @@ must find g's permutation and (almost) no penalty."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from .conftest import CONFIGS, cli_env
 POINT = "layer2.act"
 
 
+@functools.lru_cache(maxsize=4)  # tests only read the trained networks (act() and stitch() copy them)
 def _train(seed: int, width: float = 0.25, epochs: int = 3,
            arch: str = "mcnn") -> tuple[ClassifierModule, pl.Trainer]:
     pl.seed_everything(seed, verbose=False)
@@ -321,6 +323,31 @@ def test_exact_ground_truth_on_the_resnet20_residual_stream(tmp_path):
     downstream) and in the last (g = g₁ ⊕ g₂ ⊕ g₃)."""
     _assert_exact(tmp_path, 0.5, epochs=3, arch="resnet20",
                   points=["layer1.2.act2", "layer3.1.act2"], max_gain=10.0)
+
+
+def test_stitch_inside_a_block_with_and_without_the_prefix_cache(tmp_path):
+    """An inner point (``layer2.0.act1``, a stride-2 block: the carry is larger than h): B = g·A there, B's block
+    continues from T(h) and its shortcut from A's block input, so T = g is exact. The prefix cache holds h and
+    the carry and gives the same stitch."""
+    ((point, a, b, g, alive),) = _g_pairs(tmp_path, 0.5, 3, arch="resnet20", points=["layer2.0.act1"])
+    perm = decompose(g)[0].tolist()
+    results = [stitch(a, b, point, layer="birkhoff", prefix_cache=cache) for cache in (None, "float32")]
+    for result in results:
+        assert [got for got, want in zip(result.permutation, perm) if alive[want] and got != want] == []
+        assert -10.0 <= result.penalty_pts <= 1.0 and -10.0 <= result.penalty_recalibrated_pts <= 1.0
+    assert results[0].permutation == results[1].permutation
+
+
+def test_point_lists_of_a_sweep():
+    from symstitch import models
+    from symstitch.stitching import point_list
+
+    net = models.build("resnet20", width=0.25)
+    assert point_list(net, "all") == list(net.stitch_points)
+    assert point_list(net, ["all", "inner"]) == list(net.split_points) and len(net.split_points) == 19
+    assert point_list(net, "layer3.2.act2,inner,stem.act")[:2] == ["stem.act", "layer1.0.act1"]
+    with pytest.raises(ValueError, match=r"no stitch point 'layer9'.*inner points: layer1\.0\.act1.*\(or all, inner\)"):
+        point_list(net, ["layer9"])
 
 
 @pytest.mark.slow

@@ -6,6 +6,18 @@ A classifier is written as f = head ∘ s_K ∘ … ∘ s_1. The output of each 
     h = net.forward_to(x, point)       # A_{≤p}(x)
     y = net.forward_from(h, point)     # B_{>p}(h)
 
+A stage may also offer *inner points* (``inner_points``): a point inside it where a second path bypasses the
+point, like the ReLU after a residual block's first convolution, whose shortcut carries the block input. The
+network splits there too, but the rest of the stage needs that bypassing tensor, the *carry*:
+
+    h, carry = net.split(x, point)               # the activation at the point and the block input
+    y = net.forward_from(h, point, carry)        # the block continues from h, its shortcut from carry
+
+(stitching at such a point feeds B's block T(h_A) and A's block input: the paper's protocol). A stage module
+with inner points implements ``enter(x) → (h, carry)`` and ``leave(h, carry)`` with ``leave(*enter(x)) ==
+forward(x)``. ``split_points`` lists every point where the network splits, cuts and inner points, in
+forward order.
+
 *Feature points* are the outputs of every activation module (``nn.ReLU``, ``nn.GELU``, …), in forward
 order; for the CNNs every stitch point is also a feature point of the same name (the stage ends with its
 activation module), while block-internal activations of a ResNet are feature points but not stitch points.
@@ -13,7 +25,7 @@ activation module), while block-internal activations of a ResNet are feature poi
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,15 +53,18 @@ class StagedNet(nn.Module):
 
     activation: str = "relu"
 
-    def set_stages(self, stages: Sequence[tuple[str, str]], head: str) -> None:
+    def set_stages(self, stages: Sequence[tuple[str, str]], head: str,
+                   inner: Sequence[tuple[str, str]] = ()) -> None:
         """Declare the forward chain.
 
         Args:
             stages: ``(point, module_path)`` pairs in forward order; ``point`` names the stage's output
                 (the stitch point), ``module_path`` is the submodule that computes it.
             head: module path of the final stage (features → logits); its output is not a stitch point.
+            inner: ``(point, stage point)`` pairs: an inner point and the stitch point of the stage it lies
+                in (that stage's module implements ``enter`` and ``leave``).
         """
-        names = [p for p, _ in stages]
+        names = [p for p, _ in stages] + [p for p, _ in inner]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate stitch point names: {names}")
         self._stage_paths: tuple[tuple[str, str], ...] = tuple(stages)
@@ -57,6 +72,11 @@ class StagedNet(nn.Module):
         self.get_submodule(head)  # fail early on a typo
         for _, path in stages:
             self.get_submodule(path)
+        cuts = [p for p, _ in stages]
+        for point, stage_point in inner:
+            if stage_point not in cuts:
+                raise ValueError(f"inner point {point!r}: no stage {stage_point!r}")
+        self._inner: dict[str, int] = {point: cuts.index(stage_point) for point, stage_point in inner}
 
     # ------------------------------------------------------------------ points
     @property
@@ -66,6 +86,29 @@ class StagedNet(nn.Module):
     @property
     def feature_points(self) -> tuple[str, ...]:
         return tuple(name for name, m in self.named_modules() if isinstance(m, ACTIVATIONS))
+
+    @property
+    def inner_points(self) -> tuple[str, ...]:
+        """Points inside a stage, bypassed by a carry (see the module docstring)."""
+        return tuple(getattr(self, "_inner", {}))
+
+    @property
+    def split_points(self) -> tuple[str, ...]:
+        """Every point where the network splits: stitch points and inner points, in forward order (an inner
+        point comes right before the output of its stage)."""
+        inner = getattr(self, "_inner", {})
+        order = []
+        for k, point in enumerate(self.stitch_points):
+            order += [p for p, stage in inner.items() if stage == k]
+            order.append(point)
+        return tuple(order)
+
+    def check_split_point(self, point: str) -> None:
+        """A clear error listing the valid points unless ``point`` is in :attr:`split_points`."""
+        if point not in self.split_points:
+            inner = f"; inner points: {', '.join(self.inner_points)}" if self.inner_points else ""
+            raise ValueError(f"{type(self).__name__} has no stitch point {point!r}; valid stitch points: "
+                             + ", ".join(self.stitch_points) + inner)
 
     def check_stitch_point(self, point: str) -> int:
         """Index of ``point`` among the stitch points; a clear error listing the valid ones otherwise."""
@@ -96,15 +139,40 @@ class StagedNet(nn.Module):
         return self.head(x)
 
     def forward_to(self, x: torch.Tensor, point: str) -> torch.Tensor:
-        """A_{≤p}(x): run the stages up to and including the one whose output is ``point``."""
+        """A_{≤p}(x): run the stages up to and including the one whose output is ``point`` (at an inner point:
+        the activation there, see :meth:`split` for the carry)."""
+        return self.split(x, point)[0]
+
+    def split(self, x: torch.Tensor, point: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(A_{≤p}(x), carry)``: the carry is the bypassing tensor at an inner point, ``None`` at a cut."""
+        inner = getattr(self, "_inner", {})
+        self.check_split_point(point)
+        if point in inner:
+            stages = self.stages()
+            for _, stage in stages[: inner[point]]:
+                x = stage(x)
+            return stages[inner[point]][1].enter(x)
         k = self.check_stitch_point(point)
         for _, stage in self.stages()[: k + 1]:
             x = stage(x)
-        return x
+        return x, None
 
-    def forward_from(self, h: torch.Tensor, point: str) -> torch.Tensor:
-        """B_{>p}(h): run the stages after ``point`` and the head."""
-        k = self.check_stitch_point(point)
+    def forward_from(self, h: torch.Tensor, point: str, carry: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """B_{>p}(h): run the rest of the network from ``h`` at ``point``: the rest of the stage (with ``carry``,
+        required at an inner point), the stages after it, and the head."""
+        inner = getattr(self, "_inner", {})
+        self.check_split_point(point)
+        if point in inner:
+            if carry is None:
+                raise ValueError(f"{point!r} is inside a stage: forward_from needs its carry (the tensor that "
+                                 "bypasses the point, from split())")
+            stages = self.stages()
+            h = stages[inner[point]][1].leave(h, carry)
+            k = inner[point]
+        else:
+            if carry is not None:
+                raise ValueError(f"{point!r} is a cut: nothing bypasses it, so there is no carry")
+            k = self.check_stitch_point(point)
         for _, stage in self.stages()[k + 1 :]:
             h = stage(h)
         return self.head(h)

@@ -16,8 +16,9 @@ BasicBlock, children registered in this order: ``conv1, bn1, act1, conv2, bn2, s
 * ``resnet18``: the CIFAR ResNet-18: 3×3 stem with 64 channels, four stages of 2 blocks with 64-128-256-512
   channels (strides 1, 2, 2, 2), option-B shortcuts (1×1 conv + BatchNorm projection) where the shape changes.
 
-Stitch points: ``stem.act`` and every block's ``act2`` (``layer1.0.act2``, …); feature points additionally
-include every block's ``act1``. ``width`` multiplies every channel count (rounded, at least 1).
+Stitch points: ``stem.act`` and every block's ``act2`` (``layer1.0.act2``, …); inner points (see
+``symstitch.models.base``): every block's ``act1``, with the block input as carry (ResNet-20: 10 + 9 = the
+paper's 19 points); feature points: all of them. ``width`` multiplies every channel count (rounded, at least 1).
 Convolutions have no bias and use Kaiming-normal initialisation.
 """
 
@@ -74,9 +75,16 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(c_in, c_out, stride, option)
         self.act2 = nn.ReLU()
 
+    def enter(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inner point ``act1`` and the carry, the block input that the shortcut takes."""
+        return self.act1(self.bn1(self.conv1(x))), x
+
+    def leave(self, h: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+        """The rest of the block from ``act1``'s output ``h``, the shortcut applied to ``carry``."""
+        return self.act2(self.bn2(self.conv2(h)) + self.shortcut(carry))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
-        return self.act2(out + self.shortcut(x))
+        return self.leave(*self.enter(x))
 
 
 class CifarResNet(StagedNet):
@@ -100,7 +108,7 @@ class CifarResNet(StagedNet):
                 act=nn.ReLU(),
             )
         )
-        stages = [("stem.act", "stem")]
+        stages, inner = [("stem.act", "stem")], []
         c_in = stem_width
         for j, (n, c_out) in enumerate(zip(blocks, widths), start=1):
             layer = []
@@ -108,6 +116,7 @@ class CifarResNet(StagedNet):
                 stride = 2 if (b == 0 and j > 1) else 1
                 layer.append(BasicBlock(c_in, c_out, stride, option))
                 stages.append((f"layer{j}.{b}.act2", f"layer{j}.{b}"))
+                inner.append((f"layer{j}.{b}.act1", f"layer{j}.{b}.act2"))
                 c_in = c_out
             self.add_module(f"layer{j}", nn.Sequential(*layer))
         self.classifier = nn.Sequential(
@@ -116,7 +125,7 @@ class CifarResNet(StagedNet):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.set_stages(stages, head="classifier")
+        self.set_stages(stages, head="classifier", inner=inner)
 
 
 def _cifar_resnet(depth: int, num_classes: int, width: float) -> CifarResNet:
