@@ -59,7 +59,7 @@ from symstitch import configs
 from symstitch.cli import check_args, fit_in_process
 from symstitch.data import DataModule, TensorImageDataset, normalize_batch
 from symstitch.io import dumps
-from symstitch.library import architecture, check_same_data, load_model, load_pair
+from symstitch.library import architecture, check_same_data, load_model, load_pair, resolve_model
 from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
 from symstitch.stitch_layers import STITCH_LAYERS, LayerSpec, StitchLayer, build_stitch_layer
@@ -73,6 +73,11 @@ KEEP_START_MARGIN = 0.01
 
 #: evaluation protocol → the name its accuracy and penalty are logged under (``test/<name>/penalty_pts``)
 PROTOCOLS = {"frozen": "stitch", "recalibrated": "stitch_recalibrated"}
+
+#: the last prefix cache built in this process, ``(key, rows)``: the cells of a sweep at one (source, point) —
+#: one per stitching layer and repeat, run one after the other — compute A_{≤p}(x) once. One entry only, so
+#: host memory holds one point's activations at most.
+_SHARED_PREFIX: dict[tuple, tuple[list, torch.Tensor]] = {}
 
 
 def _freeze(net: StagedNet) -> StagedNet:
@@ -277,16 +282,39 @@ class StitchingModule(pl.LightningModule):
         if not isinstance(dm, DataModule):
             raise ValueError("prefix_cache needs symstitch.data.DataModule (it reads its in-memory training images)")
         dm.setup()
-        images, labels = dm.train_set.x, dm.train_set.y
-        parts = []
+        labels = dm.train_set.y
+        key = self._prefix_key(dm, dtype)
+        if key not in _SHARED_PREFIX:
+            entry = self._compute_prefix(dm, dtype)
+            _SHARED_PREFIX.clear()
+            _SHARED_PREFIX[key] = entry
+        layout, rows = _SHARED_PREFIX[key]
+        self.__dict__["_cache_layout"] = layout
+        self._uncached_train_set = dm.train_set
+        dm.train_set = TensorImageDataset(rows, labels)
+
+    def _compute_prefix(self, dm: DataModule, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
+        """``(layout, rows)``: the shapes of the stored parts (h, then the carry at an inner point) and one flat
+        row per training image."""
+        images, parts = dm.train_set.x, []
         for i in range(0, len(images), dm.eval_batch_size):
             x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
             stored = [t.movedim(1, -1) if t.dim() == 4 else t
                       for t in self.source_net.split(x, self.point) if t is not None]
-            self.__dict__["_cache_layout"] = [tuple(t.shape[1:]) for t in stored]
             parts.append(torch.cat([t.flatten(1) for t in stored], dim=1).to("cpu", dtype))
-        self._uncached_train_set = dm.train_set
-        dm.train_set = TensorImageDataset(torch.cat(parts), labels)
+        return [tuple(t.shape[1:]) for t in stored], torch.cat(parts)
+
+    def _prefix_key(self, dm: DataModule, dtype: torch.dtype) -> tuple:
+        """What the cached activations depend on: the source's stored weights (checkpoint path and its size and
+        modification time), the point, the dtype, the device and the training images (their count, a
+        fingerprint of their values, the normalisation)."""
+        path = resolve_model(self.hparams.source).resolve()
+        stat = path.stat()
+        x = dm.train_set.x
+        fingerprint = (tuple(x.shape), str(x.dtype), float(x.flatten()[:: max(1, x.numel() // 4096)].double().sum()),
+                       int(dm.train_set.y.sum()))
+        return (str(path), stat.st_size, stat.st_mtime_ns, self.point, str(dtype), str(self.device), fingerprint,
+                tuple(dm.mean), tuple(dm.std), dm.channels_last)
 
     def _from_cache(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A batch of cached rows as ``(h, carry)``: float32, (N, C, H, W) views of (H, W, C) storage (channels
@@ -592,7 +620,8 @@ class StitchExperiment(PairExperiment):
             Cell(f"{arch}/{key.format(a=a, b=b)}/{spec.slug}/{point}/r{r}",
                  {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
                   "point": point, "point_index": order.index(point), "layer": spec.label, "repeat": r})
-            for a, b in chosen for spec in specs for point in points for r in range(int(s["repeats"]))
+            # a point's cells one after the other: they share its prefix cache (see _SHARED_PREFIX)
+            for a, b in chosen for point in points for spec in specs for r in range(int(s["repeats"]))
         ]
 
     def _args(self, cell: Cell, cell_dir: Path) -> list[str]:

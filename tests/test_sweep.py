@@ -69,7 +69,9 @@ def test_grid_expansion_and_cell_keys(zoo, tmp_path):
     assert len(cells) == 1 * 2 * 2 * 2  # pairs × layers × points × repeats
     assert len({c.key for c in cells}) == len(cells)
     assert cells[0].key == "mcnn/s0-s1/standard/layer1.act/r0"
-    assert cells[0].params["point_index"] == 0 and cells[2].params["point_index"] == 1
+    # a point's cells run one after the other (they share its prefix cache)
+    assert [c.params["point_index"] for c in cells] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [c.params["layer"] for c in cells[:4]] == ["standard", "standard", "birkhoff", "birkhoff"]
     one = load_sweep(_stitch_config(zoo, tmp_path / "one", points="layer2.act")).cells()  # a string names one point
     assert [c.params["point"] for c in one] == ["layer2.act", "layer2.act"]
 
