@@ -65,6 +65,7 @@ def _number(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: str
 positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer ≥ 0")
 positive_float = _number(float, lambda v: v > 0, "a positive number")
+fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 
 
 def name_list(text: str) -> list[str]:
@@ -267,6 +268,8 @@ class Projection(Command):
         parser.add_argument("--lr", type=positive_float, default=0.05, help="retraining learning rate (SGD, cosine)")
         parser.add_argument("--retrain", choices=["rest", "next"], default="rest",
                             help="retrain every layer after l (rest, SPEC §4) or only the next one (next)")
+        parser.add_argument("--train-fraction", type=fraction, default=1.0,
+                            help="retrain on this class-stratified fraction of the training split (default 1)")
         parser.add_argument("--out", default=None, help="results folder (default runs/projection/<hash>)")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
@@ -276,7 +279,7 @@ class Projection(Command):
         projection.library_networks(args.models, args.seed, args.zoo, extra)
         config = {"experiment": "projection", "zoo": str(Path(args.zoo).resolve()), "archs": args.models,
                   "seed": args.seed, "kinds": args.kinds, "points": args.points, "repeats": args.repeats,
-                  "epochs": args.epochs, "lr": args.lr, "retrain": args.retrain}
+                  "epochs": args.epochs, "lr": args.lr, "retrain": args.retrain, "train_fraction": args.train_fraction}
         out = Path(args.out) if args.out else default_folder("projection", config)
         sweep.run_generated(config, out, "symstitch projection")
         md = report.write_report(out)

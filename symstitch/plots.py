@@ -185,26 +185,51 @@ def align_diagonal_plot(diagonal: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def projection_accuracy(summary: Sequence[dict], path: Path) -> Path:
-    """Test accuracy per layer of the projection experiment, one panel per network: after retraining (solid),
-    before retraining (dashed), the clean network (dotted). ``summary``: :func:`symstitch.report.projection_summary`."""
-    networks = list(dict.fromkeys(s["network"] for s in summary))
-    fig, axes = plt.subplots(1, len(networks), figsize=(4.6 * len(networks), 3.6), squeeze=False)
-    for ax, network in zip(axes[0], networks):
-        series = [s for s in summary if s["network"] == network]
-        ax.axhline(series[0]["clean"], color="black", linestyle=":", label="clean")
-        for s in series:
+def projection_accuracy(summary: Sequence[dict], gaps: Sequence[dict], path: Path) -> Path:
+    """The projection experiment, one column per family. Top: test accuracy per layer after retraining (solid,
+    error bars: sample standard deviation over networks × repeats where n > 1), before retraining (dashed,
+    faint) and the clean networks (dotted, mean). Bottom: orthogonal − G_σ in points per layer, the mean of the
+    paired differences with its confidence interval, and 0 (no difference) for reference.
+
+    ``summary``: :func:`symstitch.report.projection_summary`; ``gaps``: :func:`symstitch.report.projection_gaps`."""
+    families = list(dict.fromkeys(s["family"] for s in summary))
+    fig, axes = plt.subplots(2, len(families), figsize=(4.8 * len(families), 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1]}, sharex="col")
+    for k, family in enumerate(families):
+        ax, gap_ax = axes[0][k], axes[1][k]
+        series = [s for s in summary if s["family"] == family]
+        clean = series[0]["clean"]
+        ax.axhline(clean["mean"], color="black", linestyle=":", label=f"clean (mean of {clean['n']})")
+        for j, s in enumerate(series):
             label = f"{s['matrix']}, retrain {s['retrain']}"
-            line = ax.plot(s["layers"], s["recovered"], marker="o", label=label)[0]
-            ax.plot(s["layers"], s["inserted"], marker="x", linestyle="--", color=line.get_color(), alpha=0.5,
-                    label=f"{label}: before retraining")
-        ax.set_title(f"{network} ({series[0]['activation']})")
-        ax.set_xlabel("layer l (M inserted before its activation)")
+            offset = 0.06 * (j - (len(series) - 1) / 2)  # keep error bars of different series apart
+            xs = [layer + offset for layer in s["layers"]]
+            n = max(a["n"] for a in s["recovered"])
+            line = ax.errorbar(xs, [a["mean"] for a in s["recovered"]],
+                               yerr=[a["std"] if a["n"] > 1 else np.nan for a in s["recovered"]],
+                               marker="o", markersize=4, capsize=3, label=f"{label} (n={n})")
+            ax.plot(xs, [a["mean"] for a in s["inserted"]], marker="x", linestyle="--",
+                    color=line.lines[0].get_color(), alpha=0.4)
+        ax.set_title(f"{family} ({series[0]['activation']}): after retraining (dashed: before)", fontsize=9)
         ax.set_ylabel("test accuracy")
-        ax.set_xticks(sorted({layer for s in series for layer in s["layers"]}))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="lower left")
+        family_gaps = [g for g in gaps if g["family"] == family]
+        for j, retrain in enumerate(dict.fromkeys(g["retrain"] for g in family_gaps)):
+            rows = [g for g in family_gaps if g["retrain"] == retrain]
+            xs = [g["layer"] + 0.06 * j for g in rows]
+            means = [g["mean"] for g in rows]
+            err = np.array([[m - g["ci"][0], g["ci"][1] - m] for m, g in zip(means, rows)]).T
+            gap_ax.errorbar(xs, means, yerr=err, marker="s", markersize=4, capsize=3, linestyle="none",
+                            label=f"retrain {retrain} (n={max(g['n'] for g in rows)})")
+        gap_ax.axhline(0, color="black", linewidth=0.8)
+        gap_ax.set_ylabel("orthogonal − G_σ cost\n(points, 95 % CI)", fontsize=8)
+        gap_ax.set_xlabel("layer l (M inserted before its activation)")
+        gap_ax.set_xticks(sorted({layer for s in series for layer in s["layers"]}))
+        gap_ax.grid(alpha=0.3)
+        if family_gaps:
+            gap_ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

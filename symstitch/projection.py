@@ -19,6 +19,11 @@ What is retrained is chosen by name: ``rest`` (SPEC §4: every layer after l) or
 right after l, W_{l+1}: the sharpest form of the test, since that single linear map can absorb a G_σ
 insertion exactly, W_{l+1} φ_σ(M)^{-1}, but not an orthogonal one).
 
+The retraining budget is ``epochs`` × ``lr`` × ``train_fraction``: retraining on a class-stratified random
+fraction of the network's training split (:class:`TrainingSubset`) limits how much the retrained layers can
+relearn from the data alone, so that what the inserted representation σ(M z) still offers them decides the
+outcome (on a task as easy as digits, the full split and enough epochs relearn everything whatever M was).
+
 :class:`ProjectionModule` is one cell (usable with ``symstitch fit``); :class:`ProjectionExperiment` is the grid
 (networks × layers × matrix kinds × repeats), which ``symstitch projection`` writes and runs;
 :func:`symstitch.report.projection_files` makes its tidy CSV, plot and markdown summary.
@@ -37,9 +42,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.classification import MulticlassAccuracy
 
-from symstitch.checkpoints import load_classifier
-from symstitch.io import read_json, write_json
-from symstitch.library import datamodule_for, library_models, load_model, resolve_model
+from symstitch.checkpoints import classifier_spec, load_classifier, read_checkpoint
+from symstitch.data import DataModule, TensorImageDataset
+from symstitch.io import parse_range, read_json, write_json
+from symstitch.library import datamodule_settings, library_models, load_model, resolve_model
 from symstitch.models import StagedNet
 from symstitch.registry import Registry
 from symstitch.runner import EXPERIMENTS, Cell, Experiment, names
@@ -167,12 +173,57 @@ class ProjectionModule(pl.LightningModule):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The retraining data
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a class-stratified random subset: of the n_c samples of each class c, a random
+    max(1, round(fraction · n_c)) (drawn with a generator seeded by ``seed``), so every class stays in it and
+    the class proportions stay those of ``labels`` up to rounding. ``fraction`` in (0, 1]."""
+    check_fraction(fraction)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).flatten()
+        take = max(1, round(fraction * len(members)))
+        keep.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(keep).sort().values
+
+
+def check_fraction(fraction: float) -> float:
+    """``fraction`` as a float in (0, 1], else a ValueError that says so."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction is a fraction of the training split in (0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+class TrainingSubset(DataModule):
+    """A :class:`~symstitch.data.DataModule` that trains on :func:`stratified_subset` of its training split
+    (``fraction``, ``subset_seed``); validation and test data are untouched. ``fraction`` 1 is the full split.
+    The other arguments are the DataModule's."""
+
+    def __init__(self, fraction: float = 1.0, subset_seed: int = 0, **settings):
+        super().__init__(**settings)
+        self.fraction, self.subset_seed = check_fraction(fraction), int(subset_seed)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        super().setup(stage)
+        if self.fraction < 1.0:
+            keep = stratified_subset(self.train_set.y, self.fraction, self.subset_seed)
+            self.train_set = TensorImageDataset(self.train_set.x[keep], self.train_set.y[keep])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The grid: networks × points × matrix kinds × repeats
 
 
 def _quiet_trainer(max_epochs: int, root: Path) -> pl.Trainer:
+    """A trainer without progress bars or checkpoints that validates once, after the last epoch."""
     return pl.Trainer(
         max_epochs=max_epochs,
+        check_val_every_n_epoch=max_epochs,
         accelerator="auto",
         devices=1,
         logger=CSVLogger(root, name="", version=""),
@@ -230,14 +281,17 @@ def library_networks(archs: Sequence[str], seed: int, zoo: Path | str, fit_args:
 
 @EXPERIMENTS.register("projection")
 class ProjectionExperiment(Experiment):
-    """Paper §3 projection experiment: networks × layers × matrix kinds × repeats. The networks are seed
-    ``seed`` of each of ``archs`` in the model library ``zoo``, or given by name as ``models: {name: checkpoint
-    or library entry}``. Each cell retrains on the data its network was trained on."""
+    """Paper §3 projection experiment: networks × layers × matrix kinds × repeats. The networks are seeds
+    ``seed`` (one seed or a list such as ``0-2``) of each of ``archs`` in the model library ``zoo``, or given by
+    name as ``models: {name: checkpoint or library entry}``. Each cell retrains on the data its network was
+    trained on: a stratified ``train_fraction`` of its training split, drawn per repeat (repeat r uses subset
+    seed r and matrix seed r, the same for every kind and layer, so kinds are compared on the same data and
+    the same training order), for ``epochs`` epochs of SGD at learning rate ``lr`` (cosine schedule)."""
 
     name = "projection"
     options = {"zoo": None, "archs": ["mcnn", "mcnn_sigmoid"], "seed": 0, "models": None,
                "kinds": ["identity", "group", "orthogonal"], "points": "all", "repeats": 1, "epochs": 8,
-               "lr": 0.05, "retrain": "rest"}
+               "lr": 0.05, "retrain": "rest", "train_fraction": 1.0}
 
     def __init__(self, settings: dict, base: Path = Path(".")):
         super().__init__(settings, base)
@@ -246,13 +300,18 @@ class ProjectionExperiment(Experiment):
                              "by name (models)")
         if int(self.settings["epochs"]) < 1:
             raise ValueError(f"epochs must be at least 1, got {self.settings['epochs']}")
+        check_fraction(self.settings["train_fraction"])
+        parse_range(self.settings["seed"])
 
-    def networks(self) -> dict[str, str]:
+    def networks(self) -> dict[str, tuple[str, str]]:
+        """``name → (model reference, family)``: the family is what the report pools over seeds and repeats,
+        the architecture for a zoo's seeds and the name itself for a network given by name."""
         s = self.settings
         if s["models"] is not None:
-            return {str(name): str(ref) for name, ref in s["models"].items()}
-        seed = int(s["seed"])
-        return {f"{arch}-seed{seed}": library_models(s["zoo"], arch, [seed])[seed] for arch in names(s["archs"])}
+            return {str(name): (str(ref), str(name)) for name, ref in s["models"].items()}
+        seeds = parse_range(s["seed"])
+        return {f"{arch}-seed{seed}": (ref, arch) for arch in names(s["archs"])
+                for seed, ref in library_models(s["zoo"], arch, seeds).items()}
 
     def cells(self) -> list[Cell]:
         s = self.settings
@@ -261,14 +320,15 @@ class ProjectionExperiment(Experiment):
         if s["retrain"] not in ("rest", "next"):
             raise ValueError(f"retrain is 'rest' or 'next', got {s['retrain']!r}")
         cells = []
-        for network, ref in self.networks().items():
+        for network, (ref, family) in self.networks().items():
             valid = projection_points(load_model(ref))
             points = list(valid) if s["points"] == "all" else names(s["points"])
             for point in points:
                 if point not in valid:
                     raise ValueError(f"no projection point {point!r} in {network}; valid: {', '.join(valid)}")
             cells += [Cell(f"{network}/{point}/{kind}-r{r}",
-                           {"network": network, "model": ref, "point": point, "matrix": kind, "repeat": r})
+                           {"network": network, "family": family, "model": ref, "point": point, "matrix": kind,
+                            "repeat": r})
                       for point in points for kind in names(s["kinds"]) for r in range(int(s["repeats"]))]
         return cells
 
@@ -276,7 +336,9 @@ class ProjectionExperiment(Experiment):
         """Insert, measure, retrain, measure; the cell's record, with the network's clean accuracy."""
         s, p = self.settings, cell.params
         checkpoint = resolve_model(p["model"])
-        datamodule = datamodule_for(checkpoint)  # the data the network was trained on
+        # the data the network was trained on; repeat r retrains on subset r
+        fraction = check_fraction(s["train_fraction"])
+        datamodule = TrainingSubset(fraction, p["repeat"], **datamodule_settings(checkpoint))
         epochs, lr = int(s["epochs"]), float(s["lr"])
         pl.seed_everything(p["repeat"], verbose=False)
         module = ProjectionModule(
@@ -288,8 +350,11 @@ class ProjectionExperiment(Experiment):
         trainer = _quiet_trainer(epochs, cell_dir)
         trainer.fit(module, datamodule=datamodule)
         (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
+        spec = classifier_spec(read_checkpoint(checkpoint), checkpoint)
         return {
             "network": p["network"],
+            "family": p.get("family", p["network"]),
+            "arch": spec["arch"],
             "activation": module.net.activation,
             "point": p["point"],
             "layer": projection_points(module.net).index(p["point"]) + 1,
@@ -300,5 +365,6 @@ class ProjectionExperiment(Experiment):
             "recovered_acc": float(res["test/acc"]),
             "epochs": epochs,
             "lr": lr,
+            "train_fraction": fraction,
             "clean_acc": clean_accuracy(checkpoint, datamodule, Path(out) / "runs" / p["network"] / "clean"),
         }

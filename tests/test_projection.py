@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from symstitch.data import DataModule
-from symstitch.projection import ProjectionExperiment, ProjectionModule, projection_points
-from symstitch.report import projection_files
+from symstitch.projection import (ProjectionExperiment, ProjectionModule, TrainingSubset, projection_points,
+                                  stratified_subset)
+from symstitch.report import PROJECTION_COLUMNS, projection_files
 from symstitch.symmetry import feature, intertwiner_group, monomial_inverse, next_layer
 from symstitch.training import ClassifierModule
 
@@ -106,9 +107,12 @@ def test_grid_is_resumable_and_reported(trained, tmp_path, monkeypatch):
     assert [r.result for r in load_sweep(config, out).run(progress=False)] == records
     paths = projection_files(records, out)
     rows = paths["csv"].read_text().strip().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("network,activation,point,layer,matrix")
+    assert len(rows) == 5 and rows[0] == ",".join(PROJECTION_COLUMNS)
+    assert rows[1].startswith("relu-net,relu-net,mcnn,relu,layer3.act,3,group,rest,0,")
     assert paths["png"].stat().st_size > 10_000
-    assert "| relu-net | relu | group | rest |" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert "| relu-net | relu | rest | 3 |" in md and "| relu-net | relu | rest | 4 |" in md
+    assert "- No verdict" in md  # no orthogonal cells: nothing to compare
 
 
 def test_points(trained):
@@ -130,3 +134,89 @@ def test_acceptance_group_insertions_recover_on_digits(tmp_path):
     assert len(rows) == 4
     for r in rows:
         assert r["recovered_acc"] >= r["clean_acc"] - 0.01, r
+
+
+def test_stratified_subset_keeps_every_class_in_proportion():
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 1)
+    keep = stratified_subset(labels, 0.5, seed=3)
+    assert torch.equal(keep, keep.sort().values) and len(set(keep.tolist())) == len(keep)
+    # round(0.5·10) = 5, round(0.5·4) = 2, max(1, round(0.5·1)) = 1
+    assert torch.bincount(labels[keep]).tolist() == [5, 2, 1]
+    assert torch.equal(stratified_subset(labels, 0.5, seed=3), keep)  # seeded
+    assert not torch.equal(stratified_subset(labels, 0.5, seed=4), keep)
+    assert torch.equal(stratified_subset(labels, 1.0, seed=0), torch.arange(15))
+    for bad in (0.0, 1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="train_fraction"):
+            stratified_subset(labels, bad, seed=0)
+
+
+def test_training_subset_trains_on_the_fraction_and_tests_on_everything():
+    full = DataModule(dataset="digits")
+    full.setup()
+    part = TrainingSubset(0.25, subset_seed=1, dataset="digits")
+    part.setup()
+    counts_full, counts_part = torch.bincount(full.train_set.y), torch.bincount(part.train_set.y)
+    assert counts_part.tolist() == [max(1, round(0.25 * int(c))) for c in counts_full]
+    assert torch.equal(part.test_set.x, full.test_set.x) and torch.equal(part.test_set.y, full.test_set.y)
+    keep = stratified_subset(full.train_set.y, 0.25, seed=1)  # the kept images are training images, own labels
+    assert torch.equal(part.train_set.x, full.train_set.x[keep]) and torch.equal(part.train_set.y, full.train_set.y[keep])
+
+
+def test_experiment_options_are_checked(trained):
+    for bad in (0, 2.0, "all"):
+        with pytest.raises(ValueError, match="train_fraction"):
+            ProjectionExperiment({"models": {"n": str(trained)}, "train_fraction": bad})
+    with pytest.raises(ValueError, match="seed"):
+        ProjectionExperiment({"zoo": "z", "seed": "3-1"})
+    cells = ProjectionExperiment({"models": {"relu-net": str(trained)}, "points": ["layer1.act"],
+                                  "kinds": ["group", "orthogonal"], "repeats": 2}).cells()
+    assert [(c.params["family"], c.params["matrix"], c.params["repeat"]) for c in cells] == [
+        ("relu-net", "group", 0), ("relu-net", "group", 1), ("relu-net", "orthogonal", 0), ("relu-net", "orthogonal", 1)]
+
+
+def _record(network, layer, kind, repeat, acc, family="mcnn_nobn", retrain="rest"):
+    return {"network": network, "family": family, "activation": "relu", "point": f"layer{layer}.act", "layer": layer,
+            "matrix": kind, "retrain": retrain, "repeat": repeat, "clean_acc": 0.95, "inserted_acc": 0.1,
+            "recovered_acc": acc, "epochs": 2, "lr": 0.005, "train_fraction": 1.0}
+
+
+def test_gaps_and_verdicts_on_synthetic_cells(tmp_path):
+    """Paired differences G_σ − orthogonal in points, exact: layer 1 pairs d = 3, 5, 7 (mean 5, std 2, 95 % CI
+    5 ± t_{0.975,2}·2/√3 = 5 ± 4.968); layer 2 pairs d = −1, +1 (CI contains 0); layer 3 a single pair."""
+    from scipy.stats import t
+
+    from symstitch.report import gap_verdict, projection_gaps, projection_summary
+
+    records = []
+    for (network, repeat), d in {("a-seed0", 0): 3, ("a-seed0", 1): 5, ("a-seed1", 0): 7}.items():
+        records += [_record(network, 1, "group", repeat, 0.90), _record(network, 1, "orthogonal", repeat, 0.90 - d / 100),
+                    _record(network, 1, "identity", repeat, 0.94)]
+    records += [_record("a-seed0", 2, "group", 0, 0.80), _record("a-seed0", 2, "orthogonal", 0, 0.81),
+                _record("a-seed1", 2, "group", 0, 0.80), _record("a-seed1", 2, "orthogonal", 0, 0.79)]
+    records += [_record("a-seed0", 3, "group", 0, 0.70), _record("a-seed0", 3, "orthogonal", 0, 0.60),
+                _record("a-seed1", 3, "orthogonal", 1, 0.10)]  # unpaired: no G_σ cell with repeat 1
+    gaps = projection_gaps(records)
+    assert [(g["layer"], g["n"]) for g in gaps] == [(1, 3), (2, 2), (3, 1)]
+    g1, g2, g3 = gaps
+    half = t.ppf(0.975, 2) * 2 / 3 ** 0.5
+    assert g1["mean"] == pytest.approx(5.0) and g1["std"] == pytest.approx(2.0)
+    assert g1["ci"] == pytest.approx((5.0 - half, 5.0 + half))
+    assert half == pytest.approx(4.968, abs=1e-3)
+    assert g2["mean"] == pytest.approx(0.0, abs=1e-12) and g2["std"] == pytest.approx(2 ** 0.5)
+    assert g3["mean"] == pytest.approx(10.0) and g3["n"] == 1
+
+    assert gap_verdict(g1, "relu") == (
+        "orthogonal costs +5.00 ± 2.00 points more than G_relu at layer 1 (retrain rest; mean ± std over 3 paired "
+        "run(s), 95 % CI [+0.03, +9.97]): orthogonal insertions cost more: resolved")
+    assert gap_verdict(g2, "relu").endswith("no difference resolved (the interval contains 0)")
+    assert gap_verdict(g3, "relu").endswith("a single pair, no error bar, nothing resolved")
+    flipped = gap_verdict({**g1, "mean": -5.0, "ci": (-9.97, -0.03)}, "relu")
+    assert flipped.endswith("G_σ insertions cost more: resolved, against the theory's expectation")
+
+    (identity,) = [s for s in projection_summary(records) if s["matrix"] == "identity"]
+    assert identity["layers"] == [1] and identity["recovered"][0]["mean"] == pytest.approx(0.94)
+    assert identity["recovered"][0]["n"] == 3 and identity["networks"] == ["a-seed0", "a-seed1"]
+
+    md = projection_files(records, tmp_path)["md"].read_text()
+    assert "| mcnn_nobn | relu | rest | 1 | 95.0 ± 0.0 (n=2) | 94.0 ± 0.0 (n=3) | 90.0 ± 0.0 (n=3) | 85.0 ± 2.0 (n=3) | +5.00 ± 2.00 (n=3) |" in md
+    assert f"- mcnn_nobn: {gap_verdict(g1, 'relu')}." in md

@@ -181,7 +181,9 @@ def test_report_md_states_measured_numbers(built):
     # model library
     assert "| mcnn | 0 | digits | 98.12 % |" in text and "| mcnn | 1 | digits | 97.55 % |" in text
     # projection, through report.projection_files
-    assert "| mcnn-seed0 | relu | group | next | 0.980 |" in text
+    assert "| mcnn-seed0 | relu | next | 1 | 98.0 (n=1) | 97.0 (n=1) | 60.0 (n=1) | +37.00 ± n/a (n=1) |" in text
+    assert "orthogonal costs +37.00 ± n/a points more than G_relu at layer 1 (retrain next; mean ± std over 1 paired " \
+           "run(s)): a single pair, no error bar, nothing resolved" in text
 
 
 def test_opposite_data_gives_opposite_verdicts(tmp_path):
