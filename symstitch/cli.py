@@ -85,7 +85,7 @@ class SymstitchCLI(LightningCLI):
 
     def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
                  announce: bool = True, validate: bool = False, **kwargs):
-        self.parse_only, self.announce, self.validate = parse_only, announce, validate
+        self.parse_only, self.announce, self.final_validation = parse_only, announce, validate
         #: after a fit: its metrics, ``val/…`` of the final validation (``validate``) and ``test/…``
         self.metrics: dict[str, float] = {}
         super().__init__(
@@ -171,7 +171,7 @@ class SymstitchCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        if self.validate:
+        if self.final_validation:
             metrics.update(self._validate_final())
         if is_overridden("test_step", self.model) and self.datamodule is not None:
             # the final network on the test split (the validation split may be carved from train)

@@ -603,8 +603,8 @@ class StitchExperiment(PairExperiment):
 
     def check(self, cells: list[Cell]) -> None:
         """The arguments of each layer parse; a choice has a held-out validation split to choose on."""
-        for layer in dict.fromkeys(c.params["layer"] for c in cells):
-            cell = next(c for c in cells if c.params["layer"] == layer)
+        for kind in dict.fromkeys((c.params["layer"], "select" in c.params) for c in cells):
+            cell = next(c for c in cells if (c.params["layer"], "select" in c.params) == kind)
             config = check_args(["fit", *self._args(cell, Path("."))])
             select = cell.params.get("select")
             if select and config is not None and not float(config.data.val_split or 0) > 0:
