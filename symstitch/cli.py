@@ -84,8 +84,10 @@ class SymstitchCLI(LightningCLI):
     """LightningCLI over symstitch modules and the DataModule (see ``symstitch fit --help``)."""
 
     def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
-                 announce: bool = True, **kwargs):
-        self.parse_only, self.announce = parse_only, announce
+                 announce: bool = True, validate: bool = False, **kwargs):
+        self.parse_only, self.announce, self.final_validation = parse_only, announce, validate
+        #: after a fit: its metrics, ``val/…`` of the final validation (``validate``) and ``test/…``
+        self.metrics: dict[str, float] = {}
         super().__init__(
             model_class=pl.LightningModule,
             subclass_mode_model=True,
@@ -169,6 +171,8 @@ class SymstitchCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if self.final_validation:
+            metrics.update(self._validate_final())
         if is_overridden("test_step", self.model) and self.datamodule is not None:
             # the final network on the test split (the validation split may be carved from train)
             (tested,) = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
@@ -185,7 +189,27 @@ class SymstitchCLI(LightningCLI):
             if self.announce:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
                 print(f"symstitch fit: {shown}\n  result: {out}\n  checkpoint: {checkpoint}")
+        self.metrics = metrics
         teardown_distributed()
+
+    def _validate_final(self) -> dict[str, float]:
+        """The final network on the held-out validation split, as ``val/<metric>``: also when the fit itself did
+        not validate (``limit_val_batches`` 0). Refused when there is no held-out split (``val_split`` 0: the
+        DataModule would validate on the test split), so nothing chosen by these numbers ever saw the test set."""
+        dm = self.datamodule
+        if not isinstance(dm, DataModule):
+            raise ValueError("a final validation needs symstitch.data.DataModule (its held-out validation split)")
+        dm.setup()
+        if dm.val_set is dm.test_set:
+            raise ValueError(f"a final validation needs a held-out validation split, but the data validates on the "
+                             f"test split (val_split {dm.val_split:g}): set --data.val_split, e.g. 0.1")
+        trainer, limit = self.trainer, self.trainer.limit_val_batches
+        trainer.limit_val_batches = 1.0
+        try:
+            (validated,) = trainer.validate(self.model, datamodule=dm, verbose=False)
+        finally:
+            trainer.limit_val_batches = limit
+        return {f"val/{k}": float(v) for k, v in validated.items()}
 
 
 def teardown_distributed() -> None:
@@ -196,33 +220,37 @@ def teardown_distributed() -> None:
 
 
 def build_cli(args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
-              announce: bool = True) -> SymstitchCLI:
+              announce: bool = True, validate: bool = False) -> SymstitchCLI:
     """A :class:`SymstitchCLI` (``run=False``: parsed and instantiated, nothing trained yet; ``parse_only``:
-    parsed and checked, nothing instantiated; ``announce``: print the result of a fit). ``args`` None reads
-    ``sys.argv``."""
+    parsed and checked, nothing instantiated; ``announce``: print the result of a fit; ``validate``: after a fit,
+    evaluate the final network on the held-out validation split too). ``args`` None reads ``sys.argv``."""
     default_wandb_offline()
     with warnings.catch_warnings():
         # args given from Python (the commands, sweeps, tests) while sys.argv holds another program's options
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return SymstitchCLI(args=shipped_configs(args) if args is not None else None, run=run, parse_only=parse_only,
-                            announce=announce)
+                            announce=announce, validate=validate)
 
 
-def check_args(args: Sequence[str]) -> None:
+def check_args(args: Sequence[str]) -> Optional[Namespace]:
     """Raise ValueError when LightningCLI arguments do not parse (unknown keys, bad values, missing files):
-    a sweep checks its cells' arguments before it claims a folder or runs anything."""
+    a sweep checks its cells' arguments before it claims a folder or runs anything. Returns the parsed config of
+    the subcommand (``args[0]``), with the data settings taken from the networks' checkpoints filled in."""
     try:
-        build_cli(args, parse_only=True)
+        cli = build_cli(args, parse_only=True)
     except SystemExit as exit_:
         if exit_.code:
             raise ValueError(f"these training arguments do not parse (see the message above): {' '.join(args)}") \
                 from None
+        return None
+    return cli.config.get(cli.config.get("subcommand")) if cli.config.get("subcommand") else cli.config
 
 
-def fit_in_process(args: Sequence[str]) -> SymstitchCLI:
+def fit_in_process(args: Sequence[str], validate: bool = False) -> SymstitchCLI:
     """``symstitch fit ARGS`` in this process (the path of every training cell, which records its result itself);
-    the W&B run is closed after."""
+    the W&B run is closed after. ``validate``: also evaluate the final network on the held-out validation split
+    (``cli.metrics["val/…"]``; refused without one)."""
     try:
-        return build_cli(["fit", *args], announce=False)
+        return build_cli(["fit", *args], announce=False, validate=validate)
     finally:
         finish_wandb()

@@ -39,7 +39,7 @@ from scipy.stats import spearmanr
 from rich.console import Console
 from rich.table import Table
 
-from symstitch import plots
+from symstitch import plots, selection
 from symstitch.loggers import default_wandb_offline
 
 EXPERIMENTS = ("zoo", "stitch", "align", "projection")
@@ -59,7 +59,10 @@ LOW_RANK = re.compile(r"^lowrank:rank=(\d+)$")
 
 STITCH_COLUMNS = ["arch", "source", "target", "layer", "protocol", "point", "point_index", "repeat", "penalty_pts",
                   "stitched_acc",
-                  "source_acc", "target_acc"]
+                  "source_acc", "target_acc", "selected"]
+#: one row per candidate of a choice on the validation split (:mod:`symstitch.selection`), per protocol
+SELECTION_COLUMNS = ["arch", "source", "target", "layer", "series", "protocol", "point", "point_index", "repeat",
+                     "option", "value", "val_stitched_acc", "penalty_pts", "stitched_acc", "chosen"]
 ALIGN_COLUMNS = ["arch", "source", "target", "metric", "cka_mode", "point_a", "point_b", "value"]
 ZOO_COLUMNS = ["arch", "seed", "dataset", "test_acc"]
 PROJECTION_COLUMNS = ["network", "family", "arch", "activation", "point", "layer", "matrix", "retrain", "repeat",
@@ -177,8 +180,7 @@ def _penalty_pts(result: dict) -> float:
 
 
 #: evaluation protocol → (penalty key, stitched-accuracy key) in a stitch record (SPEC §2: both are reported)
-PROTOCOL_KEYS = {"frozen": ("penalty_pts", "stitched_acc"),
-                 "recalibrated": ("penalty_recalibrated_pts", "stitched_recalibrated_acc")}
+PROTOCOL_KEYS = {protocol: keys[:2] for protocol, keys in selection.RECORD_KEYS.items()}
 
 
 def series_name(layer: str, protocol: str) -> str:
@@ -186,10 +188,23 @@ def series_name(layer: str, protocol: str) -> str:
     return layer if protocol == "frozen" else f"{layer}/{protocol}"
 
 
-def _stitch_rows(records: list[dict]) -> list[dict]:
-    """One row per cell and protocol it reports (a protocol the cell did not run has no row)."""
+def _stitch_rows(records: list[dict], selections: Optional[list[selection.Selection]] = None) -> list[dict]:
+    """One row per cell and protocol it reports (a protocol the cell did not run has no row). The candidates of a
+    choice on the validation split have no rows of their own: each choice made (``selections``, by default
+    :func:`symstitch.selection.select` of ``records``) is one row of the layer ``series`` (``birkhoff (cv
+    alpha)``) holding the chosen candidate's test numbers, and ``selected`` says which (``alpha=0.1``)."""
     rows = []
+    for chosen in (selection.select(records) if selections is None else selections):
+        if chosen.chosen is not None:
+            c = chosen.chosen
+            rows.append({"arch": chosen.arch, "source": chosen.source, "target": chosen.target,
+                         "layer": chosen.series, "point": chosen.point, "point_index": chosen.point_index,
+                         "repeat": chosen.repeat, "source_acc": c.source_acc, "target_acc": c.target_acc,
+                         "protocol": chosen.protocol, "penalty_pts": c.penalty_pts, "stitched_acc": c.stitched_acc,
+                         "selected": chosen.chosen_text})
     for rec in records:
+        if selection.is_candidate(rec):
+            continue
         c, r = rec["cell"], rec["result"]
         try:
             base = {"arch": str(c["arch"]), "source": str(c["source"]), "target": str(c["target"]),
@@ -253,8 +268,9 @@ def stitch_summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def _is_g_relu(layer: str) -> bool:
+    """A G_ReLU layer by its series name: ``birkhoff``, ``birkhoff:alpha=0.1``, ``birkhoff (cv alpha)``, …"""
     name = layer.lower()
-    return any(name == g or re.match(rf"{g}[_\-./]", name) for g in G_RELU_LAYERS)
+    return any(name == g or re.match(rf"{g}[_\-./: ]", name) for g in G_RELU_LAYERS)
 
 
 def _by_point(series: dict) -> dict[str, float]:
@@ -320,7 +336,8 @@ def standard_verdict(means: list[float]) -> tuple[str, str]:
         f"max mean penalty {_pts(worst)} pts {'≤' if ok else '>'} {NEAR_ZERO_POINTS:g} pts")
 
 
-def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path], dict]:
+def _stitch_section(rows: list[dict], out: Path, selections: Sequence[selection.Selection] = ()
+                    ) -> tuple[list[str], list[Path], dict]:
     summary = stitch_summary(rows)
     bars = plots.stitch_penalty_bars(summary, out / "stitch_bars.png")
     png = plots.stitch_penalty_plot(summary, out / "stitch_penalty.png")
@@ -347,6 +364,8 @@ def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path],
             lines.append(f"| {layer} | {n_text} | {_pts(m[0])} ({p[0]}) | {_pts(m[mid])} ({p[mid]}) | "
                          f"{_pts(m[-1])} ({p[-1]}) | {_pts(m[imax])} ({p[imax]}) | {_rho(_spearman(m))} |")
         lines.append("")
+    if selections:
+        lines += _selection_section(list(selections))
     lines += ["### Against the paper's findings", "",
               "Verdicts are computed from the numbers above, nothing else, for each evaluation protocol (frozen: "
               "B's own BatchNorm statistics; recalibrated: re-estimated after the stitch, the paper's). The paper's "
@@ -386,6 +405,72 @@ def _stitch_section(rows: list[dict], out: Path) -> tuple[list[str], list[Path],
                 lines.append(f"- (d) `{STANDARD_LAYER}`: {evidence} → **{verdict}**.")
             lines.append("")
     return lines, [bars, png], {"summary": summary, "verdicts": verdicts}
+
+
+def _selection_rows(selections: list[selection.Selection]) -> list[dict]:
+    """One row per candidate of every choice (``stitch_selection.csv``); ``chosen`` 1 for the chosen one."""
+    rows = []
+    for sel in selections:
+        for c in sel.candidates:
+            rows.append({"arch": sel.arch, "source": sel.source, "target": sel.target, "layer": sel.layer,
+                         "series": sel.series, "protocol": sel.protocol, "point": sel.point,
+                         "point_index": sel.point_index, "repeat": sel.repeat, "option": sel.option,
+                         "value": selection.value_text(c.value), "val_stitched_acc": c.val_acc,
+                         "penalty_pts": c.penalty_pts, "stitched_acc": c.stitched_acc,
+                         "chosen": int(sel.chosen is c)})
+    return rows
+
+
+def _selection_section(selections: list[selection.Selection]) -> list[str]:
+    """Per choice and architecture: the rule, then per stitch point and protocol the chosen values (their
+    distribution over pairs × repeats), the test penalty at the chosen value (mean ± std), and for comparison
+    each candidate's mean validation accuracy and test penalty; the points, pairs and repeats with no choice."""
+    lines = ["### Options chosen on the validation split", "",
+             "A layer named `… (cv <option>)` is the paper's cross-validated variant: for every stitch point, pair "
+             "and repeat, the option is chosen among its candidates by the stitched network's accuracy on the "
+             "held-out validation split (carved from the training set, never seen by the stitch's training), "
+             "under each protocol by that protocol's validation accuracy; ties go to the smallest value (the "
+             "first listed, for values that are not numbers); nothing is chosen where a candidate's validation "
+             "accuracy is missing. Its penalty is the chosen candidate's test penalty: the test split plays no "
+             "part in the choice. The per-candidate test penalties are shown for comparison only. Every "
+             "candidate: [stitch_selection.csv](stitch_selection.csv).", ""]
+    for arch, series in dict.fromkeys((s.arch, s.series) for s in selections):
+        group = [s for s in selections if (s.arch, s.series) == (arch, series)]
+        option = group[0].option
+        values = list(dict.fromkeys(c.value for s in group for c in s.candidates))
+        points = _point_order([{"point": s.point, "point_index": s.point_index} for s in group])
+        pairs = sorted({(s.source, s.target) for s in group})
+        lines += [f"**{arch}, `{series}`**: {option} ∈ {{{', '.join(map(selection.value_text, values))}}}, "
+                  f"{len(pairs)} pair(s), {len({str(s.repeat) for s in group})} repeat(s).", "",
+                  f"| point | protocol | chosen {option} (times) | test penalty at the chosen {option} | "
+                  f"per {option}: mean validation accuracy / mean test penalty |", "|---|---|---|---|---|"]
+        for point in points:
+            for protocol in selection.RECORD_KEYS:
+                here = [s for s in group if s.point == point and s.protocol == protocol]
+                if not here:
+                    continue
+                made = [s for s in here if s.chosen is not None]
+                counts = {v: sum(s.chosen.value == v for s in made) for v in values}
+                chosen = ", ".join(f"{selection.value_text(v)} ×{n}" for v, n in counts.items() if n) or "none"
+                m, sd, n = _mean_std([s.chosen.penalty_pts for s in made])
+                penalty = f"{_pts(m)} ± {_pts(sd)} (n={n})" if n > 1 else f"{_pts(m)} (n={n})"
+                per_value = []
+                for v in values:
+                    cands = [c for s in here for c in s.candidates if c.value == v]
+                    acc = _mean_std([c.val_acc for c in cands])[0]
+                    pen = _mean_std([c.penalty_pts for c in cands])[0]
+                    per_value.append(f"{selection.value_text(v)}: "
+                                     f"{'n/a' if not math.isfinite(acc) else f'{100 * acc:.1f} %'} / {_pts(pen)}")
+                lines.append(f"| {point} | {protocol} | {chosen} | {penalty} | {' · '.join(per_value)} |")
+        lines.append("")
+        incomplete = [s for s in group if s.chosen is None]
+        if incomplete:
+            lines += [f"No choice ({len(incomplete)}): a candidate's cell is missing, or lacks the validation "
+                      "accuracy or the test penalty of that protocol:", ""]
+            lines += [f"- {s.source}→{s.target} at {s.point}, repeat {s.repeat}, {s.protocol}: missing "
+                      f"{', '.join(f'{option}={selection.value_text(v)}' for v in s.missing)}" for s in incomplete]
+            lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -792,15 +877,21 @@ def _write(root: Path, out: Optional[Path], wandb: bool) -> tuple[Path, dict[str
         csvs["zoo"] = _write_csv(out / "zoo.csv", ZOO_COLUMNS, rows)
         lines += _zoo_section(rows)
     if found.get("stitch"):
-        rows = _stitch_rows(found["stitch"])
+        selections = selection.select(found["stitch"])
+        rows = _stitch_rows(found["stitch"], selections)
         csvs["stitch"] = _write_csv(out / "stitch.csv", STITCH_COLUMNS, rows)
+        if selections:
+            csvs["stitch_selection"] = _write_csv(out / "stitch_selection.csv", SELECTION_COLUMNS,
+                                                  _selection_rows(selections))
         if rows:
-            section, pngs, info = _stitch_section(rows, out)
+            section, pngs, info = _stitch_section(rows, out, selections)
             lines += section
             figures += pngs
             for kind, verdicts in info["verdicts"].items():
                 for arch, layer, verdict in verdicts:
                     stats[f"stitch/{arch}/{layer}/{kind}_verdict"] = verdict
+        elif selections:  # choices were made nowhere yet: say why
+            lines += ["## Stitching", "", *_selection_section(selections)]
     if found.get("align"):
         rows, mats = _align_rows(found["align"])
         csvs["align"] = _write_csv(out / "align.csv", ALIGN_COLUMNS, rows)

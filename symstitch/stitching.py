@@ -41,6 +41,7 @@ import copy
 import json
 import math
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
@@ -62,7 +63,7 @@ from symstitch.io import dumps
 from symstitch.library import architecture, check_same_data, load_model, load_pair, resolve_model
 from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
-from symstitch.stitch_layers import STITCH_LAYERS, LayerSpec, StitchLayer, build_stitch_layer
+from symstitch.stitch_layers import STITCH_LAYERS, LayerChoice, LayerSpec, StitchLayer, build_stitch_layer
 from symstitch.training import configure_schedule
 
 
@@ -591,13 +592,32 @@ def point_list(net: StagedNet, points: Union[str, Sequence[str]]) -> list[str]:
     return [p for p in order if p in chosen]
 
 
+def validation_result(metrics: dict[str, float]) -> dict[str, Any]:
+    """The final validation of a stitch (``val/…`` metrics of :func:`~symstitch.cli.fit_in_process` with
+    ``validate``) as record keys: ``val_<key>`` of each key :func:`stitch_result` gives a test number."""
+    result = {"val_source_acc": metrics["val/source/acc"], "val_target_acc": metrics["val/target/acc"]}
+    for protocol, name in PROTOCOLS.items():
+        suffix = "" if protocol == "frozen" else f"_{protocol}"
+        if f"val/{name}/acc" in metrics:
+            result[f"val_penalty{suffix}_pts"] = metrics[f"val/{name}/penalty_pts"]
+            result[f"val_stitched{suffix}_acc"] = metrics[f"val/{name}/acc"]
+    return result
+
+
 @EXPERIMENTS.register("stitch")
 class StitchExperiment(PairExperiment):
     """Paper §4 stitching: pairs × stitch points × stitch layers × repeats, each cell ``symstitch fit`` with
     ``stitch_config`` (``{layer}`` replaced by the layer's name) plus ``fit_args``, seed = the repeat.
 
     The networks come from a model library (``zoo``, ``arch``, ``seeds``, ``pairs``) or are one explicit pair
-    (``source``, ``target``: checkpoints or library entries), which is what ``symstitch stitch`` writes."""
+    (``source``, ``target``: checkpoints or library entries), which is what ``symstitch stitch`` writes.
+
+    A layer whose option lists candidate values, ``birkhoff:alpha=0.001|0.01|0.1|1|10``
+    (:class:`~symstitch.stitch_layers.LayerChoice`), is chosen on the validation split: one cell per candidate
+    (key ``…/cv_<candidate>/…``, ``cell["select"]`` says which choice and value), each also evaluated on the
+    held-out validation split after its fit (``val_…`` in its record); :mod:`symstitch.selection` chooses from
+    the records. Such a sweep needs ``val_split`` > 0 in its data (in ``fit_args``: ``--data.val_split 0.1``, or
+    the networks' own); it is refused before any cell runs when validation would use the test split."""
 
     name = "stitch"
     multi_process_cells = True
@@ -606,7 +626,18 @@ class StitchExperiment(PairExperiment):
 
     def cells(self) -> list[Cell]:
         s = self.settings
-        specs = [LayerSpec.parse(layer) for layer in names(s["layers"])]
+        # (spec, its part of the cell key, the choice it is a candidate of)
+        specs: list[tuple[LayerSpec, str, Optional[dict]]] = []
+        for layer in names(s["layers"]):
+            choice = LayerChoice.parse(layer)
+            if choice is None:
+                spec = LayerSpec.parse(layer)
+                specs.append((spec, spec.slug, None))
+                continue
+            values = list(choice.values)
+            specs += [(spec, f"cv_{spec.slug}", {"layer": choice.label, "series": choice.series,
+                                                 "option": choice.option, "value": value, "values": values})
+                      for spec, value in zip(choice.candidates, values)]
         models, chosen, key = self.network_pairs()
         if not chosen:
             return []
@@ -616,13 +647,19 @@ class StitchExperiment(PairExperiment):
         for a, b in chosen:
             load_pair(models[a], models[b], order[0])  # same architecture, shapes and data, before any cell runs
         points = point_list(net, s["points"])
-        return [
-            Cell(f"{arch}/{key.format(a=a, b=b)}/{spec.slug}/{point}/r{r}",
+        cells = [
+            Cell(f"{arch}/{key.format(a=a, b=b)}/{slug}/{point}/r{r}",
                  {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
-                  "point": point, "point_index": order.index(point), "layer": spec.label, "repeat": r})
+                  "point": point, "point_index": order.index(point), "layer": spec.label, "repeat": r,
+                  **({"select": select} if select else {})})
             # a point's cells one after the other: they share its prefix cache (see _SHARED_PREFIX)
-            for a, b in chosen for point in points for spec in specs for r in range(int(s["repeats"]))
+            for a, b in chosen for point in points for spec, slug, select in specs for r in range(int(s["repeats"]))
         ]
+        twice = sorted(k for k, n in Counter(c.key for c in cells).items() if n > 1)
+        if twice:
+            raise ValueError(f"these layers make the same cell twice: {twice[0]} (a layer listed twice, or two "
+                             "choices sharing a candidate)")
+        return cells
 
     def _args(self, cell: Cell, cell_dir: Path) -> list[str]:
         p, spec = cell.params, LayerSpec.parse(cell.params["layer"])
@@ -633,13 +670,22 @@ class StitchExperiment(PairExperiment):
                 "--seed_everything", str(p["repeat"]), "--trainer.default_root_dir", str(cell_dir)]
 
     def check(self, cells: list[Cell]) -> None:
-        for layer in dict.fromkeys(c.params["layer"] for c in cells):  # the arguments of each layer parse
-            check_args(["fit", *self._args(next(c for c in cells if c.params["layer"] == layer), Path("."))])
+        """The arguments of each layer parse; a choice has a held-out validation split to choose on."""
+        for kind in dict.fromkeys((c.params["layer"], "select" in c.params) for c in cells):
+            cell = next(c for c in cells if (c.params["layer"], "select" in c.params) == kind)
+            config = check_args(["fit", *self._args(cell, Path("."))])
+            select = cell.params.get("select")
+            if select and config is not None and not float(config.data.val_split or 0) > 0:
+                raise ValueError(f"{select['layer']}: choosing {select['option']} needs a held-out validation "
+                                 f"split, but the data validates on the test split (val_split "
+                                 f"{config.data.val_split}); add --data.val_split 0.1 (say) to fit_args")
 
     def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
         cell_dir = self.cell_dir(out, cell)
-        cli = fit_in_process(self._args(cell, cell_dir))
+        candidate = "select" in cell.params
+        cli = fit_in_process(self._args(cell, cell_dir), validate=candidate)
         if not cli.trainer.is_global_zero:
             return None
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-        return {**stitch_result(cli.model, metrics), "run_dir": str(cell_dir)}
+        validated = validation_result(cli.metrics) if candidate else {}
+        return {**stitch_result(cli.model, metrics), **validated, "run_dir": str(cell_dir)}

@@ -208,3 +208,37 @@ def test_the_paper_family_by_name(zoo, tmp_path):
     low, soft = (r.result["model"] for r in records)
     assert low["rank"] == 2 and low["numerical_rank"] <= 2 and low["init"] == "data"
     assert soft["init"] == "random" and records[0].cell["layer"] == "lowrank:rank=2"
+
+
+def test_option_chosen_on_the_validation_split(zoo, tmp_path):
+    """`birkhoff:alpha=0.01|10`: one cell per candidate, each with its final validation accuracies recorded; the
+    chosen alpha is the one with the best recorded validation accuracy (ties: the smaller) and the reported
+    penalty is that cell's test penalty. Without a held-out validation split the sweep is refused up front."""
+    from symstitch.report import write_report
+    from symstitch.selection import select
+
+    fit_args = ["--trainer.max_epochs", "2", "--model.init_args.relaxed_epochs", "1",
+                "--config", str(REPO / "configs/logger/csv.yaml"), "--trainer.enable_progress_bar", "false",
+                "--trainer.limit_val_batches", "0"]
+    with pytest.raises(ValueError, match="choosing alpha needs a held-out validation split"):
+        load_sweep(_stitch_config(zoo, tmp_path / "no_val", points=["layer2.act"], layers=["birkhoff:alpha=0.01|10"],
+                                  fit_args=fit_args)).prepare()
+    config = _stitch_config(zoo, tmp_path, points=["layer2.act"], layers=["birkhoff:alpha=0.01|10"],
+                            fit_args=[*fit_args, "--data.val_split", "0.2"])
+    records = load_sweep(config).run(progress=False)
+    assert [r.key for r in records] == ["mcnn/s0-s1/cv_birkhoff_alpha_0.01/layer2.act/r0",
+                                        "mcnn/s0-s1/cv_birkhoff_alpha_10/layer2.act/r0"]
+    assert [r.result["model"]["alpha"] for r in records] == [0.01, 10]
+    by_value = {r.cell["select"]["value"]: r.result for r in records}
+    for protocol, (penalty, val_acc) in {"frozen": ("penalty_pts", "val_stitched_acc"), "recalibrated": (
+            "penalty_recalibrated_pts", "val_stitched_recalibrated_acc")}.items():
+        best = max(by_value, key=lambda v: (by_value[v][val_acc], -v))  # highest validation accuracy, then smaller
+        (chosen,) = [s for s in select([vars(r) for r in records]) if s.protocol == protocol]
+        assert chosen.chosen.value == best
+        assert chosen.chosen.penalty_pts == by_value[best][penalty]
+        for result in by_value.values():
+            assert 0 <= result[val_acc] <= 1
+            assert result[val_acc.replace("stitched", "penalty").replace("_acc", "_pts")] == pytest.approx(
+                100 * ((result["val_source_acc"] + result["val_target_acc"]) / 2 - result[val_acc]), abs=1e-4)
+    rows = (write_report(tmp_path / "stitch").parent / "stitch.csv").read_text().splitlines()
+    assert sum(",birkhoff (cv alpha)," in row for row in rows) == 2 and len(rows) == 3  # the choices, per protocol
