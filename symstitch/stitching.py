@@ -62,7 +62,7 @@ from symstitch.data import DataModule, TensorImageDataset, normalize_batch
 from symstitch.io import dumps
 from symstitch.library import architecture, check_same_data, load_model, load_pair, resolve_model
 from symstitch.models import StagedNet
-from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
+from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
 from symstitch.stitch_layers import STITCH_LAYERS, LayerChoice, LayerSpec, StitchLayer, build_stitch_layer
 from symstitch.training import configure_schedule
 
@@ -75,10 +75,34 @@ KEEP_START_MARGIN = 0.01
 #: evaluation protocol → the name its accuracy and penalty are logged under (``test/<name>/penalty_pts``)
 PROTOCOLS = {"frozen": "stitch", "recalibrated": "stitch_recalibrated"}
 
-#: the last prefix cache built in this process, ``(key, rows)``: the cells of a sweep at one (source, point) —
-#: one per stitching layer and repeat, run one after the other — compute A_{≤p}(x) once. One entry only, so
-#: host memory holds one point's activations at most.
-_SHARED_PREFIX: dict[tuple, tuple[list, torch.Tensor]] = {}
+class SharedPrefix:
+    """The last prefix cache built in this process: the cells of a stitch sweep at one (source, point) — one per
+    stitching layer and repeat, run one after the other — compute A_{≤p}(x) once.
+
+    One entry at most (host memory holds one point's activations, the old entry is dropped before the new one is
+    computed), and kept after a fit only while ``keep`` is set: a stitch sweep sets it for its cells and releases
+    the entry when they are done, so a single fit (``stitch()``, ``symstitch fit``) leaves nothing behind."""
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.entry: Optional[tuple[list, torch.Tensor]] = None
+        self.keep = False
+
+    def get(self, key: tuple, compute: Callable[[], tuple[list, torch.Tensor]]) -> tuple[list, torch.Tensor]:
+        if key != self.key:
+            self.release()
+            self.entry, self.key = compute(), key
+        return self.entry
+
+    def fit_done(self) -> None:
+        if not self.keep:
+            self.release()
+
+    def release(self) -> None:
+        self.key = self.entry = None
+
+
+SHARED_PREFIX = SharedPrefix()
 
 
 def _freeze(net: StagedNet) -> StagedNet:
@@ -190,6 +214,7 @@ class StitchingModule(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         if self._uncached_train_set is not None:  # the DataModule gets its images back, also after an error
             self.trainer.datamodule.train_set, self._uncached_train_set = self._uncached_train_set, None
+            SHARED_PREFIX.fit_done()
 
     def on_fit_start(self) -> None:
         self.train()
@@ -284,12 +309,7 @@ class StitchingModule(pl.LightningModule):
             raise ValueError("prefix_cache needs symstitch.data.DataModule (it reads its in-memory training images)")
         dm.setup()
         labels = dm.train_set.y
-        key = self._prefix_key(dm, dtype)
-        if key not in _SHARED_PREFIX:
-            entry = self._compute_prefix(dm, dtype)
-            _SHARED_PREFIX.clear()
-            _SHARED_PREFIX[key] = entry
-        layout, rows = _SHARED_PREFIX[key]
+        layout, rows = SHARED_PREFIX.get(self._prefix_key(dm, dtype), lambda: self._compute_prefix(dm, dtype))
         self.__dict__["_cache_layout"] = layout
         self._uncached_train_set = dm.train_set
         dm.train_set = TensorImageDataset(rows, labels)
@@ -652,7 +672,7 @@ class StitchExperiment(PairExperiment):
                  {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
                   "point": point, "point_index": order.index(point), "layer": spec.label, "repeat": r,
                   **({"select": select} if select else {})})
-            # a point's cells one after the other: they share its prefix cache (see _SHARED_PREFIX)
+            # a point's cells one after the other: they share its prefix cache (see SharedPrefix)
             for a, b in chosen for point in points for spec, slug, select in specs for r in range(int(s["repeats"]))
         ]
         twice = sorted(k for k, n in Counter(c.key for c in cells).items() if n > 1)
@@ -683,9 +703,15 @@ class StitchExperiment(PairExperiment):
     def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
         cell_dir = self.cell_dir(out, cell)
         candidate = "select" in cell.params
+        SHARED_PREFIX.keep = True  # the next cells at this point reuse its prefix cache; after_run releases it
         cli = fit_in_process(self._args(cell, cell_dir), validate=candidate)
         if not cli.trainer.is_global_zero:
             return None
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
         validated = validation_result(cli.metrics) if candidate else {}
         return {**stitch_result(cli.model, metrics), **validated, "run_dir": str(cell_dir)}
+
+    def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
+        SHARED_PREFIX.keep = False
+        SHARED_PREFIX.release()
+        super().after_run(out, records)

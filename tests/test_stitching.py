@@ -339,23 +339,28 @@ def test_stitch_inside_a_block_with_and_without_the_prefix_cache(tmp_path):
 
 
 def test_cells_at_one_point_share_the_prefix_cache(nets, monkeypatch):
-    """Consecutive stitches at one (source, point) compute A_{≤p}(x) once and get the same result from it;
-    another source checkpoint computes it again."""
-    from symstitch import stitching
+    """While a sweep keeps it, consecutive stitches at one (source, point) compute A_{≤p}(x) once and get the
+    same result from it; another source checkpoint computes it again; a single fit keeps nothing."""
+    from symstitch.stitching import SHARED_PREFIX
 
     computed = []
     original = StitchingModule._compute_prefix
     monkeypatch.setattr(StitchingModule, "_compute_prefix",
                         lambda self, dm, dtype: computed.append(self.point) or original(self, dm, dtype))
-    monkeypatch.setattr(stitching, "_SHARED_PREFIX", {})
     run = functools.partial(stitch, epochs=1, relaxed_epochs=0, prefix_cache="float32", layer="standard")
     first = run(nets["A"], nets["C"], POINT)
-    again = run(nets["A"], nets["C"], POINT)
-    assert computed == [POINT] and again.penalty_pts == first.penalty_pts
-    copy = nets["root"] / "A-copy.ckpt"  # other weights could be there: the key is the file, its size and time
-    copy.write_bytes(nets["A"].read_bytes())
-    run(copy, nets["C"], POINT)
-    assert computed == [POINT, POINT]
+    assert computed == [POINT] and SHARED_PREFIX.entry is None  # not kept outside a sweep
+    monkeypatch.setattr(SHARED_PREFIX, "keep", True)
+    try:
+        run(nets["A"], nets["C"], POINT)
+        again = run(nets["A"], nets["C"], POINT)
+        assert computed == [POINT, POINT] and again.penalty_pts == first.penalty_pts
+        copy = nets["root"] / "A-copy.ckpt"  # other weights could be there: the key is the file, its size and time
+        copy.write_bytes(nets["A"].read_bytes())
+        run(copy, nets["C"], POINT)
+        assert computed == [POINT, POINT, POINT]
+    finally:
+        SHARED_PREFIX.release()
 
 
 def test_point_lists_of_a_sweep():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from symstitch.stitching import SHARED_PREFIX
 from symstitch.sweep import load_sweep
 
 from .conftest import REPO, cli_env
@@ -201,10 +202,12 @@ def test_the_paper_family_by_name(zoo, tmp_path):
     and its data start (reduced-rank regression); a layer without a data start keeps its own under `init: data`."""
     config = _stitch_config(zoo, tmp_path, points=["layer2.act"], layers=["lowrank:rank=2", "softsort"],
                             fit_args=["--trainer.max_epochs", "1", "--model.init_args.relaxed_epochs", "0",
-                                      "--model.init_args.init", "data", "--config",
+                                      "--model.init_args.init", "data", "--model.init_args.prefix_cache", "float32",
+                                      "--config",
                                       str(REPO / "configs/logger/csv.yaml"), "--trainer.enable_progress_bar", "false"])
     records = load_sweep(config).run(progress=False)
     assert [r.key for r in records] == ["mcnn/s0-s1/lowrank_rank_2/layer2.act/r0", "mcnn/s0-s1/softsort/layer2.act/r0"]
+    assert not SHARED_PREFIX.keep and SHARED_PREFIX.entry is None  # the sweep's shared prefix cache is released
     low, soft = (r.result["model"] for r in records)
     assert low["rank"] == 2 and low["numerical_rank"] <= 2 and low["init"] == "data"
     assert soft["init"] == "random" and records[0].cell["layer"] == "lowrank:rank=2"
