@@ -729,6 +729,13 @@ def point_channels(net: nn.Module, point: str) -> int:
     return shape[-1] if len(shape) == 2 else shape[0]
 
 
+def point_shape(net: nn.Module, point: str) -> tuple[int, ...]:
+    """The shape at ``point`` without the batch dimension, for any network."""
+    if isinstance(net, GraphNet):
+        return net.feature_shapes(points=[point])[point]
+    return net.feature_shapes()[point]
+
+
 def point_activation(net: nn.Module, point: str) -> str:
     """The activation whose group acts at ``point``: per point for a GraphNet, the network's for the zoo."""
     if isinstance(net, GraphNet):
@@ -771,4 +778,5 @@ __all__ = [
     "point_activation",
     "point_channels",
     "point_features",
+    "point_shape",
 ]

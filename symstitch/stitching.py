@@ -60,10 +60,12 @@ from symstitch import configs
 from symstitch.cli import check_args, fit_in_process
 from symstitch.data import DataModule, TensorImageDataset, normalize_batch
 from symstitch.io import dumps
-from symstitch.library import architecture, check_same_data, load_model, load_pair, resolve_model
+from symstitch.graph import point_activation, point_channels
+from symstitch.library import ModelRef, architecture, check_same_data, load_model, load_pair, ref_identity, ref_text
 from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
-from symstitch.stitch_layers import STITCH_LAYERS, LayerChoice, LayerSpec, StitchLayer, build_stitch_layer
+from symstitch.stitch_layers import (STITCH_LAYERS, LayerChoice, LayerSpec, MonomialStitch, StitchLayer,
+                                     build_stitch_layer)
 from symstitch.training import configure_schedule
 
 
@@ -114,11 +116,16 @@ class StitchingModule(pl.LightningModule):
     """Trains a stitching layer between a frozen source prefix and a frozen target suffix.
 
     Args:
-        source: source network A: a classifier checkpoint or a model-library entry ``<zoo>:<arch>/seed<k>``.
+        source: source network A: a classifier checkpoint, a model-library entry ``<zoo>:<arch>/seed<k>``, any
+            network by class path with a state dict (``{class_path: torchvision.models.resnet18, init_args:
+            {num_classes: 10}, state_dict: a.pt}``, also as a YAML string), ``timm:<name>``, or an ``nn.Module``
+            (from Python; see :mod:`symstitch.library`).
         target: target network B, likewise.
         point: the stitch point p: a cut (``net.stitch_points``) or an inner point (``net.inner_points``, a
             ResNet block's ``act1``), where B's block continues from T(h) while its shortcut takes A's block
-            input.
+            input; for networks outside the zoo any point of :class:`~symstitch.graph.GraphNet` (at a point that
+            is not a cut, B continues from T(h) and A's carry). The G stitches (``birkhoff``, ``softsort``) take
+            the group of the activation at the point and refuse a point without one.
         layer: stitching layer by registry name: ``standard``, ``birkhoff``, ``softsort``, ``lasso``, ``lowrank``.
         layer_kwargs: its options (e.g. ``{alpha: 0.01, projection: euclidean}``, ``{rank: 8}``, ``{norm: before}``).
         relaxed_epochs: epochs before ``harden()`` for layers that have a hardened form (then fine-tuning);
@@ -140,8 +147,8 @@ class StitchingModule(pl.LightningModule):
 
     def __init__(
         self,
-        source: str,
-        target: str,
+        source: Union[str, dict],
+        target: Union[str, dict],
         point: str,
         layer: str = "birkhoff",
         layer_kwargs: Optional[dict[str, Any]] = None,
@@ -153,11 +160,20 @@ class StitchingModule(pl.LightningModule):
         protocols: Sequence[Literal["frozen", "recalibrated"]] = ("frozen",),
     ):
         super().__init__()
+        # in-memory networks are saved by their memory:<n> names (a module among the hyper-parameters cannot be
+        # checkpointed); mappings as one line of text
+        source, target = (r if isinstance(r, str) else ref_text(r) for r in (source, target))
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.source_net, self.target_net = (_freeze(n) for n in load_pair(source, target, point))
         self.point = point
-        channels = self.source_net.feature_shapes()[point][0]
-        self.stitch = build_stitch_layer(layer, channels, activation=self.source_net.activation, **(layer_kwargs or {}))
+        channels = point_channels(self.source_net, point)
+        try:
+            activation = point_activation(self.source_net, point)
+        except ValueError:
+            if issubclass(STITCH_LAYERS.get(layer), MonomialStitch):
+                raise  # a G stitch needs the group at the point: the reason
+            activation = "none"  # an unconstrained layer: the activation only labels it
+        self.stitch = build_stitch_layer(layer, channels, activation=activation, **(layer_kwargs or {}))
         if init not in ("random", "data"):
             raise ValueError(f"init is 'random' or 'data', got {init!r}")
         # a layer without a data-driven start (lowrank, softsort) keeps its own: one setting serves a mixed sweep
@@ -320,21 +336,23 @@ class StitchingModule(pl.LightningModule):
         images, parts = dm.train_set.x, []
         for i in range(0, len(images), dm.eval_batch_size):
             x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
-            stored = [t.movedim(1, -1) if t.dim() == 4 else t
-                      for t in self.source_net.split(x, self.point) if t is not None]
+            h, carry = self.source_net.split(x, self.point)
+            carries = [] if carry is None else list(carry) if isinstance(carry, tuple) else [carry]
+            if not all(isinstance(t, torch.Tensor) for t in carries):
+                raise ValueError(f"prefix_cache: the carry at {self.point!r} holds values that are not tensors")
+            stored = [t.movedim(1, -1) if t.dim() == 4 else t for t in (h, *carries)]
             parts.append(torch.cat([t.flatten(1) for t in stored], dim=1).to("cpu", dtype))
+        self.__dict__["_cache_tuple"] = isinstance(carry, tuple)
         return [tuple(t.shape[1:]) for t in stored], torch.cat(parts)
 
     def _prefix_key(self, dm: DataModule, dtype: torch.dtype) -> tuple:
         """What the cached activations depend on: the source's stored weights (checkpoint path and its size and
         modification time), the point, the dtype, the device and the training images (their count, a
         fingerprint of their values, the normalisation)."""
-        path = resolve_model(self.hparams.source).resolve()
-        stat = path.stat()
         x = dm.train_set.x
         fingerprint = (tuple(x.shape), str(x.dtype), float(x.flatten()[:: max(1, x.numel() // 4096)].double().sum()),
                        int(dm.train_set.y.sum()))
-        return (str(path), stat.st_size, stat.st_mtime_ns, self.point, str(dtype), str(self.device), fingerprint,
+        return (ref_identity(self.hparams.source), self.point, str(dtype), str(self.device), fingerprint,
                 tuple(dm.mean), tuple(dm.std), dm.channels_last)
 
     def _from_cache(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -346,6 +364,8 @@ class StitchingModule(pl.LightningModule):
             t = rows[:, start:start + size].reshape(len(rows), *shape).float()
             parts.append(t.movedim(-1, 1) if t.dim() == 4 else t)
             start += size
+        if self.__dict__.get("_cache_tuple"):  # a graph's carry: every tensor the rest of the network needs
+            return parts[0], tuple(parts[1:])
         return parts[0], (parts[1] if len(parts) > 1 else None)
 
     def training_step(self, batch, batch_idx):
@@ -540,8 +560,8 @@ class StitchResult:
 
 
 def stitch(
-    source: Union[str, Path],
-    target: Union[str, Path],
+    source: ModelRef,
+    target: ModelRef,
     point: str,
     layer: str = "birkhoff",
     *,
@@ -559,7 +579,9 @@ def stitch(
     """Stitch ``source`` into ``target`` at ``point`` and evaluate on the test split, from Python.
 
     The same LightningCLI path and defaults as ``symstitch stitch`` (one cell of it), seeded: the same arguments
-    give the same number both ways. ``source``/``target``: checkpoints or library entries. ``layer_kwargs``: the
+    give the same number both ways. ``source``/``target``: checkpoints or library entries, ``nn.Module``\ s in
+    memory, or any other reference of :mod:`symstitch.library` (class path + state dict, ``timm:<name>``); a
+    network outside the zoo has no saved data settings, so its data is ``data`` (default: digits). ``layer_kwargs``: the
     layer's options (replacing those of ``configs/stitch/<layer>.yaml``). ``data``: None (the
     networks' own, from their checkpoints), a dict of DataModule settings, or a DataModule (its settings are
     used); other data than the networks' is refused. ``run_dir``: where the CSV logs go (a temporary folder by
@@ -574,7 +596,7 @@ def stitch(
                               *stitch_options(epochs=epochs, relaxed_epochs=relaxed_epochs, lr=lr, init=init,
                                               prefix_cache=prefix_cache),
                               *(["--model.init_args.layer_kwargs", json.dumps(layer_kwargs)] if layer_kwargs else []),
-                              *data_args, *fit_args, "--model.source", str(source), "--model.target", str(target),
+                              *data_args, *fit_args, "--model.source", ref_text(source), "--model.target", ref_text(target),
                               "--model.point", point, "--seed_everything", str(seed),
                               "--trainer.default_root_dir", str(folder)])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
