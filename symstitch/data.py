@@ -39,6 +39,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "ImageData",
+    "Normalization",
     "TensorImageDataset",
     "augment_batch",
     "batch_loader",
@@ -245,18 +246,34 @@ def digits(root: Path = Path("data"), download: bool = False, verify_checksums: 
 # Batched loading
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel ``(x / 255 − mean) / std`` of uint8 images (0..1 scale ``mean`` and ``std``): how the
+    DataModule turns its uint8 batches into network inputs. Its datasets carry it (``dataset.normalization``),
+    so that a tool given one of its loaders outside a Trainer (:func:`symstitch.metrics.similarity_matrix`)
+    normalises the batches exactly as training did."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        return normalize_batch(x, self.mean, self.std, channels_last)
+
+
 class TensorImageDataset(Dataset):
     """Map-style dataset over in-memory tensors whose batches are fetched by one indexing operation.
 
     ``__getitems__`` receives every index of a batch (torch's DataLoader calls it when it exists) and returns
     the ready batch ``(x[indices], y[indices])``; use it with :func:`passthrough_collate` (as
-    :func:`batch_loader` does). ``__getitem__`` still serves single samples.
+    :func:`batch_loader` does). ``__getitem__`` still serves single samples. ``normalization``: how uint8
+    images become inputs (set by the DataModule), None otherwise.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, normalization: Optional[Normalization] = None):
         if len(x) != len(y):
             raise ValueError(f"{len(x)} images but {len(y)} labels")
         self.x, self.y = x, y
+        self.normalization = normalization
 
     def __len__(self) -> int:
         return len(self.y)
@@ -393,7 +410,10 @@ class DataModule(pl.LightningDataModule):
     """In-memory 32×32 image classification data with batched, on-device augmentation.
 
     Loaders yield uint8 batches ``(x (B, 3, 32, 32), y int64)``; :meth:`on_after_batch_transfer` augments
-    training batches on the device and normalises every batch to float32.
+    training batches on the device and normalises every batch to float32. Outside a Trainer,
+    :meth:`loader` gives normalised float batches (``dm.loader("test")``), and the datasets carry their
+    :class:`Normalization` (``dm.normalization``), which :func:`symstitch.metrics.similarity_matrix` applies to
+    uint8 batches of these loaders by itself.
 
     Args:
         dataset: registered dataset name (see ``DATASETS.available()``): ``cifar10``, ``cifar100``, ``digits``.
@@ -466,6 +486,22 @@ class DataModule(pl.LightningDataModule):
         """Per-channel standard deviation of the training images, 0..1 scale (loads the data if needed)."""
         return self._load().std
 
+    @property
+    def normalization(self) -> Normalization:
+        """How uint8 images become network inputs: per-channel mean and std of the training images."""
+        return Normalization(tuple(self.mean), tuple(self.std))
+
+    def loader(self, split: str = "test", batch_size: Optional[int] = None) -> DataLoader:
+        """Normalised float32 batches ``(x, y)`` of ``split`` (``train``, ``val`` or ``test``; un-augmented,
+        unshuffled) for use outside a Trainer: what a network trained by this DataModule expects as input."""
+        self.setup()
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        if split not in sets:
+            raise ValueError(f"split is one of {', '.join(sets)}; got {split!r}")
+        dataset = sets[split]
+        x = normalize_batch(dataset.x, self.mean, self.std, channels_last=False)
+        return batch_loader(TensorImageDataset(x, dataset.y), batch_size or self.eval_batch_size)
+
     def _load(self) -> ImageData:
         if self.data is None:
             loader = DATASETS.get(self.dataset)
@@ -482,16 +518,17 @@ class DataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         data = self._load()
-        self.test_set = TensorImageDataset(data.test_x, data.test_y)
+        norm = self.normalization
+        self.test_set = TensorImageDataset(data.test_x, data.test_y, norm)
         n_val = round(self.val_split * len(data.train_y))
         if n_val == 0:
-            self.train_set = TensorImageDataset(data.train_x, data.train_y)
+            self.train_set = TensorImageDataset(data.train_x, data.train_y, norm)
             self.val_set = self.test_set
             return
         order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
-        self.train_set = TensorImageDataset(data.train_x[train_idx], data.train_y[train_idx])
-        self.val_set = TensorImageDataset(data.train_x[val_idx], data.train_y[val_idx])
+        self.train_set = TensorImageDataset(data.train_x[train_idx], data.train_y[train_idx], norm)
+        self.val_set = TensorImageDataset(data.train_x[val_idx], data.train_y[val_idx], norm)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
