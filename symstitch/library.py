@@ -33,6 +33,7 @@ The data a network was trained on travels in its checkpoint (the DataModule's sa
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import importlib
 import inspect
@@ -137,13 +138,19 @@ def _construct(spec: ModelSpec) -> nn.Module:
             import timm
         except ImportError:
             raise ImportError("timm models need the optional dependency timm: pip install 'symstitch[timm]'") from None
+        if not timm.is_model(spec.target):
+            near = difflib.get_close_matches(spec.target, timm.list_models(), n=5)
+            raise ValueError(f"timm has no model {spec.target!r}" + (f"; nearest: {', '.join(near)}" if near else ""))
         return timm.create_model(spec.target, pretrained=False, **spec.init_args)
     module_name, _, attr = spec.target.rpartition(".")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError):
         raise ValueError(f"class_path {spec.target!r} does not name an importable class or function") from None
-    model = factory(**spec.init_args)
+    try:
+        model = factory(**spec.init_args)
+    except TypeError as err:
+        raise ValueError(f"{spec.target}(**{spec.init_args}) failed: {err}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"{spec.target} returned a {type(model).__name__}, not an nn.Module")
     return model
