@@ -225,7 +225,10 @@ def load_model(ref: ModelRef) -> Network:
     spec = model_spec(ref)
     if spec is None:
         return load_classifier(resolve_model(ref))
-    model = _construct(spec)
+    # built from the current random state, which is then restored: loading a network by class path draws no
+    # random numbers from the run's stream, as an in-memory network does not (same seed, same stitch)
+    with torch.random.fork_rng(devices=[]):
+        model = _construct(spec)
     if spec.state_dict:
         try:
             model.load_state_dict(load_state(spec.state_dict), strict=True)
