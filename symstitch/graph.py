@@ -173,7 +173,7 @@ class GraphNet(nn.Module):
     Args:
         model: the network (registered as the submodule ``model``; its weights are shared, not copied).
         input_shape: a batch shape for shape inference, e.g. ``(1, 3, 224, 224)``; default: the model's
-            ``pretrained_cfg["input_size"]`` (timm) or ``(1, 3, 32, 32)``.
+            patch embedding's image size or ``pretrained_cfg["input_size"]`` (timm), else ``(1, 3, 32, 32)``.
         activation: the activation to assume where a point does not follow one (by default such points refuse
             group-aware use with the reason).
         class_token: ``"kept"``, ``"dropped"`` or ``"separate"`` (module docstring, *Tokens*).
@@ -191,9 +191,7 @@ class GraphNet(nn.Module):
         if class_token not in CLASS_TOKEN_MODES:
             raise ValueError(f"class_token is one of {', '.join(CLASS_TOKEN_MODES)}; got {class_token!r}")
         self.model = model
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        self.input_shape = tuple(input_shape) if input_shape else (
-            (1, *cfg["input_size"]) if "input_size" in cfg else DEFAULT_INPUT_SHAPE)
+        self.input_shape = tuple(input_shape) if input_shape else _input_shape_of(model)
         self.given_activation = activation
         self.class_token = class_token
         if prefix_tokens is None:
@@ -685,6 +683,18 @@ class GraphNet(nn.Module):
         if not current.args or current.args[0] is not previous:
             raise ValueError(f"{point!r}: the next layer does not read the activation as its input")
         return layer, norm, tuple(between), module(current)
+
+
+def _input_shape_of(model: nn.Module) -> tuple[int, ...]:
+    """A batch shape the model takes: a patch embedding's own image size (timm ViTs built with ``img_size``), the
+    model's ``pretrained_cfg["input_size"]`` (timm), else :data:`DEFAULT_INPUT_SHAPE`."""
+    embed = getattr(model, "patch_embed", None)
+    size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
+    if size is not None and hasattr(proj, "in_channels"):
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (1, proj.in_channels, *size)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return (1, *cfg["input_size"]) if "input_size" in cfg else DEFAULT_INPUT_SHAPE
 
 
 def _activation_module(module: nn.Module) -> Optional[str]:
