@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +30,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from symstitch.inputs import Normalization, normalize_batch
 from symstitch.registry import Registry
 
 __all__ = [
@@ -246,20 +247,6 @@ def digits(root: Path = Path("data"), download: bool = False, verify_checksums: 
 # Batched loading
 
 
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel ``(x / 255 − mean) / std`` of uint8 images (0..1 scale ``mean`` and ``std``): how the
-    DataModule turns its uint8 batches into network inputs. Its datasets carry it (``dataset.normalization``),
-    so that a tool given one of its loaders outside a Trainer (:func:`symstitch.metrics.similarity_matrix`)
-    normalises the batches exactly as training did."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __call__(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        return normalize_batch(x, self.mean, self.std, channels_last)
-
-
 class TensorImageDataset(Dataset):
     """Map-style dataset over in-memory tensors whose batches are fetched by one indexing operation.
 
@@ -380,26 +367,6 @@ def augment_batch(
     out = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
     torch.gather(source, 2, index.reshape(b, 1, h * w).expand(b, c, h * w), out=out.view(b, c, h * w))
     return out
-
-
-def normalize_batch(
-    x: torch.Tensor,
-    mean: Union[Sequence[float], torch.Tensor],
-    std: Union[Sequence[float], torch.Tensor],
-    channels_last: bool = True,
-) -> torch.Tensor:
-    """Float32 ``(x / 255 − mean) / std`` per channel of a uint8 batch (B, C, H, W), optionally channels_last.
-
-    Computed as ``x · a − b`` with per-channel constants laid out like the batch, so that a channels_last
-    input (as :func:`augment_batch` writes it) is normalised without a layout change.
-    """
-    out = x.float()
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    scale = torch.empty_like(out[:1]).copy_(1.0 / (255.0 * std))  # one image, laid out like the batch
-    shift = torch.empty_like(out[:1]).copy_(mean / std)
-    out.mul_(scale).sub_(shift)
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------------------

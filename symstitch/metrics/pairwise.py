@@ -33,6 +33,7 @@ from symstitch.metrics.functional import (
     _upsample,
 )
 from symstitch.graph import GraphNet, as_network, point_activation, point_features
+from symstitch.inputs import batch_images, loader_normalization
 from symstitch.metrics.streaming import CKA, METRICS, Procrustes
 
 Tensor = torch.Tensor
@@ -86,39 +87,6 @@ def _resolve_points(model_a: nn.Module, model_b: nn.Module, points: Any) -> tupl
     if len(points) == 2 and all(not isinstance(p, str) for p in points):
         return check(model_a, points[0]), check(model_b, points[1])
     return check(model_a, points), check(model_b, points)
-
-
-def _batch_input(batch: Any, normalize: Optional[Any] = None) -> Tensor:
-    """The images of a batch (a tensor, or the first item of (x, y)) as network inputs: float batches as they
-    are, uint8 batches through ``normalize`` (a :class:`~symstitch.data.Normalization` or any callable)."""
-    if isinstance(batch, Tensor):
-        x = batch
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        x = batch[0]
-    elif isinstance(batch, dict) and isinstance(batch.get("image", batch.get("x")), Tensor):
-        x = batch.get("image", batch.get("x"))
-    else:
-        raise TypeError(f"dataloader batches must be tensors, (x, y) tuples or dicts with 'image'; got "
-                        f"{type(batch).__name__}")
-    if x.is_floating_point():
-        return x
-    if normalize is None:
-        raise ValueError(f"the dataloader yields {x.dtype} images, and it does not say how they are normalised: pass "
-                         "normalize=dm.normalization (or (mean, std), 0..1 scale), or use dm.loader('test'), whose "
-                         "batches are normalised already")
-    return normalize(x)
-
-
-def _normalizer(dataloader: Any, normalize: Any) -> Optional[Any]:
-    """``normalize`` as a callable: given, a (mean, std) pair, or the loader's dataset's own ``normalization``."""
-    if normalize is None:
-        return getattr(getattr(dataloader, "dataset", None), "normalization", None)
-    if callable(normalize):
-        return normalize
-    from symstitch.data import Normalization
-
-    mean, std = normalize
-    return Normalization(tuple(mean), tuple(std))
 
 
 def _check_loader_tail(dataloader: Any) -> None:
@@ -388,7 +356,7 @@ def similarity_matrix(
     node or module name — may be asked for). One pass of the data through each model (eval mode, no_grad; modes
     and devices restored afterwards). Batches are tensors, (x, y) tuples or dicts with ``image``; float
     batches are the inputs, uint8 batches are normalised by ``normalize`` (a
-    :class:`~symstitch.data.Normalization`, a callable or a (mean, std) pair), by default by their dataset's
+    :class:`~symstitch.inputs.Normalization`, a callable or a (mean, std) pair), by default by their dataset's
     own ``normalization`` (the :class:`~symstitch.data.DataModule`'s loaders carry it). ``points``: "all",
     one list for both models, or a pair ``(list_a, list_b)``. ``cka_mode``: "minibatch" (every batch of the
     dataloader is a minibatch; memory independent of n) or "exact" (keeps every feature on the CPU, then
@@ -408,7 +376,7 @@ def similarity_matrix(
     if cka_mode not in MODES:
         raise ValueError(f"unknown cka_mode {cka_mode!r}; choose from {', '.join(MODES)}")
     points_a, points_b = _resolve_points(model_a, model_b, points)
-    normalizer = _normalizer(dataloader, normalize)
+    normalizer = loader_normalization(dataloader, normalize)
     cka_names = [name for name in metrics if name.startswith("cka")]
     if cka_mode == "minibatch" and cka_names:
         _check_loader_tail(dataloader)
@@ -438,7 +406,7 @@ def similarity_matrix(
         seen = 0
         with _Recorder(model_a, model_b, points_a, points_b) as recorder:
             for batch in dataloader:
-                x = _batch_input(batch, normalizer).to(dev)
+                x = batch_images(batch, normalizer).to(dev)
                 feats, bad = recorder.run(x)
                 seen += 1
                 if cka_mode == "exact" and cka_names:  # kept on the CPU; one copy per module
