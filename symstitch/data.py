@@ -7,6 +7,9 @@ function passes that batch through. Augmentation (random translation, horizontal
 normalisation then run on the device, on the whole batch at once, with independent random parameters per
 sample (:func:`augment_batch`, :func:`normalize_batch`).
 
+Loaders a user already has (any (image, label) batches, float or uint8) become a DataModule with
+:class:`LoaderData`; how their images become inputs is :mod:`symstitch.inputs`.
+
 Datasets are chosen by name from :data:`DATASETS`:
 
     >>> dm = DataModule(dataset="digits", batch_size=64)
@@ -19,18 +22,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from symstitch.inputs import Normalization, normalize_batch
+from symstitch.inputs import Normalization, Normalize, labelled_batch, loader_normalization, normalize_batch
 from symstitch.registry import Registry
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "ImageData",
+    "LoaderData",
     "Normalization",
     "TensorImageDataset",
     "augment_batch",
@@ -545,3 +550,65 @@ class DataModule(pl.LightningDataModule):
                 generator=self._rank_generator(x.device),
             )
         return normalize_batch(x, self.mean, self.std, self.channels_last), y
+
+
+#: why loaders given from Python serve one process
+ONE_PROCESS = ("loaders given from Python feed one process: under several processes Lightning would shard them "
+               "with a sampler that repeats samples to even out the ranks (an inexact evaluation), and a DDP "
+               "subprocess does not have them; use the DataModule (data settings) on several devices")
+
+
+class LoaderData(pl.LightningDataModule):
+    """The loaders a user has, as a DataModule: training on ``train``, validation on ``val`` (by default the test
+    loader, as the :class:`DataModule` validates on the test split without ``val_split``), test on ``test``.
+
+    Batches are ``(image, label)`` — a pair, or a dict with ``image`` and ``label`` — with integer class indices;
+    anything else is a TypeError naming what came (:func:`~symstitch.inputs.labelled_batch`). Images are read as
+    :func:`~symstitch.metrics.similarity_matrix` reads them: float images are the networks' inputs, taken as
+    already normalised; uint8 images are normalised on the device, ``(x / 255 − mean) / std`` per channel, by
+    ``normalize`` (a :class:`~symstitch.inputs.Normalization`, any callable, or a (mean, std) pair on the 0..1
+    scale), by default by the normalisation the loader's dataset carries (the :class:`DataModule`'s loaders carry
+    theirs), else an error at the first batch. Batches are used as they come, in the loader's order, with the
+    loader's own augmentation if it has any (a shuffling loader draws its order from the global random state,
+    which the run's seed fixes). One process only (:data:`ONE_PROCESS`).
+    """
+
+    def __init__(self, train: Iterable[Any], test: Iterable[Any], val: Optional[Iterable[Any]] = None,
+                 normalize: Optional[Normalize] = None):
+        super().__init__()
+        self.loaders = {"train": train, "val": test if val is None else val, "test": test}
+        self.normalizers = {split: loader_normalization(loader, normalize) for split, loader in self.loaders.items()}
+
+    @staticmethod
+    def check_one_process(trainer: Optional[pl.Trainer]) -> None:
+        """Refuse a trainer of several processes (:data:`ONE_PROCESS`)."""
+        if trainer is not None and trainer.world_size > 1:
+            raise ValueError(ONE_PROCESS)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.check_one_process(self.trainer)
+
+    def train_dataloader(self) -> Iterable[Any]:
+        return self.loaders["train"]
+
+    def val_dataloader(self) -> Iterable[Any]:
+        return self.loaders["val"]
+
+    def test_dataloader(self) -> Iterable[Any]:
+        return self.loaders["test"]
+
+    def prepare(self, batch: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of ``split``'s loader as ``(inputs, labels)`` (checked, uint8 images normalised)."""
+        return labelled_batch(batch, self.normalizers[split], where=f"the {split} loader")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        split = "train" if trainer is not None and trainer.training else \
+            "test" if trainer is not None and trainer.testing else "val"
+        return self.prepare(batch, split)
+
+    def batches(self, split: str, device: Union[str, torch.device]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, labels)`` on ``device`` for every batch of ``split``'s loader, outside the Trainer's loops
+        (a stitch's data start and its recalibration pass)."""
+        for batch in self.loaders[split]:
+            yield self.prepare(move_data_to_device(batch, device), split)
