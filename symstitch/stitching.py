@@ -91,10 +91,10 @@ class SharedPrefix:
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
-        self.entry: Optional[tuple[list, torch.Tensor]] = None
+        self.entry: Optional[tuple[tuple[list, bool], torch.Tensor]] = None
         self.keep = False
 
-    def get(self, key: tuple, compute: Callable[[], tuple[list, torch.Tensor]]) -> tuple[list, torch.Tensor]:
+    def get(self, key: tuple, compute: Callable[[], tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tensor]:
         if key != self.key:
             self.release()
             self.entry, self.key = compute(), key
@@ -345,14 +345,17 @@ class StitchingModule(pl.LightningModule):
                              "with other loaders, leave prefix_cache out")
         dm.setup()
         labels = dm.train_set.y
-        layout, rows = SHARED_PREFIX.get(self._prefix_key(dm, dtype), lambda: self._compute_prefix(dm, dtype))
+        (layout, tuple_carry), rows = SHARED_PREFIX.get(self._prefix_key(dm, dtype),
+                                                        lambda: self._compute_prefix(dm, dtype))
         self.__dict__["_cache_layout"] = layout
+        self.__dict__["_cache_tuple"] = tuple_carry  # from the entry: also when another fit computed it
         self._uncached_train_set = dm.train_set
         dm.train_set = TensorImageDataset(rows, labels)
 
-    def _compute_prefix(self, dm: DataModule, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
-        """``(layout, rows)``: the shapes of the stored parts (h, then the carry at an inner point) and one flat
-        row per training image."""
+    def _compute_prefix(self, dm: DataModule, dtype: torch.dtype) -> tuple[tuple[list, bool], torch.Tensor]:
+        """``((layout, tuple_carry), rows)``: the shapes of the stored parts (h, then the carry at an inner point),
+        whether the carry is a tuple (a graph's: every tensor the rest of the network needs), and one flat row per
+        training image."""
         images, parts = dm.train_set.x, []
         for i in range(0, len(images), dm.eval_batch_size):
             x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
@@ -362,8 +365,7 @@ class StitchingModule(pl.LightningModule):
                 raise ValueError(f"prefix_cache: the carry at {self.point!r} holds values that are not tensors")
             stored = [t.movedim(1, -1) if t.dim() == 4 else t for t in (h, *carries)]
             parts.append(torch.cat([t.flatten(1) for t in stored], dim=1).to("cpu", dtype))
-        self.__dict__["_cache_tuple"] = isinstance(carry, tuple)
-        return [tuple(t.shape[1:]) for t in stored], torch.cat(parts)
+        return ([tuple(t.shape[1:]) for t in stored], isinstance(carry, tuple)), torch.cat(parts)
 
     def _prefix_key(self, dm: DataModule, dtype: torch.dtype) -> tuple:
         """What the cached activations depend on: the source's stored weights (checkpoint path and its size and

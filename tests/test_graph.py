@@ -3,6 +3,7 @@ weight-space action on a traced graph, timm ViTs and the clear errors."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from symstitch.data import DataModule, TensorImageDataset, batch_loader
 from symstitch.graph import GraphNet
 from symstitch.library import load_model, load_pair, memory_ref
 from symstitch.metrics import similarity_matrix
-from symstitch.stitching import StitchingModule
+from symstitch.stitching import SHARED_PREFIX, StitchingModule
+from symstitch.training import WarmupCosine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +55,22 @@ class Untraceable(nn.Module):
         if h.sum() > 0:
             h = self.relu(h - 0.1)
         return self.fc(h.mean((2, 3)))
+
+
+class Residual(nn.Module):
+    """A stem, then one residual block (conv → BN → ReLU → conv → BN, plus the block input, → ReLU), pooled."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1, self.bn1, self.relu = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = F.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+        return self.fc(out.mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +242,41 @@ def test_loaders_of_uint8_images_are_normalised_as_training_did():
         similarity_matrix(net, net, bare, **kwargs)
     given = similarity_matrix(net, net, bare, normalize=(dm.mean, dm.std), **kwargs)
     assert [r["value"] for r in given] == [r["value"] for r in ready]
+
+
+def test_prefix_cache_inside_a_block_trains_exactly_like_the_full_forward(monkeypatch):
+    """At a graph point that is not a cut, the prefix cache holds h and the carry (a tuple: the block input that
+    the shortcut takes); training on it is the same computation as running A's prefix every step, also when a
+    later fit reads the cache another one computed (a sweep's cells at one point)."""
+    torch.manual_seed(0)
+    a, b = Residual().eval(), Residual().eval()
+    net = GraphNet(a)
+    assert not net.is_cut("relu")
+    _, carry = net.split(torch.zeros(2, 3, 32, 32), "relu")
+    assert isinstance(carry, tuple) and len(carry) == 1
+    monkeypatch.setattr(SHARED_PREFIX, "keep", True)  # the second cached fit reuses the first one's cache
+    weights, starts, recalibrated = [], [], []
+    try:
+        for cache in (None, "float32", "float32"):
+            pl.seed_everything(3, verbose=False)
+            dm = DataModule(dataset="digits", crop_padding=0)
+            module = StitchingModule(a, b, "relu", layer="standard", prefix_cache=cache,
+                                     scheduler=lambda opt: WarmupCosine(opt, warmup=0.1),  # needs the loader early
+                                     protocols=["frozen", "recalibrated"])
+            starts.append(module.stitch.matrix().detach().clone())
+            trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
+                                 num_sanity_val_steps=0)
+            trainer.fit(module, datamodule=dm)
+            if cache:
+                assert len(module._cache_layout) == 2  # h and the block input
+            weights.append(module.stitch.matrix().detach())
+            recalibrated.append(float(trainer.callback_metrics["stitch_recalibrated/acc"]))
+            assert dm.train_set.x.dtype == torch.uint8  # the DataModule has its images back
+    finally:
+        SHARED_PREFIX.release()
+    assert torch.equal(starts[0], starts[1]) and torch.equal(starts[0], starts[2])
+    assert (weights[0] - starts[0]).abs().max() > 1e-3  # it trained
+    for cached in weights[1:]:
+        torch.testing.assert_close(cached, weights[0], atol=1e-5, rtol=1e-5)
+    assert recalibrated[1] == recalibrated[0] and recalibrated[2] == recalibrated[0]
