@@ -4,7 +4,8 @@
 What it adds to LightningCLI: trainer defaults (CSV + W&B offline logging, bf16 on GPU, DDP consistency checks,
 a stop on a non-finite loss), the number of classes from the data, the data of a stitch taken from the
 networks' own checkpoints, shipped configs found by name (``--config configs/stitch/birkhoff.yaml`` from any
-folder), and ``<log dir>/result.json`` after every fit. Argument parsing of the other commands lives in
+folder), ``<log dir>/result.json`` after every fit, and from Python, loaders in place of the DataModule
+(:class:`~symstitch.data.LoaderData`, one process). Argument parsing of the other commands lives in
 :mod:`symstitch.commands`.
 """
 
@@ -29,7 +30,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from symstitch import configs
 from symstitch.callbacks import DDPConsistency, FiniteLoss
 from symstitch.checkpoints import read_checkpoint
-from symstitch.data import DataModule, dataset_info
+from symstitch.data import DataModule, LoaderData, dataset_info
 from symstitch.io import write_json
 from symstitch.library import check_same_data, datamodule_settings
 from symstitch.loggers import DEFAULT_RUN_DIR, default_loggers, default_wandb_offline, finish_wandb, verbose
@@ -84,8 +85,12 @@ class SymstitchCLI(LightningCLI):
     """LightningCLI over symstitch modules and the DataModule (see ``symstitch fit --help``)."""
 
     def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
-                 announce: bool = True, validate: bool = False, **kwargs):
+                 announce: bool = True, validate: bool = False, datamodule: Optional[LoaderData] = None, **kwargs):
         self.parse_only, self.announce, self.final_validation = parse_only, announce, validate
+        #: loaders given from Python (:class:`~symstitch.data.LoaderData`), in place of the ``--data`` DataModule
+        self.given_datamodule = datamodule
+        if datamodule is not None:  # the saved config would name the DataModule's data, not these loaders
+            kwargs.setdefault("save_config_callback", None)
         #: after a fit: its metrics, ``val/…`` of the final validation (``validate``) and ``test/…``
         self.metrics: dict[str, float] = {}
         super().__init__(
@@ -140,6 +145,9 @@ class SymstitchCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         if not self.parse_only:
             super().instantiate_classes()
+            if self.given_datamodule is not None:
+                self.datamodule = self.given_datamodule
+                LoaderData.check_one_process(self.trainer)  # before a DDP launch, not in every rank after it
 
     def after_instantiate_classes(self) -> None:
         if not self.parse_only:
@@ -220,16 +228,17 @@ def teardown_distributed() -> None:
 
 
 def build_cli(args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
-              announce: bool = True, validate: bool = False) -> SymstitchCLI:
+              announce: bool = True, validate: bool = False, datamodule: Optional[LoaderData] = None) -> SymstitchCLI:
     """A :class:`SymstitchCLI` (``run=False``: parsed and instantiated, nothing trained yet; ``parse_only``:
     parsed and checked, nothing instantiated; ``announce``: print the result of a fit; ``validate``: after a fit,
-    evaluate the final network on the held-out validation split too). ``args`` None reads ``sys.argv``."""
+    evaluate the final network on the held-out validation split too; ``datamodule``: loaders from Python, used
+    instead of the ``--data`` DataModule, in this process only). ``args`` None reads ``sys.argv``."""
     default_wandb_offline()
     with warnings.catch_warnings():
         # args given from Python (the commands, sweeps, tests) while sys.argv holds another program's options
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return SymstitchCLI(args=shipped_configs(args) if args is not None else None, run=run, parse_only=parse_only,
-                            announce=announce, validate=validate)
+                            announce=announce, validate=validate, datamodule=datamodule)
 
 
 def check_args(args: Sequence[str]) -> Optional[Namespace]:
@@ -246,11 +255,13 @@ def check_args(args: Sequence[str]) -> Optional[Namespace]:
     return cli.config.get(cli.config.get("subcommand")) if cli.config.get("subcommand") else cli.config
 
 
-def fit_in_process(args: Sequence[str], validate: bool = False) -> SymstitchCLI:
+def fit_in_process(args: Sequence[str], validate: bool = False,
+                   datamodule: Optional[LoaderData] = None) -> SymstitchCLI:
     """``symstitch fit ARGS`` in this process (the path of every training cell, which records its result itself);
     the W&B run is closed after. ``validate``: also evaluate the final network on the held-out validation split
-    (``cli.metrics["val/…"]``; refused without one)."""
+    (``cli.metrics["val/…"]``; refused without one). ``datamodule``: loaders from Python
+    (:class:`~symstitch.data.LoaderData`) instead of the ``--data`` DataModule."""
     try:
-        return build_cli(["fit", *args], announce=False, validate=validate)
+        return build_cli(["fit", *args], announce=False, validate=validate, datamodule=datamodule)
     finally:
         finish_wandb()

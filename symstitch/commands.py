@@ -321,6 +321,48 @@ class Check(Command):
 
 
 @command
+class Points(Command):
+    """List the points of a network: graph node names and module names, each with its kind (cut: stitch anywhere
+    there; inner: something bypasses it, and B continues with A's carry), operation, shape and the intertwiner
+    group its activation gives (or why none).
+
+        symstitch points runs/zoo:resnet20/seed0
+        symstitch points '{class_path: torchvision.models.resnet18, init_args: {num_classes: 10}}'
+        symstitch points timm:vit_tiny_patch16_224 --features"""
+
+    name, help = "points", "list a network's points (node and module names), their kind, shape and group"
+    uses_lightning = False
+
+    def build(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", metavar="MODEL",
+                            help="checkpoint, library entry, {class_path: …, init_args: …, state_dict: …} or timm:<name>")
+        parser.add_argument("--features", action="store_true", help="only the feature points (activation outputs)")
+        parser.add_argument("--input-shape", default=None,
+                            help="batch shape for the shapes, e.g. 1,3,224,224 (default: the model's own or 1,3,32,32)")
+
+    def run(self, args: argparse.Namespace, extra: list[str]) -> int:
+        library, graph = _load("library"), _load("graph")
+        net = library.load_model(args.model)
+        shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+        if not isinstance(net, graph.GraphNet):
+            net = graph.GraphNet(net, input_shape=shape or (1, 3, 32, 32))
+        elif shape:
+            net.input_shape = shape
+        rows = net.describe()
+        if args.features:
+            chosen = set(net.feature_points)
+            rows = [r for r in rows if r.name in chosen]
+        width = max((len(r.name) for r in rows), default=5)
+        print(f"{'point':<{width}}  {'kind':<5}  {'operation':<20}  {'shape':<18}  group")
+        for r in rows:
+            shape_text = "×".join(map(str, r.shape)) if r.shape else "—"
+            print(f"{r.name:<{width}}  {r.kind:<5}  {r.op[:20]:<20}  {shape_text:<18}  {r.note}")
+        mode = "" if net.mode == "fx" else f" (forward hooks: {net.trace_error or 'not traced'})"
+        print(f"{len(rows)} points{mode}; stitch points (cuts after an activation): {', '.join(net.stitch_points)}")
+        return 0
+
+
+@command
 class Sweep(Command):
     """Run an experiment grid of experiments/*.yaml, resumable cell by cell (or write a SLURM array script)."""
 

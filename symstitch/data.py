@@ -7,6 +7,9 @@ function passes that batch through. Augmentation (random translation, horizontal
 normalisation then run on the device, on the whole batch at once, with independent random parameters per
 sample (:func:`augment_batch`, :func:`normalize_batch`).
 
+Loaders a user already has (any (image, label) batches, float or uint8) become a DataModule with
+:class:`LoaderData`; how their images become inputs is :mod:`symstitch.inputs`.
+
 Datasets are chosen by name from :data:`DATASETS`:
 
     >>> dm = DataModule(dataset="digits", batch_size=64)
@@ -19,17 +22,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from symstitch.inputs import Normalization, Normalize, labelled_batch, loader_normalization, normalize_batch
 from symstitch.registry import Registry
 
 __all__ = [
@@ -39,6 +44,8 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "ImageData",
+    "LoaderData",
+    "Normalization",
     "TensorImageDataset",
     "augment_batch",
     "batch_loader",
@@ -250,13 +257,15 @@ class TensorImageDataset(Dataset):
 
     ``__getitems__`` receives every index of a batch (torch's DataLoader calls it when it exists) and returns
     the ready batch ``(x[indices], y[indices])``; use it with :func:`passthrough_collate` (as
-    :func:`batch_loader` does). ``__getitem__`` still serves single samples.
+    :func:`batch_loader` does). ``__getitem__`` still serves single samples. ``normalization``: how uint8
+    images become inputs (set by the DataModule), None otherwise.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, normalization: Optional[Normalization] = None):
         if len(x) != len(y):
             raise ValueError(f"{len(x)} images but {len(y)} labels")
         self.x, self.y = x, y
+        self.normalization = normalization
 
     def __len__(self) -> int:
         return len(self.y)
@@ -365,26 +374,6 @@ def augment_batch(
     return out
 
 
-def normalize_batch(
-    x: torch.Tensor,
-    mean: Union[Sequence[float], torch.Tensor],
-    std: Union[Sequence[float], torch.Tensor],
-    channels_last: bool = True,
-) -> torch.Tensor:
-    """Float32 ``(x / 255 − mean) / std`` per channel of a uint8 batch (B, C, H, W), optionally channels_last.
-
-    Computed as ``x · a − b`` with per-channel constants laid out like the batch, so that a channels_last
-    input (as :func:`augment_batch` writes it) is normalised without a layout change.
-    """
-    out = x.float()
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    scale = torch.empty_like(out[:1]).copy_(1.0 / (255.0 * std))  # one image, laid out like the batch
-    shift = torch.empty_like(out[:1]).copy_(mean / std)
-    out.mul_(scale).sub_(shift)
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # LightningDataModule
 
@@ -393,7 +382,10 @@ class DataModule(pl.LightningDataModule):
     """In-memory 32×32 image classification data with batched, on-device augmentation.
 
     Loaders yield uint8 batches ``(x (B, 3, 32, 32), y int64)``; :meth:`on_after_batch_transfer` augments
-    training batches on the device and normalises every batch to float32.
+    training batches on the device and normalises every batch to float32. Outside a Trainer,
+    :meth:`loader` gives normalised float batches (``dm.loader("test")``), and the datasets carry their
+    :class:`Normalization` (``dm.normalization``), which :func:`symstitch.metrics.similarity_matrix` applies to
+    uint8 batches of these loaders by itself.
 
     Args:
         dataset: registered dataset name (see ``DATASETS.available()``): ``cifar10``, ``cifar100``, ``digits``.
@@ -466,6 +458,22 @@ class DataModule(pl.LightningDataModule):
         """Per-channel standard deviation of the training images, 0..1 scale (loads the data if needed)."""
         return self._load().std
 
+    @property
+    def normalization(self) -> Normalization:
+        """How uint8 images become network inputs: per-channel mean and std of the training images."""
+        return Normalization(tuple(self.mean), tuple(self.std))
+
+    def loader(self, split: str = "test", batch_size: Optional[int] = None) -> DataLoader:
+        """Normalised float32 batches ``(x, y)`` of ``split`` (``train``, ``val`` or ``test``; un-augmented,
+        unshuffled) for use outside a Trainer: what a network trained by this DataModule expects as input."""
+        self.setup()
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        if split not in sets:
+            raise ValueError(f"split is one of {', '.join(sets)}; got {split!r}")
+        dataset = sets[split]
+        x = normalize_batch(dataset.x, self.mean, self.std, channels_last=False)
+        return batch_loader(TensorImageDataset(x, dataset.y), batch_size or self.eval_batch_size)
+
     def _load(self) -> ImageData:
         if self.data is None:
             loader = DATASETS.get(self.dataset)
@@ -482,16 +490,17 @@ class DataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         data = self._load()
-        self.test_set = TensorImageDataset(data.test_x, data.test_y)
+        norm = self.normalization
+        self.test_set = TensorImageDataset(data.test_x, data.test_y, norm)
         n_val = round(self.val_split * len(data.train_y))
         if n_val == 0:
-            self.train_set = TensorImageDataset(data.train_x, data.train_y)
+            self.train_set = TensorImageDataset(data.train_x, data.train_y, norm)
             self.val_set = self.test_set
             return
         order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
-        self.train_set = TensorImageDataset(data.train_x[train_idx], data.train_y[train_idx])
-        self.val_set = TensorImageDataset(data.train_x[val_idx], data.train_y[val_idx])
+        self.train_set = TensorImageDataset(data.train_x[train_idx], data.train_y[train_idx], norm)
+        self.val_set = TensorImageDataset(data.train_x[val_idx], data.train_y[val_idx], norm)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -541,3 +550,65 @@ class DataModule(pl.LightningDataModule):
                 generator=self._rank_generator(x.device),
             )
         return normalize_batch(x, self.mean, self.std, self.channels_last), y
+
+
+#: why loaders given from Python serve one process
+ONE_PROCESS = ("loaders given from Python feed one process: under several processes Lightning would shard them "
+               "with a sampler that repeats samples to even out the ranks (an inexact evaluation), and a DDP "
+               "subprocess does not have them; use the DataModule (data settings) on several devices")
+
+
+class LoaderData(pl.LightningDataModule):
+    """The loaders a user has, as a DataModule: training on ``train``, validation on ``val`` (by default the test
+    loader, as the :class:`DataModule` validates on the test split without ``val_split``), test on ``test``.
+
+    Batches are ``(image, label)`` — a pair, or a dict with ``image`` and ``label`` — with integer class indices;
+    anything else is a TypeError naming what came (:func:`~symstitch.inputs.labelled_batch`). Images are read as
+    :func:`~symstitch.metrics.similarity_matrix` reads them: float images are the networks' inputs, taken as
+    already normalised; uint8 images are normalised on the device, ``(x / 255 − mean) / std`` per channel, by
+    ``normalize`` (a :class:`~symstitch.inputs.Normalization`, any callable, or a (mean, std) pair on the 0..1
+    scale), by default by the normalisation the loader's dataset carries (the :class:`DataModule`'s loaders carry
+    theirs), else an error at the first batch. Batches are used as they come, in the loader's order, with the
+    loader's own augmentation if it has any (a shuffling loader draws its order from the global random state,
+    which the run's seed fixes). One process only (:data:`ONE_PROCESS`).
+    """
+
+    def __init__(self, train: Iterable[Any], test: Iterable[Any], val: Optional[Iterable[Any]] = None,
+                 normalize: Optional[Normalize] = None):
+        super().__init__()
+        self.loaders = {"train": train, "val": test if val is None else val, "test": test}
+        self.normalizers = {split: loader_normalization(loader, normalize) for split, loader in self.loaders.items()}
+
+    @staticmethod
+    def check_one_process(trainer: Optional[pl.Trainer]) -> None:
+        """Refuse a trainer of several processes (:data:`ONE_PROCESS`)."""
+        if trainer is not None and trainer.world_size > 1:
+            raise ValueError(ONE_PROCESS)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.check_one_process(self.trainer)
+
+    def train_dataloader(self) -> Iterable[Any]:
+        return self.loaders["train"]
+
+    def val_dataloader(self) -> Iterable[Any]:
+        return self.loaders["val"]
+
+    def test_dataloader(self) -> Iterable[Any]:
+        return self.loaders["test"]
+
+    def prepare(self, batch: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of ``split``'s loader as ``(inputs, labels)`` (checked, uint8 images normalised)."""
+        return labelled_batch(batch, self.normalizers[split], where=f"the {split} loader")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        split = "train" if trainer is not None and trainer.training else \
+            "test" if trainer is not None and trainer.testing else "val"
+        return self.prepare(batch, split)
+
+    def batches(self, split: str, device: Union[str, torch.device]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, labels)`` on ``device`` for every batch of ``split``'s loader, outside the Trainer's loops
+        (a stitch's data start and its recalibration pass)."""
+        for batch in self.loaders[split]:
+            yield self.prepare(move_data_to_device(batch, device), split)

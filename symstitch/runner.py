@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from symstitch import configs
 from symstitch.io import Busy, Lock, parse_range, read_json, write_json, writable_folder
-from symstitch.library import library_models
+from symstitch.library import library_models, ref_text
 from symstitch.registry import Registry
 
 #: experiment kind → its :class:`Experiment` class
@@ -175,7 +175,7 @@ class PairExperiment(Experiment):
         seeds, ``A-B`` for a given pair), as a format string of ``a`` and ``b``."""
         s = self.settings
         if s["source"] is not None:
-            return {"A": str(s["source"]), "B": str(s["target"])}, [("A", "B")], "{a}-{b}"
+            return {"A": ref_text(s["source"]), "B": ref_text(s["target"])}, [("A", "B")], "{a}-{b}"
         models = library_models(s["zoo"], s["arch"], parse_range(s["seeds"]))
         return models, pairs(list(models), s["pairs"]), "s{a}-s{b}"
 

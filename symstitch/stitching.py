@@ -28,7 +28,10 @@ Two evaluation protocols (SPEC §2), chosen by ``protocols``; each has its own a
   (``…/stitch_recalibrated/acc``, ``…/stitch_recalibrated/penalty_pts``). The stored networks never change.
 
 The networks run on their own data: their checkpoints carry the DataModule settings they were trained with
-(:func:`symstitch.library.datamodule_settings`); a DataModule of another dataset is refused at setup.
+(:func:`symstitch.library.datamodule_settings`); a DataModule of another dataset is refused at setup. Loaders a
+user has run the same stitch through :class:`~symstitch.data.LoaderData` (``stitch(…, data=(train, test))``):
+T trains on the training loader's batches as they come, the recalibration pass runs over that loader, and the
+accuracies are measured on the test loader.
 
 :func:`stitch` (Python) and :class:`StitchExperiment` (``symstitch stitch``, stitch sweeps) run the same
 LightningCLI path with the same defaults (:data:`symstitch.configs.STITCH_DEFAULTS`, seeded), so one stitch gives
@@ -44,7 +47,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -58,12 +61,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from symstitch import configs
 from symstitch.cli import check_args, fit_in_process
-from symstitch.data import DataModule, TensorImageDataset, normalize_batch
+from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
 from symstitch.io import dumps
-from symstitch.library import architecture, check_same_data, load_model, load_pair, resolve_model
+from symstitch.graph import point_activation, point_channels
+from symstitch.inputs import Normalize
+from symstitch.library import ModelRef, architecture, check_same_data, load_model, load_pair, ref_identity, ref_text
 from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
-from symstitch.stitch_layers import STITCH_LAYERS, LayerChoice, LayerSpec, StitchLayer, build_stitch_layer
+from symstitch.stitch_layers import (STITCH_LAYERS, LayerChoice, LayerSpec, MonomialStitch, StitchLayer,
+                                     build_stitch_layer)
 from symstitch.training import configure_schedule
 
 
@@ -85,10 +91,10 @@ class SharedPrefix:
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
-        self.entry: Optional[tuple[list, torch.Tensor]] = None
+        self.entry: Optional[tuple[tuple[list, bool], torch.Tensor]] = None
         self.keep = False
 
-    def get(self, key: tuple, compute: Callable[[], tuple[list, torch.Tensor]]) -> tuple[list, torch.Tensor]:
+    def get(self, key: tuple, compute: Callable[[], tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tensor]:
         if key != self.key:
             self.release()
             self.entry, self.key = compute(), key
@@ -114,11 +120,16 @@ class StitchingModule(pl.LightningModule):
     """Trains a stitching layer between a frozen source prefix and a frozen target suffix.
 
     Args:
-        source: source network A: a classifier checkpoint or a model-library entry ``<zoo>:<arch>/seed<k>``.
+        source: source network A: a classifier checkpoint, a model-library entry ``<zoo>:<arch>/seed<k>``, any
+            network by class path with a state dict (``{class_path: torchvision.models.resnet18, init_args:
+            {num_classes: 10}, state_dict: a.pt}``, also as a YAML string), ``timm:<name>``, or an ``nn.Module``
+            (from Python; see :mod:`symstitch.library`).
         target: target network B, likewise.
         point: the stitch point p: a cut (``net.stitch_points``) or an inner point (``net.inner_points``, a
             ResNet block's ``act1``), where B's block continues from T(h) while its shortcut takes A's block
-            input.
+            input; for networks outside the zoo any point of :class:`~symstitch.graph.GraphNet` (at a point that
+            is not a cut, B continues from T(h) and A's carry). The G stitches (``birkhoff``, ``softsort``) take
+            the group of the activation at the point and refuse a point without one.
         layer: stitching layer by registry name: ``standard``, ``birkhoff``, ``softsort``, ``lasso``, ``lowrank``.
         layer_kwargs: its options (e.g. ``{alpha: 0.01, projection: euclidean}``, ``{rank: 8}``, ``{norm: before}``).
         relaxed_epochs: epochs before ``harden()`` for layers that have a hardened form (then fine-tuning);
@@ -135,13 +146,19 @@ class StitchingModule(pl.LightningModule):
             :class:`~symstitch.data.DataModule`; the cache lives in host memory (N·C·H·W values).
         protocols: the evaluation protocols to report (see the module docstring): ``frozen``, ``recalibrated``
             or both. ``recalibrated`` costs one pass of the training images through the stitched network per
-            evaluation and needs the package's DataModule.
+            evaluation: the DataModule's un-augmented training images, or one pass over the training loader of a
+            :class:`~symstitch.data.LoaderData` (its batches as they come; its random order, if any, drawn
+            without moving the run's random state).
+
+    Data: the package's :class:`~symstitch.data.DataModule`, or loaders you have wrapped in a
+    :class:`~symstitch.data.LoaderData` (``trainer.fit(module, datamodule=LoaderData(train_loader,
+    test_loader))``; (image, label) batches, float images taken as normalised, uint8 images normalised).
     """
 
     def __init__(
         self,
-        source: str,
-        target: str,
+        source: Union[str, dict],
+        target: Union[str, dict],
         point: str,
         layer: str = "birkhoff",
         layer_kwargs: Optional[dict[str, Any]] = None,
@@ -153,11 +170,20 @@ class StitchingModule(pl.LightningModule):
         protocols: Sequence[Literal["frozen", "recalibrated"]] = ("frozen",),
     ):
         super().__init__()
+        # in-memory networks are saved by their memory:<n> names (a module among the hyper-parameters cannot be
+        # checkpointed); mappings as one line of text
+        source, target = (r if isinstance(r, str) else ref_text(r) for r in (source, target))
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.source_net, self.target_net = (_freeze(n) for n in load_pair(source, target, point))
         self.point = point
-        channels = self.source_net.feature_shapes()[point][0]
-        self.stitch = build_stitch_layer(layer, channels, activation=self.source_net.activation, **(layer_kwargs or {}))
+        channels = point_channels(self.source_net, point)
+        try:
+            activation = point_activation(self.source_net, point)
+        except ValueError:
+            if issubclass(STITCH_LAYERS.get(layer), MonomialStitch):
+                raise  # a G stitch needs the group at the point: the reason
+            activation = "none"  # an unconstrained layer: the activation only labels it
+        self.stitch = build_stitch_layer(layer, channels, activation=activation, **(layer_kwargs or {}))
         if init not in ("random", "data"):
             raise ValueError(f"init is 'random' or 'data', got {init!r}")
         # a layer without a data-driven start (lowrank, softsort) keeps its own: one setting serves a mixed sweep
@@ -279,13 +305,11 @@ class StitchingModule(pl.LightningModule):
             h_b = self.target_net.forward_to(x, self.point)
         else:
             h_a, h_b = [], []
-            for i, batch in enumerate(dm.train_dataloader()):
+            for i, (x, _) in enumerate(self._train_batches()):
                 if i == batches:
                     break
-                # the strategy runs the transfer hooks too (augmentation and normalisation on the device)
-                batch = self.trainer.strategy.batch_to_device(batch, self.device)
-                h_a.append(self.source_net.forward_to(batch[0], self.point))
-                h_b.append(self.target_net.forward_to(batch[0], self.point))
+                h_a.append(self.source_net.forward_to(x, self.point))
+                h_b.append(self.target_net.forward_to(x, self.point))
             h_a, h_b = torch.cat(h_a), torch.cat(h_b)
         self.stitch.init_from_data(h_a, h_b)
         # each rank saw its own batches: every rank starts from rank 0's fit (DDP never re-syncs weights)
@@ -294,6 +318,17 @@ class StitchingModule(pl.LightningModule):
                 dist.broadcast(tensor.data, src=0)
         if not self.stitch.hardened:  # a G stitch: its data start is a scaled permutation, kept in reserve
             self.__dict__["_start"] = copy.deepcopy(self.stitch)
+
+    def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches ``(inputs, labels)`` on this device, in the loader's order: a DataModule's through its
+        transfer hooks (augmentation and normalisation on the device), a :class:`~symstitch.data.LoaderData`'s as
+        they come (normalised where uint8)."""
+        dm = self.trainer.datamodule
+        if isinstance(dm, LoaderData):
+            yield from dm.batches("train", self.device)
+            return
+        for batch in dm.train_dataloader():
+            yield self.trainer.strategy.batch_to_device(batch, self.device)
 
     @torch.no_grad()
     def _cache_prefix(self, dtype: torch.dtype) -> None:
@@ -306,35 +341,40 @@ class StitchingModule(pl.LightningModule):
         """
         dm = self.trainer.datamodule
         if not isinstance(dm, DataModule):
-            raise ValueError("prefix_cache needs symstitch.data.DataModule (it reads its in-memory training images)")
+            raise ValueError("prefix_cache needs symstitch.data.DataModule (it reads its in-memory training images); "
+                             "with other loaders, leave prefix_cache out")
         dm.setup()
         labels = dm.train_set.y
-        layout, rows = SHARED_PREFIX.get(self._prefix_key(dm, dtype), lambda: self._compute_prefix(dm, dtype))
+        (layout, tuple_carry), rows = SHARED_PREFIX.get(self._prefix_key(dm, dtype),
+                                                        lambda: self._compute_prefix(dm, dtype))
         self.__dict__["_cache_layout"] = layout
+        self.__dict__["_cache_tuple"] = tuple_carry  # from the entry: also when another fit computed it
         self._uncached_train_set = dm.train_set
         dm.train_set = TensorImageDataset(rows, labels)
 
-    def _compute_prefix(self, dm: DataModule, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
-        """``(layout, rows)``: the shapes of the stored parts (h, then the carry at an inner point) and one flat
-        row per training image."""
+    def _compute_prefix(self, dm: DataModule, dtype: torch.dtype) -> tuple[tuple[list, bool], torch.Tensor]:
+        """``((layout, tuple_carry), rows)``: the shapes of the stored parts (h, then the carry at an inner point),
+        whether the carry is a tuple (a graph's: every tensor the rest of the network needs), and one flat row per
+        training image."""
         images, parts = dm.train_set.x, []
         for i in range(0, len(images), dm.eval_batch_size):
             x = normalize_batch(images[i:i + dm.eval_batch_size].to(self.device), dm.mean, dm.std, dm.channels_last)
-            stored = [t.movedim(1, -1) if t.dim() == 4 else t
-                      for t in self.source_net.split(x, self.point) if t is not None]
+            h, carry = self.source_net.split(x, self.point)
+            carries = [] if carry is None else list(carry) if isinstance(carry, tuple) else [carry]
+            if not all(isinstance(t, torch.Tensor) for t in carries):
+                raise ValueError(f"prefix_cache: the carry at {self.point!r} holds values that are not tensors")
+            stored = [t.movedim(1, -1) if t.dim() == 4 else t for t in (h, *carries)]
             parts.append(torch.cat([t.flatten(1) for t in stored], dim=1).to("cpu", dtype))
-        return [tuple(t.shape[1:]) for t in stored], torch.cat(parts)
+        return ([tuple(t.shape[1:]) for t in stored], isinstance(carry, tuple)), torch.cat(parts)
 
     def _prefix_key(self, dm: DataModule, dtype: torch.dtype) -> tuple:
         """What the cached activations depend on: the source's stored weights (checkpoint path and its size and
         modification time), the point, the dtype, the device and the training images (their count, a
         fingerprint of their values, the normalisation)."""
-        path = resolve_model(self.hparams.source).resolve()
-        stat = path.stat()
         x = dm.train_set.x
         fingerprint = (tuple(x.shape), str(x.dtype), float(x.flatten()[:: max(1, x.numel() // 4096)].double().sum()),
                        int(dm.train_set.y.sum()))
-        return (str(path), stat.st_size, stat.st_mtime_ns, self.point, str(dtype), str(self.device), fingerprint,
+        return (ref_identity(self.hparams.source), self.point, str(dtype), str(self.device), fingerprint,
                 tuple(dm.mean), tuple(dm.std), dm.channels_last)
 
     def _from_cache(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -346,6 +386,8 @@ class StitchingModule(pl.LightningModule):
             t = rows[:, start:start + size].reshape(len(rows), *shape).float()
             parts.append(t.movedim(-1, 1) if t.dim() == 4 else t)
             start += size
+        if self.__dict__.get("_cache_tuple"):  # a graph's carry: every tensor the rest of the network needs
+            return parts[0], tuple(parts[1:])
         return parts[0], (parts[1] if len(parts) > 1 else None)
 
     def training_step(self, batch, batch_idx):
@@ -399,10 +441,22 @@ class StitchingModule(pl.LightningModule):
 
     def _training_prefix(self, with_labels: bool = False, limit: Optional[int] = None) -> Iterator[Any]:
         """``(A_{≤p}(x), carry)`` of the un-augmented training images (the first ``limit`` batches, else all),
-        batch by batch, with their labels if asked (from the prefix cache when it holds them)."""
+        batch by batch, with their labels if asked (from the prefix cache when it holds them); for a
+        :class:`~symstitch.data.LoaderData`, of its training loader's batches as they come."""
         dm = self.trainer.datamodule
+        if isinstance(dm, LoaderData):
+            # a shuffling loader draws its order here: on a fork of the random state, so that this pass (each
+            # evaluation, the choice before hardening) leaves the training's random stream where it was
+            with torch.random.fork_rng(devices=[]):
+                for i, (x, y) in enumerate(dm.batches("train", self.device)):
+                    if i == limit:
+                        break
+                    h, carry = self.source_net.split(x, self.point)
+                    yield (h, carry, y) if with_labels else (h, carry)
+            return
         if not isinstance(dm, DataModule):
-            raise ValueError("this needs symstitch.data.DataModule (it reads its training images)")
+            raise ValueError("this needs symstitch.data.DataModule or symstitch.data.LoaderData (it reads the "
+                             "training images)")
         dm.setup()
         cached = self._uncached_train_set is not None  # fitting on the cache: it holds exactly these activations
         data = dm.train_set
@@ -540,8 +594,8 @@ class StitchResult:
 
 
 def stitch(
-    source: Union[str, Path],
-    target: Union[str, Path],
+    source: ModelRef,
+    target: ModelRef,
     point: str,
     layer: str = "birkhoff",
     *,
@@ -552,20 +606,37 @@ def stitch(
     seed: int = configs.STITCH_DEFAULTS["seed"],
     prefix_cache: Optional[str] = None,
     layer_kwargs: Optional[dict[str, Any]] = None,
-    data: Optional[Union[DataModule, dict]] = None,
+    data: Optional[Union[DataModule, dict, LoaderData, tuple[Iterable[Any], Iterable[Any]]]] = None,
+    normalize: Optional[Normalize] = None,
     run_dir: Optional[Union[str, Path]] = None,
     fit_args: tuple[str, ...] = (),
 ) -> StitchResult:
     """Stitch ``source`` into ``target`` at ``point`` and evaluate on the test split, from Python.
 
     The same LightningCLI path and defaults as ``symstitch stitch`` (one cell of it), seeded: the same arguments
-    give the same number both ways. ``source``/``target``: checkpoints or library entries. ``layer_kwargs``: the
+    give the same number both ways. ``source``/``target``: checkpoints or library entries, ``nn.Module``\ s in
+    memory, or any other reference of :mod:`symstitch.library` (class path + state dict, ``timm:<name>``); a
+    network outside the zoo has no saved data settings, so its data is ``data`` (default: digits). ``layer_kwargs``: the
     layer's options (replacing those of ``configs/stitch/<layer>.yaml``). ``data``: None (the
     networks' own, from their checkpoints), a dict of DataModule settings, or a DataModule (its settings are
     used); other data than the networks' is refused. ``run_dir``: where the CSV logs go (a temporary folder by
     default). ``fit_args``: any further ``symstitch fit`` options, e.g. ``("--trainer.accelerator", "gpu")``.
+
+    ``data`` may also be the loaders you have, ``(train_loader, test_loader)`` (or a
+    :class:`~symstitch.data.LoaderData`), of (image, label) batches: T trains on the training loader's batches as
+    they come (its batch size, its order — a shuffling loader draws it from the global random state, which
+    ``seed`` fixes — and its augmentation, if any), the recalibrated protocol re-estimates the statistics in one
+    no-grad pass over the training loader, and every accuracy is measured on the test loader. Float images are
+    taken as the networks' inputs, already normalised; uint8 images are normalised as
+    :func:`~symstitch.metrics.similarity_matrix` normalises them, ``(x / 255 − mean) / std`` per channel, by
+    ``normalize`` (a (mean, std) pair on the 0..1 scale, a :class:`~symstitch.inputs.Normalization` or any
+    callable), by default by the normalisation the loader's dataset carries (the DataModule's loaders carry
+    theirs), else an error at the first batch. A batch that is not (image, label) is an error naming what came.
+    Whether the loaders hold the networks' own data is not checked. Loaders stay in this process: a run on
+    several devices (DDP) is refused (use data settings there), and so is ``prefix_cache``.
     """
-    settings = dict(data.hparams) if isinstance(data, DataModule) else dict(data or {})
+    loaders = _loader_data(data, normalize)
+    settings = {} if loaders is not None else dict(data.hparams) if isinstance(data, DataModule) else dict(data or {})
     data_args = [a for k, v in settings.items() for a in (f"--data.{k}", str(v))]
     with tempfile.TemporaryDirectory(prefix="symstitch-stitch-") as tmp:
         folder = Path(run_dir) if run_dir is not None else Path(tmp)
@@ -574,9 +645,9 @@ def stitch(
                               *stitch_options(epochs=epochs, relaxed_epochs=relaxed_epochs, lr=lr, init=init,
                                               prefix_cache=prefix_cache),
                               *(["--model.init_args.layer_kwargs", json.dumps(layer_kwargs)] if layer_kwargs else []),
-                              *data_args, *fit_args, "--model.source", str(source), "--model.target", str(target),
+                              *data_args, *fit_args, "--model.source", ref_text(source), "--model.target", ref_text(target),
                               "--model.point", point, "--seed_everything", str(seed),
-                              "--trainer.default_root_dir", str(folder)])
+                              "--trainer.default_root_dir", str(folder)], datamodule=loaders)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
     r = stitch_result(cli.model, metrics)
     return StitchResult(point=point, layer_name=layer, penalty_pts=r["penalty_pts"], stitched_acc=r["stitched_acc"],
@@ -585,6 +656,23 @@ def stitch(
                         run_dir=str(folder) if run_dir is not None else None,
                         penalty_recalibrated_pts=r.get("penalty_recalibrated_pts"),
                         stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"))
+
+
+def _loader_data(data: Any, normalize: Optional[Normalize]) -> Optional[LoaderData]:
+    """``stitch()``'s ``data`` as a :class:`~symstitch.data.LoaderData` when it is loaders, else None (then
+    ``normalize``, which only concerns loaders, must not be given)."""
+    if isinstance(data, LoaderData):
+        if normalize is not None:
+            raise ValueError("normalize goes into the LoaderData (LoaderData(train, test, normalize=…)), not stitch()")
+        return data
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise ValueError(f"data as loaders is a pair (train_loader, test_loader); got {len(data)} items")
+        return LoaderData(*data, normalize=normalize)
+    if normalize is not None:
+        raise ValueError("normalize applies to loaders (data=(train_loader, test_loader)); a DataModule and data "
+                         "settings normalise their images themselves")
+    return None
 
 
 #: point-list keywords → the points they stand for

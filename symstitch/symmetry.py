@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from symstitch.graph import GraphNet, point_activation, point_features
 from symstitch.models.base import StagedNet
 from symstitch.models.resnet import BasicBlock
 from symstitch.registry import Registry
@@ -391,7 +392,7 @@ class Site:
 
 def _plain_site(layer: nn.Module, norm: Optional[nn.BatchNorm2d], between: tuple[nn.Module, ...],
                 next_layer: nn.Module) -> Site:
-    size = layer.out_channels
+    size = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
     return Site((Segment(size, ((layer, norm),), (next_layer,)),), between, (size,))
 
 
@@ -483,6 +484,34 @@ def _resnet_sites(net: StagedNet) -> dict[str, Site]:
     return dict(sorted(sites.items(), key=lambda item: order[item[0]]))
 
 
+@FAMILIES.register("GraphNet")
+def _graph_sites(net: GraphNet) -> dict[str, Site]:
+    """Any traced network: every activation point ``σ(norm(layer(h)))`` → parameter-free channel-wise modules →
+    ``next_layer`` (Conv or Linear, each tensor on the way read once; :meth:`GraphNet.linear_neighbours`). A
+    residual stream, or an activation read by several layers, has no action here."""
+    sites = {}
+    for point in net.feature_points:
+        try:
+            sites[point] = _plain_site(*net.linear_neighbours(point))
+        except ValueError:
+            continue
+    return sites
+
+
+def _no_action(model: nn.Module, point: str, sites: dict[str, Site]) -> ValueError:
+    """The error for a point without a weight-space action, with the reason where the graph gives one."""
+    where = ", ".join(sites) or "(none)"
+    reason = ""
+    if isinstance(model, GraphNet):
+        try:
+            model.linear_neighbours(point)
+        except ValueError as err:
+            reason = f" ({err})"
+    name = type(model.model).__name__ if isinstance(model, GraphNet) else type(model).__name__
+    return ValueError(f"the weight-space action is not defined at {point!r} of {name}{reason}; it is defined at: "
+                      f"{where}")
+
+
 def _sites(model: StagedNet) -> dict[str, Site]:
     for cls in type(model).__mro__:
         if cls.__name__ in FAMILIES:
@@ -495,8 +524,7 @@ def next_layer(model: StagedNet, point: str) -> nn.Module:
     whose activation feeds one layer only; a residual stream feeds several)."""
     sites = _sites(model)
     if point not in sites:
-        raise ValueError(f"no weight-space action at {point!r} of {type(model).__name__}; it is defined at: "
-                         + (", ".join(sites) or "(none)"))
+        raise _no_action(model, point, sites)
     segments = sites[point].segments
     if len(segments) > 1 or len(segments[0].consumers) > 1:
         raise ValueError(f"{point!r} of {type(model).__name__} is on a residual stream: several layers read it")
@@ -516,15 +544,14 @@ def action_blocks(model: StagedNet, point: str) -> tuple[int, ...]:
     """
     sites = _sites(model)
     if point not in sites:
-        raise ValueError(f"no weight-space action at {point!r} of {type(model).__name__}; it is defined at: "
-                         + (", ".join(sites) or "(none)"))
+        raise _no_action(model, point, sites)
     return sites[point].blocks
 
 
 def sample_action(model: StagedNet, point: str, generator: Optional[torch.Generator] = None) -> Tensor:
     """A random element of the group acting at ``point`` (float64): ⊕ of G_σ samples over
     :func:`action_blocks`."""
-    group = intertwiner_group(model.activation)
+    group = intertwiner_group(point_activation(model, point))
     return torch.block_diag(*[group.sample(n, generator=generator) for n in action_blocks(model, point)])
 
 
@@ -534,6 +561,9 @@ def feature(model: nn.Module, point: str, x: Tensor) -> Tensor:
     Runs ``model(x)`` under ``torch.no_grad()`` in the model's current mode (call ``.eval()`` first for
     BatchNorm running statistics) and returns the module's output from a forward hook.
     """
+    if isinstance(model, GraphNet):
+        with torch.no_grad():
+            return point_features(model, x, [point])[point]
     if point not in getattr(model, "feature_points", ()):
         raise ValueError(f"{type(model).__name__} has no feature point {point!r}; feature points: "
                          + ", ".join(getattr(model, "feature_points", ())))
@@ -627,18 +657,24 @@ def act(model: StagedNet, point: str, g: Tensor) -> StagedNet:
     """``g·model``: a deep copy whose representation at ``point`` is φ_σ(g)·h and whose function is unchanged.
 
     Args:
-        model: a network of the zoo (left untouched, including its training mode).
+        model: a network of the zoo or a :class:`~symstitch.graph.GraphNet` (left untouched, including its
+            training mode); any other ``nn.Module`` is wrapped in a GraphNet and the edited copy of the module
+            itself is returned. In a traced graph the action is defined at activation points between two
+            Conv/Linear layers (:meth:`~symstitch.graph.GraphNet.linear_neighbours`); elsewhere the error says
+            why not.
         point: a feature point listed by :func:`actionable_points`.
         g: an n×n element of ``intertwiner_group(model.activation)``, n the channels at ``point``
             (any float dtype; the edit runs in float64 and is cast back to the weights' dtype); on a residual
             stream block diagonal with the blocks of :func:`action_blocks` (:func:`sample_action` draws one).
     """
+    if not isinstance(model, (StagedNet, GraphNet)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"act needs an nn.Module, got {type(model).__name__}")
+        return act(GraphNet(model), point, g).model
     sites = _sites(model)
     if point not in sites:
-        where = ", ".join(sites) or "(none)"
-        raise ValueError(f"the weight-space action is not defined at {point!r} of {type(model).__name__}; "
-                         f"it is defined at: {where}")
-    group = intertwiner_group(model.activation)
+        raise _no_action(model, point, sites)
+    group = intertwiner_group(point_activation(model, point))
     n = sites[point].channels
     g = torch.as_tensor(g).detach().to("cpu", torch.float64)
     if g.shape != (n, n):

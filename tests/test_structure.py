@@ -72,11 +72,12 @@ def test_find_cycle_finds_one():
 def test_symstitch_imports_have_no_cycle():
     graph = import_graph()
     assert {"symstitch.io", "symstitch.library", "symstitch.runner", "symstitch.commands",
-            "symstitch.metrics.pairwise"} <= set(graph)
+            "symstitch.metrics.pairwise", "symstitch.graph"} <= set(graph)
     assert find_cycle(graph) == []
     # the floors: the core never imports the experiment or command layers
-    core = ("symstitch.models", "symstitch.data", "symstitch.symmetry", "symstitch.stitch_layers",
-            "symstitch.metrics", "symstitch.io", "symstitch.registry", "symstitch.checkpoints", "symstitch.library")
+    core = ("symstitch.models", "symstitch.graph", "symstitch.data", "symstitch.inputs", "symstitch.symmetry",
+            "symstitch.stitch_layers", "symstitch.metrics", "symstitch.io", "symstitch.registry",
+            "symstitch.checkpoints", "symstitch.library")
     upper = {"symstitch.runner", "symstitch.sweep", "symstitch.commands", "symstitch.cli", "symstitch.stitching",
              "symstitch.align", "symstitch.projection", "symstitch.zoo", "symstitch.report"}
     for module, imported in graph.items():
@@ -113,7 +114,7 @@ print("HEAVY", heavy)
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HEAVY []" in proc.stdout
-    for name in ("stitch", "align", "sweep", "zoo", "projection", "check", "report"):
+    for name in ("stitch", "align", "sweep", "zoo", "projection", "check", "report", "points"):
         assert f"usage: symstitch {name}" in proc.stdout
 
 

@@ -32,22 +32,47 @@ from symstitch.metrics.functional import (
     _uniform_upsampling,
     _upsample,
 )
+from symstitch.graph import GraphNet, as_network, point_activation, point_features
+from symstitch.inputs import batch_images, loader_normalization
 from symstitch.metrics.streaming import CKA, METRICS, Procrustes
 
 Tensor = torch.Tensor
+
+#: intertwiner group kind (:data:`symstitch.symmetry.GROUPS`) → the metrics of :data:`METRICS` invariant under
+#: it: the G_ReLU metrics under every positive-scaled permutation, hence under permutations (a subgroup; they
+#: also forgive positive channel scales, which a permutation-only metric would not), and linear CKA and
+#: orthogonal Procrustes under every orthogonal map, hence under signed permutations
+GROUP_METRICS: dict[str, tuple[str, ...]] = {
+    "positive_scaled_permutations": ("procrustes_relu", "cka_relu"),
+    "permutations": ("procrustes_relu", "cka_relu"),
+    "signed_permutations": ("procrustes_orthogonal", "cka_linear"),
+}
+
+
+def point_group(net: nn.Module, point: str) -> Optional[str]:
+    """The intertwiner group kind at a feature point (``permutations``, …), None where none is known."""
+    from symstitch.symmetry import nonlinearity  # the activation → group table
+
+    try:
+        return nonlinearity(point_activation(net, point)).group
+    except (ValueError, KeyError):
+        return None
 
 
 def _resolve_points(model_a: nn.Module, model_b: nn.Module, points: Any) -> tuple[list[str], list[str]]:
     def valid(model: nn.Module) -> tuple[str, ...]:
         found = getattr(model, "feature_points", None)
         if found is None:
-            raise TypeError(f"{type(model).__name__} has no feature_points; use a network of the zoo")
+            raise TypeError(f"{type(model).__name__} has no feature_points")
         return tuple(found)
 
     def check(model: nn.Module, chosen: Iterable[str]) -> list[str]:
         chosen, ok = list(chosen), valid(model)
         for p in chosen:
-            if p not in ok:
+            if isinstance(model, GraphNet):
+                if p not in ok:  # any point of the graph: a node or module name (else the nearest names)
+                    model.check_split_point(p[: -len("[cls]")] if p.endswith("[cls]") else p)
+            elif p not in ok:
                 raise ValueError(f"{type(model).__name__} has no feature point {p!r}; valid feature points: "
                                  + ", ".join(ok))
         if not chosen:
@@ -62,14 +87,6 @@ def _resolve_points(model_a: nn.Module, model_b: nn.Module, points: Any) -> tupl
     if len(points) == 2 and all(not isinstance(p, str) for p in points):
         return check(model_a, points[0]), check(model_b, points[1])
     return check(model_a, points), check(model_b, points)
-
-
-def _batch_input(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(f"dataloader batches must be tensors or (x, y) tuples; got {type(batch).__name__}")
 
 
 def _check_loader_tail(dataloader: Any) -> None:
@@ -256,6 +273,8 @@ class _Recorder:
     def __enter__(self) -> "_Recorder":
         for side, p in dict.fromkeys((self.side_of(s), p) for s, p in self.wanted):
             model = self.model_a if side == "a" else self.model_b
+            if isinstance(model, GraphNet):
+                continue  # its features come from the graph (run)
 
             def hook(_module, _inputs, out, key=(side, p)):
                 self.captured[key] = out.detach().clone()  # later in-place ops must not change it
@@ -270,9 +289,13 @@ class _Recorder:
 
     def run(self, x: Tensor) -> tuple[dict[str, dict[str, Tensor]], dict[tuple[str, str], str]]:
         self.captured.clear()
-        self.model_a(x)
-        if not self.same:
-            self.model_b(x)
+        for side, model in (("a", self.model_a), ("b", self.model_b))[: 1 if self.same else 2]:
+            if isinstance(model, GraphNet):  # any point of a graph: one pass of its own
+                points = [p for s, p in self.wanted if self.side_of(s) == side]
+                for p, t in point_features(model, x, points).items():
+                    self.captured[(side, p)] = t
+            else:
+                model(x)
         feats: dict[str, dict[str, Tensor]] = {"a": {}, "b": {}}
         bad: dict[tuple[str, str], str] = {}
         for side, p in self.wanted:
@@ -324,24 +347,36 @@ def similarity_matrix(
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
     block_size: int = 128,
+    normalize: Optional[Any] = None,
 ) -> list[dict[str, Any]]:
     """Every metric for every pair (point_a of ``model_a``, point_b of ``model_b``) of feature points.
 
-    One pass of the data through each model (eval mode, no_grad; modes and devices restored afterwards), with
-    forward hooks on the feature-point modules. Batches are tensors or (x, y) tuples. ``points``: "all", one
-    list for both models, or a pair ``(list_a, list_b)``. ``cka_mode``: "minibatch" (every batch of the
+    ``model_a``, ``model_b``: networks of the zoo, or any ``nn.Module`` (wrapped in a
+    :class:`~symstitch.graph.GraphNet`: its feature points are its activations, and any of its points — a graph
+    node or module name — may be asked for). One pass of the data through each model (eval mode, no_grad; modes
+    and devices restored afterwards). Batches are tensors, (x, y) tuples or dicts with ``image``; float
+    batches are the inputs, uint8 batches are normalised by ``normalize`` (a
+    :class:`~symstitch.inputs.Normalization`, a callable or a (mean, std) pair), by default by their dataset's
+    own ``normalization`` (the :class:`~symstitch.data.DataModule`'s loaders carry it). ``points``: "all",
+    one list for both models, or a pair ``(list_a, list_b)``. ``cka_mode``: "minibatch" (every batch of the
     dataloader is a minibatch; memory independent of n) or "exact" (keeps every feature on the CPU, then
     builds n×n kernels, holding those of model_b while the points of model_a are done one at a time).
     Procrustes is always streamed.
 
-    Returns rows ``{"point_a", "point_b", "metric", "value", "error"}``: ``value`` a float, NaN for a pair that
-    could not be computed (degenerate features, …) with the reason in ``error`` (None otherwise).
+    Returns rows ``{"point_a", "point_b", "metric", "value", "error", "group_a", "group_b"}``: ``value`` a float,
+    NaN for a pair that could not be computed (degenerate features, …) with the reason in ``error`` (None
+    otherwise); ``group_a``/``group_b`` the intertwiner group kind at each point (from the activation there,
+    None where none is known; :data:`GROUP_METRICS` says which metrics it leaves invariant).
     """
+    same = model_a is model_b
+    model_a = as_network(model_a)
+    model_b = model_a if same else as_network(model_b)
     for name in metrics:
         METRICS.get(name)
     if cka_mode not in MODES:
         raise ValueError(f"unknown cka_mode {cka_mode!r}; choose from {', '.join(MODES)}")
     points_a, points_b = _resolve_points(model_a, model_b, points)
+    normalizer = loader_normalization(dataloader, normalize)
     cka_names = [name for name in metrics if name.startswith("cka")]
     if cka_mode == "minibatch" and cka_names:
         _check_loader_tail(dataloader)
@@ -371,7 +406,7 @@ def similarity_matrix(
         seen = 0
         with _Recorder(model_a, model_b, points_a, points_b) as recorder:
             for batch in dataloader:
-                x = _batch_input(batch).to(dev)
+                x = batch_images(batch, normalizer).to(dev)
                 feats, bad = recorder.run(x)
                 seen += 1
                 if cka_mode == "exact" and cka_names:  # kept on the CPU; one copy per module
@@ -397,6 +432,7 @@ def similarity_matrix(
         if bar is not None:
             bar.stop()
 
+    groups = ({p: point_group(model_a, p) for p in points_a}, {p: point_group(model_b, p) for p in points_b})
     rows = []
     for name in metrics:
         for a, b in pairs:
@@ -410,7 +446,8 @@ def similarity_matrix(
                         value, error = math.nan, "not a finite value"
                 except ValueError as err:
                     value, error = math.nan, f"{type(err).__name__}: {err}"
-            rows.append({"point_a": a, "point_b": b, "metric": name, "value": value, "error": error})
+            rows.append({"point_a": a, "point_b": b, "metric": name, "value": value, "error": error,
+                         "group_a": groups[0][a], "group_b": groups[1][b]})
     return rows
 
 
@@ -456,5 +493,7 @@ def _exact_cka(cka_names: list[str], points_a: list[str], points_b: list[str],
 
 
 __all__ = [
+    "GROUP_METRICS",
+    "point_group",
     "similarity_matrix",
 ]
