@@ -641,6 +641,7 @@ def stitch(
     with tempfile.TemporaryDirectory(prefix="symstitch-stitch-") as tmp:
         folder = Path(run_dir) if run_dir is not None else Path(tmp)
         STITCH_LAYERS.get(layer)  # an unknown layer: the list of known ones
+        load_pair(source, target, point)  # an unknown point (the nearest names) or mismatched widths: one clear error
         cli = fit_in_process(["--config", str(configs.path(f"stitch/{layer}.yaml")),
                               *stitch_options(epochs=epochs, relaxed_epochs=relaxed_epochs, lr=lr, init=init,
                                               prefix_cache=prefix_cache),

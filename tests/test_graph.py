@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
+import symstitch
 from symstitch import symmetry
 from symstitch.data import DataModule, TensorImageDataset, batch_loader
 from symstitch.graph import GraphNet
@@ -228,6 +229,11 @@ def test_clear_errors_for_widths_and_unknown_groups():
         StitchingModule(memory_ref(narrow), memory_ref(narrow), "conv2", layer="birkhoff")
     module = StitchingModule(narrow, narrow, "conv2", layer="standard")  # an unconstrained layer needs no group
     assert module.stitch.channels == 4 and module.hparams.source.startswith("memory:")
+    # from Python, the same errors come first and alone (before any fit starts)
+    with pytest.raises(ValueError, match=r"^Tiny has no point 'atc'; nearest: act"):
+        symstitch.stitch(narrow, narrow, "atc", layer="standard")
+    with pytest.raises(ValueError, match=r"^representations at 'act' differ in shape"):
+        symstitch.stitch(narrow, wide, "act", layer="standard")
 
 
 def test_loaders_of_uint8_images_are_normalised_as_training_did():
