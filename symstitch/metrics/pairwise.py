@@ -20,12 +20,11 @@ from torchmetrics import Metric
 
 from symstitch.metrics.functional import (
     MODES,
-    _centre,
     _check_n,
     _cka_from_grams,
     _flat,
     _Gram,
-    _kernel,
+    _gram,
     _moments,
     _Moments,
     _to_4d,
@@ -93,16 +92,14 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 class _Features:
-    """Features of one side at the chosen points (one batch, or the whole run in exact mode), with caches of
-    what several pairs share: centred tensors and kernels. ``lean`` (for n×n kernels of all inputs) caches
-    only the kernels that are expensive to rebuild: no centred copies of the features, and max(K, 0) is derived
-    from the cached K each time."""
+    """Features of one side at the chosen points (one batch, or the whole run in exact mode), with a cache of
+    what several pairs share: the packed kernels. ``lean`` (for n×n kernels of all inputs) caches only the
+    kernels that are expensive to rebuild: max(K, 0) is derived from the cached K each time."""
 
     def __init__(self, feats: dict[str, Tensor], block_size: int, lean: bool = False):
         self.feats = feats
         self.block_size = block_size
         self.lean = lean
-        self._centred: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._grams: dict[tuple, _Gram] = {}
 
     def hw(self, point: str) -> tuple[int, int]:
@@ -130,12 +127,9 @@ class _Features:
             return self._grams[key]
         if kernel == "relu" and estimator == "max" and pad_to > c:
             base = self.gram(point, kernel, estimator, grid, c)
-            gram = _Gram.of(base.K.clamp(min=0))  # max(K, 0); the diagonal stays 0
+            gram = _Gram.packed(base.tri.clamp(min=0), base.n, base.block)  # max(K, 0); the diagonal stays 0
         else:
-            centred = self._centred.get((point, grid)) or _centre(_upsample(self.feats[point], grid))
-            if not self.lean:
-                self._centred[(point, grid)] = centred
-            gram = _Gram.of(_kernel(*centred, kernel, estimator, pad_to, self.block_size))
+            gram = _gram(_upsample(self.feats[point], grid), kernel, estimator, pad_to, self.block_size, name=point)
         if not (self.lean and kernel == "relu" and estimator == "max" and pad_to > c):
             self._grams[key] = gram
         return gram
