@@ -190,7 +190,7 @@ class _Moments:
 
 
 #: float64 elements of the two chunks of inputs that :func:`_moments` converts at a time (cache-sized)
-_MOMENT_BUDGET = 1 << 17
+_MOMENT_BUDGET = 1 << 19
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -238,10 +238,23 @@ def _moments(x: Tensor, y: Tensor) -> _Moments:
     cross = torch.zeros(c1, c2, dtype=torch.float64, device=device)
     sq_x = torch.zeros(c1, dtype=torch.float64, device=device)
     sq_y = torch.zeros(c2, dtype=torch.float64, device=device)
-    for start in range(0, n, chunk):
+    if gx == gy:  # one float64 copy of both sides, one GEMM: cross-product and squared norms (its diagonal)
+        z = torch.empty(c1 + c2, chunk, x[0, 0].numel(), dtype=torch.float64, device=device)
+        for start in range(0, n, chunk):
+            r = min(n, start + chunk) - start
+            zr = z[:, :r]
+            zr[:c1].copy_(x[start:start + r].reshape(r, c1, -1).transpose(0, 1))
+            zr[c1:].copy_(y[start:start + r].reshape(r, c2, -1).transpose(0, 1))
+            flat = zr.reshape(c1 + c2, -1)
+            g = flat @ flat.T
+            cross += g[:c1, c1:]
+            d = g.diagonal()
+            sq_x += d[:c1]
+            sq_y += d[c1:]
+    for start in range(0, n if gx != gy else 0, chunk):
         rows = slice(start, min(n, start + chunk))
-        ax, sx = _side_chunk(x[rows], hw, grid if fx == 1 else gx)
-        ay, sy = _side_chunk(y[rows], hw, grid if fy == 1 else gy)
+        ax, sx = _side_chunk(x[rows], hw, grid)
+        ay, sy = _side_chunk(y[rows], hw, grid)
         cross.addmm_(ax, ay.T)
         sq_x += sx
         sq_y += sy
