@@ -25,6 +25,7 @@ from symstitch.metrics.functional import (
     _flat,
     _Gram,
     _gram,
+    _is_finite,
     _moments,
     _Moments,
     _to_4d,
@@ -139,15 +140,22 @@ def _stack(feats: dict[str, Tensor], points: list[str], rows: slice, to: tuple[i
     """The features of ``points`` (all on one grid) for the inputs ``rows``, channels stacked, in float64 as
     (ΣC, rows·h·w); sum-pooled down to the grid ``to`` if it is coarser (the adjoint of uniform nearest
     upsampling: Σ_p up(X)_p Y_p = Σ_q X_q Σ_{p ↦ q} Y_p)."""
-    t = torch.cat([feats[p][rows] for p in points], dim=1).to(torch.float64)
-    if tuple(t.shape[2:]) != tuple(to):
-        fh, fw = t.shape[2] // to[0], t.shape[3] // to[1]
-        t = F.avg_pool2d(t, (fh, fw)) * (fh * fw)
-    return _flat(t)
+    parts = [feats[p][rows] for p in points]
+    if tuple(parts[0].shape[2:]) == tuple(to):  # one copy: transposed and converted into the stack
+        r, c = parts[0].shape[0], sum(t.shape[1] for t in parts)
+        out = torch.empty(c, r, parts[0][0, 0].numel(), dtype=torch.float64, device=parts[0].device)
+        offset = 0
+        for t in parts:
+            out[offset:offset + t.shape[1]].copy_(t.reshape(r, t.shape[1], -1).transpose(0, 1))
+            offset += t.shape[1]
+        return out.view(c, -1)
+    t = torch.cat(parts, dim=1).to(torch.float64)
+    fh, fw = t.shape[2] // to[0], t.shape[3] // to[1]
+    return _flat(F.avg_pool2d(t, (fh, fw)) * (fh * fw))
 
 
 def _all_moments(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[str], points_b: list[str],
-                 budget: int = 1 << 23) -> dict[tuple[str, str], _Moments]:
+                 budget: int = 1 << 21) -> dict[tuple[str, str], _Moments]:
     """Procrustes moments of every pair (a, b) for one batch.
 
     Points are grouped by grid; for two groups whose matched grid is reached by uniform upsampling of one of
@@ -274,7 +282,7 @@ class _Recorder:
             if out is None:
                 raise RuntimeError(f"feature point {p!r} of model_{side} was not reached in the forward pass")
             feats[side][p] = _to_4d(out, p)
-            if not bool(torch.isfinite(feats[side][p]).all()):
+            if not _is_finite(feats[side][p]):
                 bad[(side, p)] = f"{p} of model_{side} contains NaN or Inf values"
         return feats, bad
 
@@ -425,7 +433,7 @@ def _exact_cka(cka_names: list[str], points_a: list[str], points_b: list[str],
         del parts
     side = {"a": "a", "b": "a" if same else "b"}
     broken = {key: f"{key[1]} of model_{key[0]} contains NaN or Inf values"
-              for key, t in full.items() if not bool(torch.isfinite(t).all())}
+              for key, t in full.items() if not _is_finite(t)}
     task = bar.add_task("exact CKA", total=len(cka_names) * len(points_a)) if bar is not None else None
     for name in cka_names:
         probe = METRICS.build(name, mode="exact")
