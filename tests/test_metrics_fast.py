@@ -163,3 +163,127 @@ def test_cuda_equals_cpu(name):
     assert float(on_gpu) == pytest.approx(float(M.similarity(name, x, y)), abs=1e-5)
     assert float(M.similarity(name, x.cuda().half(), y.cuda().half())) == pytest.approx(
         float(M.similarity(name, x.half(), y.half())), abs=1e-5)
+
+
+class InPlace(torch.nn.Module):
+    """Feature points whose outputs the forward pass changes in place after their hooks ran ("a", "b"), and one
+    it leaves alone ("c")."""
+
+    feature_points = ("a", "b", "c")
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.a, self.b, self.c = torch.nn.ReLU(), torch.nn.ReLU(), torch.nn.ReLU()
+
+    def forward(self, x):
+        h = self.a(self.conv(x))
+        h.mul_(-1.0).add_(3.0)  # not the feature at "a" any more
+        g = self.b(h[:, :2])
+        g += 1.0  # a view of what "b" recorded
+        return self.c(h + g.sum(1, keepdim=True))
+
+
+def copied_features(net, x):
+    out = {}
+    hooks = [net.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: out.__setitem__(p, o.detach().clone()))
+             for p in net.feature_points]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_similarity_matrix_sees_features_before_in_place_changes():
+    torch.manual_seed(3)
+    net, other = InPlace().double().eval(), InPlace().double().eval()
+    x = torch.randn(24, 3, 5, 5, generator=gen(31), dtype=torch.float64)
+    fa, fb = copied_features(net, x), copied_features(other, x)
+    rows = M.similarity_matrix(net, other, DataLoader(TensorDataset(x), batch_size=12), progress=False)
+    assert len(rows) == 4 * 9
+    for r in rows:
+        name, a, b = r["metric"], r["point_a"], r["point_b"]
+        assert r["error"] is None, r
+        if name.startswith("procrustes"):
+            want = float(M.similarity(name, fa[a], fb[b]))
+        else:
+            metric = M.METRICS.build(name, mode="minibatch")
+            for s in (slice(0, 12), slice(12, 24)):
+                metric.update(fa[a][s], fb[b][s])
+            want = float(metric.compute())
+        assert r["value"] == pytest.approx(want, abs=1e-12), r
+
+
+def test_pair_engines_merge_like_one_pass():
+    """The engines of similarity_matrix are torchmetrics objects whose states are sums: two of them fed the two
+    halves of the batches and merged (what a DDP reduction does) equal one fed every batch."""
+    from torchmetrics.utilities.data import dim_zero_sum
+
+    from symstitch.metrics import pairwise as MP
+
+    torch.manual_seed(4)
+    nets = [build("mcnn", width=0.25).double().eval() for _ in range(2)]
+    points = ["layer1.act", "layer2.act", "layer3.act"]
+    x = torch.randn(48, 3, 16, 16, generator=gen(32), dtype=torch.float64)
+    batches = [x[s:s + 12] for s in range(0, 48, 12)]
+
+    def engines():
+        return {"cka_relu": MP._PairCKA("relu", "max", points, points),
+                "procrustes": MP._PairMoments(["relu", "orthogonal"], points, points)}
+
+    def feed(objs, xs):
+        with MP._Recorder(nets[0], nets[1], points, points) as rec:
+            for xb in xs:
+                MP._update_pairs(objs, {}, rec.run(xb), points, points, 128, False)
+
+    whole, first, second = engines(), engines(), engines()
+    feed(whole, batches)
+    feed(first, batches[:2])
+    feed(second, batches[2:])
+    for name in whole:
+        assert whole[name]._reductions and all(fx is dim_zero_sum for fx in whole[name]._reductions.values())
+        first[name].merge_state(second[name])
+        got, want = first[name].compute(), whole[name].compute()
+        assert got.keys() == want.keys() and len(want) >= 9
+        for key in want:
+            assert want[key][1] is None and got[key][0] == pytest.approx(want[key][0], abs=1e-12), key
+
+
+class WithNaN(torch.nn.Module):
+    """A feature point with NaN in one batch only ("bad") beside a clean one ("good")."""
+
+    feature_points = ("good", "bad")
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.good, self.bad = torch.nn.ReLU(), torch.nn.Identity()
+
+    def forward(self, x):
+        h = self.good(self.conv(x))
+        poisoned = torch.where(x[:, :1, :1, :1] > 2.5, torch.tensor(math.nan, dtype=h.dtype), h[:, :2] + 0.1)
+        return self.bad(poisoned)
+
+
+def test_similarity_matrix_reports_nan_features_per_pair():
+    torch.manual_seed(5)
+    net, other = WithNaN().double().eval(), WithNaN().double().eval()
+    x = torch.randn(24, 3, 4, 4, generator=gen(33), dtype=torch.float64)
+    x[15, 0, 0, 0] = 3.0  # the second batch holds a NaN at "bad"
+    fa, fb = copied_features(net, x), copied_features(other, x)
+    rows = M.similarity_matrix(net, other, DataLoader(TensorDataset(x), batch_size=12), progress=False)
+    for r in rows:
+        name, a, b = r["metric"], r["point_a"], r["point_b"]
+        if "bad" in (a, b):
+            assert math.isnan(r["value"]) and "contains NaN or Inf" in r["error"], r
+            continue
+        assert r["error"] is None, r
+        if name.startswith("procrustes"):
+            want = float(M.similarity(name, fa[a], fb[b]))
+        else:
+            metric = M.METRICS.build(name, mode="minibatch")
+            for s in (slice(0, 12), slice(12, 24)):
+                metric.update(fa[a][s], fb[b][s])
+            want = float(metric.compute())
+        assert r["value"] == pytest.approx(want, abs=1e-12), r
