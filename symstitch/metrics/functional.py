@@ -196,8 +196,8 @@ class _Moments:
     sq_y: Tensor
 
 
-#: float64 elements of the two chunks of inputs that :func:`_moments` converts at a time (cache-sized)
-_MOMENT_BUDGET = 1 << 19
+#: float64 elements of the two chunks of inputs that :func:`_moments` converts at a time
+_MOMENT_BUDGET = 1 << 21
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -226,7 +226,8 @@ def _side_chunk(t: Tensor, hw: tuple[int, int], grid: tuple[int, int]) -> tuple[
 
 def _moments(x: Tensor, y: Tensor) -> _Moments:
     """The moments of X and Y in float64, streamed over chunks of inputs: each chunk is converted once to
-    float64 (a cache-sized copy) and enters one float64 GEMM and the squared norms. A side uniformly upsampled
+    float64 and gives the cross-product (one batched GEMM of small per-input products when both sides share a
+    grid) and the squared norms. A side uniformly upsampled
     to the matched grid is not upsampled: the cross-product is computed on its grid (the other side
     sum-pooled) and its squared norms scale by the upsampling factor. NaN/Inf raise (seen in the norms)."""
     x, y = _to_4d(x, "x"), _to_4d(y, "y")
@@ -245,19 +246,20 @@ def _moments(x: Tensor, y: Tensor) -> _Moments:
     cross = torch.zeros(c1, c2, dtype=torch.float64, device=device)
     sq_x = torch.zeros(c1, dtype=torch.float64, device=device)
     sq_y = torch.zeros(c2, dtype=torch.float64, device=device)
-    if gx == gy:  # one float64 copy of both sides, one GEMM: cross-product and squared norms (its diagonal)
-        z = torch.empty(c1 + c2, chunk, x[0, 0].numel(), dtype=torch.float64, device=device)
+    if gx == gy:  # one float64 copy of both sides per chunk, in their own layout (no transposition)
+        p = x[0, 0].numel()
+        z = torch.empty(chunk, c1 + c2, p, dtype=torch.float64, device=device)
         for start in range(0, n, chunk):
             r = min(n, start + chunk) - start
-            zr = z[:, :r]
-            zr[:c1].copy_(x[start:start + r].reshape(r, c1, -1).transpose(0, 1))
-            zr[c1:].copy_(y[start:start + r].reshape(r, c2, -1).transpose(0, 1))
-            flat = zr.reshape(c1 + c2, -1)
-            g = flat @ flat.T
-            cross += g[:c1, c1:]
-            d = g.diagonal()
-            sq_x += d[:c1]
-            sq_y += d[c1:]
+            zr = z[:r]
+            zr[:, :c1].copy_(x[start:start + r].reshape(r, c1, p))
+            zr[:, c1:].copy_(y[start:start + r].reshape(r, c2, p))
+            # one small GEMM per input, X_i Y_iᵀ (C1×C2), summed: far faster than one GEMM with a long inner
+            # dimension and a tiny C1×C2 result
+            cross += torch.bmm(zr[:, :c1], zr[:, c1:].transpose(1, 2)).sum(0)
+            sq = torch.linalg.vector_norm(zr, dim=2).square_().sum(0)
+            sq_x += sq[:c1]
+            sq_y += sq[c1:]
     for start in range(0, n if gx != gy else 0, chunk):
         rows = slice(start, min(n, start + chunk))
         ax, sx = _side_chunk(x[rows], hw, grid)

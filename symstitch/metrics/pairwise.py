@@ -178,19 +178,19 @@ def _channel_slices(feats: dict[str, Tensor], groups: dict[tuple[int, int], list
 
 def _native_stack(feats: dict[str, Tensor], points: list[str], rows: slice) -> Tensor:
     """The features of ``points`` (one grid) for the inputs ``rows``, channels stacked, as one float64 copy
-    (ΣC, rows, h, w) (transposition and conversion in the same write)."""
+    (rows, ΣC, h, w)."""
     parts = [feats[p][rows] for p in points]
     r, (h, w) = parts[0].shape[0], parts[0].shape[2:]
-    out = torch.empty(sum(t.shape[1] for t in parts), r, h, w, dtype=torch.float64, device=parts[0].device)
+    out = torch.empty(r, sum(t.shape[1] for t in parts), h, w, dtype=torch.float64, device=parts[0].device)
     offset = 0
     for t in parts:
-        out[offset:offset + t.shape[1]].copy_(t.transpose(0, 1))
+        out[:, offset:offset + t.shape[1]].copy_(t)
         offset += t.shape[1]
     return out
 
 
 def _sum_pool(s: Tensor, to: tuple[int, int]) -> Tensor:
-    """(C, r, H, W) summed over blocks of (H/h) × (W/w) positions onto (C, r, h, w): the adjoint of uniform nearest
+    """(r, C, H, W) summed over blocks of (H/h) × (W/w) positions onto (r, C, h, w): the adjoint of uniform nearest
     upsampling (Σ_p up(X)_p Y_p = Σ_q X_q Σ_{p ↦ q} Y_p). Sums of strided views, first along W, then along H."""
     fh, fw = s.shape[2] // to[0], s.shape[3] // to[1]
     for dim, f in ((3, fw), (2, fh)):
@@ -213,8 +213,9 @@ def _moment_blocks(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[
 
     Points are grouped by grid. Per chunk of inputs every group is converted once to float64 (one copy, which
     also gives its squared norms) and, where a pair needs a coarser grid, sum-pooled from the nearest finer stack;
-    then one GEMM per pair of groups adds the cross-products of all their pairs, on the coarser grid when the
-    matched grid is reached by uniform upsampling (a pair of grids that is not is computed on its own, upsampled
+    then one GEMM per pair of groups adds the cross-products of all their pairs (a batch of small per-input
+    products X_i Y_iᵀ, or one product over the inputs when the per-input result would be larger than its
+    inputs), on the coarser grid when the matched grid is reached by uniform upsampling (a pair of grids that is not is computed on its own, upsampled
     explicitly). The chunks keep the float64 copies near ``budget`` elements."""
     ga, gb = _grid_groups(fa, points_a), _grid_groups(fb, points_b)
     slices_a, groups_a, ca = _channel_slices(fa, ga)
@@ -260,7 +261,7 @@ def _moment_blocks(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[
         out = {}
         for grid, members in groups.items():
             s = _native_stack(feats, members, rows)
-            sq[slices[grid]] += torch.linalg.vector_norm(s.view(s.shape[0], -1), dim=1).square()
+            sq[slices[grid]] += torch.linalg.vector_norm(s.view(*s.shape[:2], -1), dim=2).square_().sum(0)
             out[(grid, grid)] = s
             done = [s]
             for to in sorted(need[grid] - {grid}, key=lambda g: -g[0] * g[1]):
@@ -274,11 +275,23 @@ def _moment_blocks(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[
         rows = slice(start, min(n, start + chunk))
         sa = stacks_of(fa, ga, need_a, sq_a, groups_a, rows)
         sb = sa if shared else stacks_of(fb, gb, need_b, sq_b, groups_b, rows)
+        flat: dict[tuple, Tensor] = {}
+
+        def channels_first(side: str, grid: tuple[int, int], to: tuple[int, int]) -> Tensor:
+            if (side, grid, to) not in flat:
+                stack = (sa if side == "a" else sb)[(grid, to)]
+                flat[(side, grid, to)] = stack.transpose(0, 1).reshape(stack.shape[1], -1)
+            return flat[(side, grid, to)]
+
         for grid_a, grid_b, to in plans:
             x, y = sa[(grid_a, to)], sb[(grid_b, to)]
+            r, c1, c2, p = x.shape[0], x.shape[1], y.shape[1], to[0] * to[1]
             block = cross[groups_a[grid_a], groups_b[grid_b]]
-            block.addmm_(x.view(x.shape[0], -1), y.view(y.shape[0], -1).T)
-        del sa, sb
+            if c1 * c2 <= (c1 + c2) * p:  # one small GEMM per input, X_i Y_iᵀ, summed
+                block += torch.bmm(x.view(r, c1, p), y.view(r, c2, p).transpose(1, 2)).sum(0)
+            else:  # a product per input larger than its inputs: one GEMM over the inputs, channels first
+                block.addmm_(channels_first("a", grid_a, to), channels_first("a" if shared else "b", grid_b, to).T)
+        del sa, sb, flat
 
     rows_a = torch.empty(ca, dtype=torch.long)
     for p, s in slices_a.items():
