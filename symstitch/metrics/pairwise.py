@@ -25,8 +25,8 @@ from symstitch.metrics.functional import (
     _check_n,
     _cka_from_grams,
     _cka_value,
-    _dot64,
     _Gram,
+    _hsic_all,
     _gram,
     _is_finite,
     _moments,
@@ -320,42 +320,16 @@ def _all_moments(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[st
             for a in points_a for b in points_b}
 
 
-def _hsic_tables(grams_a: list[_Gram], grams_b: list[_Gram], shared: bool,
-                 chunk: int = 1 << 15) -> tuple[Tensor, Tensor, Tensor]:
+def _hsic_tables(grams_a: list[_Gram], grams_b: list[_Gram], shared: bool) -> tuple[Tensor, Tensor, Tensor]:
     """HSIC1 of every kernel of ``grams_a`` with every kernel of ``grams_b`` (Va × Vb) and of each with itself
-    (Va, Vb), all float64. The packed kernels are stacked and converted to float64 a chunk of entries at a time;
-    Σ K∘L of all pairs is one float64 GEMM per chunk, (K1)ᵀ(L1) one more. ``shared``: the two lists are one."""
-    n, block = grams_a[0].n, grams_a[0].block
-    for g in grams_a + grams_b:
-        if g.n != n:
-            raise ValueError(f"kernels of different sizes: {n} and {g.n}")
-    _check_n(n, "HSIC1")
-    ka = [g.relayout(block).tri for g in grams_a]
-    kb = ka if shared else [g.relayout(block).tri for g in grams_b]
-    device = ka[0].device
-    size = ka[0].numel()
-    kl = torch.zeros(len(ka), len(kb), dtype=torch.float64, device=device)
-    ca = torch.empty(len(ka), min(chunk, size), dtype=torch.float64, device=device)
-    cb = ca if shared else torch.empty(len(kb), min(chunk, size), dtype=torch.float64, device=device)
-    for s in range(0, size, chunk):
-        e = min(size, s + chunk)
-        for buf, tris in ((ca, ka),) if shared else ((ca, ka), (cb, kb)):
-            for i, t in enumerate(tris):
-                buf[i, :e - s].copy_(t[s:e])
-        kl.addmm_(ca[:, :e - s], cb[:, :e - s].T)
-    kl *= 2  # Σ K∘L = 2 Σ_{i<j} K_ij L_ij (zero diagonals)
-    rows_a = torch.stack([g.rows for g in grams_a])
-    rows_b = rows_a if shared else torch.stack([g.rows for g in grams_b])
-    tot_a, tot_b = rows_a.sum(1), rows_b.sum(1)
-    c1, c2, c3 = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2), 1.0 / (n * (n - 3))
-    cross = (kl + c1 * tot_a[:, None] * tot_b[None, :] - c2 * (rows_a @ rows_b.T)) * c3
-
-    def selfs(k: list[Tensor], rows: Tensor, tot: Tensor) -> Tensor:
-        own = torch.stack([2 * _dot64(t, t) for t in k])
-        return (own + c1 * tot.square() - c2 * (rows * rows).sum(1)) * c3
-
-    own_a = selfs(ka, rows_a, tot_a)
-    return cross, own_a, own_a if shared else selfs(kb, rows_b, tot_b)
+    (Va, Vb), all float64, from one pass over the stacked kernels (:func:`_hsic_all`). ``shared``: the two
+    lists are one."""
+    h = _hsic_all(grams_a if shared else grams_a + grams_b)
+    va = len(grams_a)
+    own = h.diagonal()
+    if shared:
+        return h, own, own
+    return h[:va, va:], own[:va], own[va:]
 
 
 class _PairCKA(Metric):
