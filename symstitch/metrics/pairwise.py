@@ -212,11 +212,12 @@ def _moment_blocks(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[
     channel slices of every point.
 
     Points are grouped by grid. Per chunk of inputs every group is converted once to float64 (one copy, which
-    also gives its squared norms) and, where a pair needs a coarser grid, sum-pooled from the nearest finer stack;
-    then one GEMM per pair of groups adds the cross-products of all their pairs (a batch of small per-input
-    products X_i Y_iᵀ, or one product over the inputs when the per-input result would be larger than its
-    inputs), on the coarser grid when the matched grid is reached by uniform upsampling (a pair of grids that is not is computed on its own, upsampled
-    explicitly). The chunks keep the float64 copies near ``budget`` elements."""
+    also gives its squared norms) and, where a pair needs a coarser grid, sum-pooled from the nearest finer
+    stack; then one GEMM per pair of groups adds the cross-products of all their pairs (a batch of small
+    per-input products X_i Y_iᵀ, or one product over the inputs when the per-input result would be larger than
+    its inputs), on the coarser grid when the matched grid is reached by uniform upsampling (a pair of grids
+    that is not is computed on its own, upsampled explicitly). The chunks keep the float64 copies near
+    ``budget`` elements."""
     ga, gb = _grid_groups(fa, points_a), _grid_groups(fb, points_b)
     slices_a, groups_a, ca = _channel_slices(fa, ga)
     slices_b, groups_b, cb = _channel_slices(fb, gb)
