@@ -287,3 +287,16 @@ def test_similarity_matrix_reports_nan_features_per_pair():
                 metric.update(fa[a][s], fb[b][s])
             want = float(metric.compute())
         assert r["value"] == pytest.approx(want, abs=1e-12), r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_similarity_matrix_on_cuda_equals_cpu():
+    torch.manual_seed(6)
+    net, other = build("mcnn", width=0.25).eval(), build("mcnn", width=0.25).eval()
+    data = DataLoader(TensorDataset(torch.randn(32, 3, 16, 16, generator=gen(34))), batch_size=16)
+    points = (["layer1.act", "layer3.act"], ["layer2.act", "layer3.act"])
+    on_cpu = M.similarity_matrix(net, other, data, points=points, progress=False)
+    on_gpu = M.similarity_matrix(net, other, data, points=points, device="cuda", progress=False)
+    for c, g in zip(on_cpu, on_gpu):
+        assert (c["metric"], c["point_a"], c["point_b"]) == (g["metric"], g["point_a"], g["point_b"])
+        assert g["error"] is None and g["value"] == pytest.approx(c["value"], abs=1e-5), (c, g)
