@@ -102,8 +102,22 @@ def _to_4d(t: Tensor, name: str = "features") -> Tensor:
     return t
 
 
+def _not_finite(t: Tensor, name: str, probe: Tensor) -> None:
+    """Raise ValueError if ``t`` holds NaN or Inf. ``probe`` is a reduction of ``t`` computed anyway (a sum, a
+    squared norm): NaN and Inf propagate into it, so a finite probe clears ``t`` without another pass. Only a
+    non-finite probe (NaN/Inf in ``t``, or a sum that overflowed) pays for the exact elementwise check."""
+    if not bool(torch.isfinite(probe).all()) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _is_finite(t: Tensor) -> bool:
+    """No NaN or Inf in ``t``: a sum first (one cheap pass), the elementwise check only when the sum is not
+    finite (NaN/Inf present, or an overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _is_finite(t):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -123,12 +137,13 @@ def _upsample(t: Tensor, hw: tuple[int, int]) -> Tensor:
     return F.interpolate(t, size=hw, mode="nearest")
 
 
-def _match_spatial(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Both as (n, C, H, W) on the larger spatial grid; checks n and finiteness."""
+def _match_spatial(x: Tensor, y: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
+    """Both as (n, C, H, W) on the larger spatial grid; checks n and (``check``) finiteness."""
     x, y = _to_4d(x, "x"), _to_4d(y, "y")
     _check_same_n(x, y)
-    _check_finite(x, "x")
-    _check_finite(y, "y")
+    if check:
+        _check_finite(x, "x")
+        _check_finite(y, "y")
     dtype = torch.promote_types(x.dtype, y.dtype)
     hw = _target_hw(x, y)
     return _upsample(x.to(dtype), hw), _upsample(y.to(dtype), hw)
@@ -181,15 +196,80 @@ class _Moments:
     sq_y: Tensor
 
 
+#: float64 elements of the two chunks of inputs that :func:`_moments` converts at a time
+_MOMENT_BUDGET = 1 << 21
+
+
 def _flat(t: Tensor) -> Tensor:
-    """(n, C, H, W) → (C, n·H·W) in float64."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1).to(torch.float64)
+    """(n, C, H, W) → (C, n·H·W) in float64: one copy (transposition and conversion together)."""
+    n, c = t.shape[:2]
+    out = torch.empty(c, n, t[0, 0].numel(), dtype=torch.float64, device=t.device)
+    out.copy_(t.reshape(n, c, -1).transpose(0, 1))
+    return out.view(c, -1)
+
+
+def _side_chunk(t: Tensor, hw: tuple[int, int], grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """A chunk of inputs of one side for :func:`_moments`: (C, rows·|grid|) float64 for the cross-product and
+    its channels' squared norms on the matched grid ``hw``. ``grid`` is where the cross-product is computed:
+    ``hw`` itself, or the coarser native grid of the other side when that one is uniformly upsampled to ``hw``
+    (then this side is sum-pooled onto it: Σ_p up(X)_p Y_p = Σ_q X_q Σ_{p ↦ q} Y_p)."""
+    if tuple(t.shape[2:]) != tuple(hw) and tuple(grid) == tuple(hw):
+        t = F.interpolate(t, size=hw, mode="nearest")  # a non-uniform nearest upsampling, done explicitly
+    if tuple(t.shape[2:]) == tuple(grid):
+        flat = _flat(t)
+        return flat, flat.square().sum(1)
+    t64 = t.to(torch.float64)
+    sq = t64.square().sum((0, 2, 3))
+    fh, fw = t.shape[2] // grid[0], t.shape[3] // grid[1]
+    return _flat(F.avg_pool2d(t64, (fh, fw)) * (fh * fw)), sq
 
 
 def _moments(x: Tensor, y: Tensor) -> _Moments:
-    x, y = _match_spatial(x, y)
-    fx, fy = _flat(x), _flat(y)
-    return _Moments(fx @ fy.T, fx.square().sum(1), fy.square().sum(1))
+    """The moments of X and Y in float64, streamed over chunks of inputs: each chunk is converted once to
+    float64 and gives the cross-product (one batched GEMM of small per-input products when both sides share a
+    grid) and the squared norms. A side uniformly upsampled
+    to the matched grid is not upsampled: the cross-product is computed on its grid (the other side
+    sum-pooled) and its squared norms scale by the upsampling factor. NaN/Inf raise (seen in the norms)."""
+    x, y = _to_4d(x, "x"), _to_4d(y, "y")
+    _check_same_n(x, y)
+    hw = _target_hw(x, y)
+    grid, fx, fy = hw, 1, 1
+    gx, gy = tuple(x.shape[2:]), tuple(y.shape[2:])
+    if gx != hw and gy == hw and _uniform_upsampling(gx, hw):
+        grid, fx = gx, (hw[0] // gx[0]) * (hw[1] // gx[1])
+    elif gy != hw and gx == hw and _uniform_upsampling(gy, hw):
+        grid, fy = gy, (hw[0] // gy[0]) * (hw[1] // gy[1])
+    n, c1, c2 = x.shape[0], x.shape[1], y.shape[1]
+    per_input = (c1 * x[0, 0].numel() + c2 * y[0, 0].numel()) * (1 if grid == hw else 2)
+    chunk = max(1, _MOMENT_BUDGET // max(1, per_input))
+    device = x.device
+    cross = torch.zeros(c1, c2, dtype=torch.float64, device=device)
+    sq_x = torch.zeros(c1, dtype=torch.float64, device=device)
+    sq_y = torch.zeros(c2, dtype=torch.float64, device=device)
+    if gx == gy:  # one float64 copy of both sides per chunk, in their own layout (no transposition)
+        p = x[0, 0].numel()
+        z = torch.empty(chunk, c1 + c2, p, dtype=torch.float64, device=device)
+        for start in range(0, n, chunk):
+            r = min(n, start + chunk) - start
+            zr = z[:r]
+            zr[:, :c1].copy_(x[start:start + r].reshape(r, c1, p))
+            zr[:, c1:].copy_(y[start:start + r].reshape(r, c2, p))
+            # one small GEMM per input, X_i Y_iᵀ (C1×C2), summed: far faster than one GEMM with a long inner
+            # dimension and a tiny C1×C2 result
+            cross += torch.bmm(zr[:, :c1], zr[:, c1:].transpose(1, 2)).sum(0)
+            sq = torch.linalg.vector_norm(zr, dim=2).square_().sum(0)
+            sq_x += sq[:c1]
+            sq_y += sq[c1:]
+    for start in range(0, n if gx != gy else 0, chunk):
+        rows = slice(start, min(n, start + chunk))
+        ax, sx = _side_chunk(x[rows], hw, grid)
+        ay, sy = _side_chunk(y[rows], hw, grid)
+        cross.addmm_(ax, ay.T)
+        sq_x += sx
+        sq_y += sy
+    _not_finite(x, "x", sq_x)
+    _not_finite(y, "y", sq_y)
+    return _Moments(cross, fx * sq_x, fy * sq_y)
 
 
 def _procrustes_value(m: _Moments, group: str) -> Tensor:
@@ -256,29 +336,86 @@ def _gemm_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _segments(n: int, block: int) -> list[tuple[int, int, int, int]]:
+    """The row blocks of a packed kernel: ``(r0, b, m, offset)`` for rows r0 … r0 + b − 1 against columns
+    r0 … n − 1 (b × m entries, row-major, at ``offset`` of the packed vector)."""
+    out, offset = [], 0
+    for r0 in range(0, n, block):
+        b, m = min(block, n - r0), n - r0
+        out.append((r0, b, m, offset))
+        offset += b * m
+    return out
+
+
+def _packed_size(n: int, block: int) -> int:
+    return sum(b * m for _, b, m, _ in _segments(n, block))
+
+
+def _seal_block(v: Tensor, rows: Tensor, r0: int) -> None:
+    """Keep only the strict upper triangle of a (b × m) block of rows r0 … (columns r0 …), in place, and add
+    its entries to the row sums K1 of both triangles (float64)."""
+    b = v.shape[0]
+    v[:, :b].triu_(1)
+    v64 = v.to(torch.float64)
+    rows[r0:r0 + b] += v64.sum(1)
+    rows[r0:] += v64.sum(0)
+
+
 @dataclass
 class _Gram:
-    """A sample kernel K (n×n, zero diagonal) with what HSIC1 needs of it alone: its row sums K1 and total
-    1ᵀK1 (float64), and HSIC1(K, K) once asked for."""
+    """A symmetric sample kernel K (n×n, zero diagonal), stored packed: the strict upper triangle in row blocks
+    of ``block`` rows (:func:`_segments`; within the square part of a block the entries on and below the
+    diagonal are zero), with what HSIC1 needs of it alone: its row sums K1 and total 1ᵀK1 (float64), and
+    HSIC1(K, K) once asked for. Σ K∘L of two kernels packed alike is 2 × the dot product of their vectors."""
 
-    K: Tensor
+    tri: Tensor
+    n: int
+    block: int
     rows: Tensor
     total: Tensor
     _self_hsic: Optional[Tensor] = None
 
     @classmethod
-    def of(cls, K: Tensor) -> "_Gram":
-        rows = K.sum(1, dtype=torch.float64)
-        return cls(K, rows, rows.sum())
+    def packed(cls, tri: Tensor, n: int, block: int) -> "_Gram":
+        """From a packed strict upper triangle (row sums computed here)."""
+        rows = torch.zeros(n, dtype=torch.float64, device=tri.device)
+        for r0, b, m, off in _segments(n, block):
+            _seal_block(tri[off:off + b * m].view(b, m), rows, r0)
+        return cls(tri, n, block, rows, rows.sum())
 
-    @property
-    def n(self) -> int:
-        return self.K.shape[0]
+    @classmethod
+    def of(cls, K: Tensor, block: int = 128) -> "_Gram":
+        """From a full n×n kernel (its diagonal and lower triangle are ignored)."""
+        n = K.shape[0]
+        tri = torch.empty(_packed_size(n, block), dtype=K.dtype, device=K.device)
+        for r0, b, m, off in _segments(n, block):
+            tri[off:off + b * m].view(b, m).copy_(K[r0:r0 + b, r0:])
+        return cls.packed(tri, n, block)
+
+    def full(self) -> Tensor:
+        """K as a symmetric n×n tensor."""
+        K = torch.zeros(self.n, self.n, dtype=self.tri.dtype, device=self.tri.device)
+        for r0, b, m, off in _segments(self.n, self.block):
+            K[r0:r0 + b, r0:] = self.tri[off:off + b * m].view(b, m)
+        return K + K.T
+
+    def relayout(self, block: int) -> "_Gram":
+        return self if block == self.block else _Gram.of(self.full(), block)
 
     def self_hsic(self) -> Tensor:
         if self._self_hsic is None:
             self._self_hsic = _hsic1(self, self)
         return self._self_hsic
+
+
+def _dot64(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """Σ a·b of two vectors in float64 (float32 vectors are converted a cache-sized chunk at a time)."""
+    if a.dtype == b.dtype == torch.float64:
+        return torch.dot(a, b)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, a.numel(), chunk):
+        total += torch.dot(a[s:s + chunk].to(torch.float64), b[s:s + chunk].to(torch.float64))
+    return total
 
 
 def _frobenius(K: Tensor, L: Tensor, block: int = 1024) -> Tensor:
@@ -289,13 +426,40 @@ def _frobenius(K: Tensor, L: Tensor, block: int = 1024) -> Tensor:
     return total
 
 
+def _hsic_all(grams: Sequence[_Gram], chunk: int = 1 << 15) -> Tensor:
+    """HSIC1 of every pair of the kernels ``grams`` (V × V, float64; the diagonal holds HSIC1(K, K)) in one pass
+    over them: the packed kernels are stacked and converted to float64 a chunk of entries at a time, and one
+    float64 GEMM per chunk adds all their Σ K∘L; (K1)ᵀ(L1) of all pairs is one more GEMM."""
+    n, block = grams[0].n, grams[0].block
+    for g in grams:
+        if g.n != n:
+            raise ValueError(f"kernels of different sizes: {n} and {g.n}")
+    _check_n(n, "HSIC1")
+    tris = [g.relayout(block).tri for g in grams]
+    size, device = tris[0].numel(), tris[0].device
+    kl = torch.zeros(len(tris), len(tris), dtype=torch.float64, device=device)
+    z = torch.empty(len(tris), min(chunk, size), dtype=torch.float64, device=device)
+    for s in range(0, size, chunk):
+        e = min(size, s + chunk)
+        for i, t in enumerate(tris):
+            z[i, :e - s].copy_(t[s:e])
+        kl.addmm_(z[:, :e - s], z[:, :e - s].T)
+    rows = torch.stack([g.rows for g in grams])
+    total = rows.sum(1)
+    # Σ K∘L = 2 Σ_{i<j} K_ij L_ij (zero diagonals)
+    return (2 * kl + total[:, None] * total[None, :] / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows @ rows.T)) / (
+        n * (n - 3))
+
+
 def _hsic1(a: _Gram, b: _Gram) -> Tensor:
-    """HSIC1(K, L) = [ Σ K∘L + (1ᵀK1)(1ᵀL1)/((n−1)(n−2)) − (2/(n−2)) (K1)ᵀ(L1) ] / (n(n−3))."""
+    """HSIC1(K, L) = [ Σ K∘L + (1ᵀK1)(1ᵀL1)/((n−1)(n−2)) − (2/(n−2)) (K1)ᵀ(L1) ] / (n(n−3)), from packed
+    kernels: Σ K∘L = 2 Σ_{i<j} K_ij L_ij (zero diagonals)."""
     n = a.n
     if b.n != n:
         raise ValueError(f"kernels of different sizes: {a.n} and {b.n}")
     _check_n(n, "HSIC1")
-    kl = _frobenius(a.K, b.K)
+    b = b.relayout(a.block)
+    kl = 2 * _dot64(a.tri, b.tri)
     return (kl + a.total * b.total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * torch.dot(a.rows, b.rows)) / (n * (n - 3))
 
 
@@ -315,85 +479,120 @@ def hsic1(K: Tensor, L: Tensor) -> Tensor:
     return (kl + rk.sum() * rl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * torch.dot(rk, rl)) / (n * (n - 3))
 
 
-def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(n, C, H, W) → (n, C, H·W) centred per channel (mean over n, h, w) in the GEMM dtype, statistics in
-    float64. Constant channels become exactly zero. Returns the centred tensor (new: the caller's is untouched),
-    and the inverse channel norms 1/‖X_c‖ after centring (0 for constant channels)."""
+def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The features a kernel's GEMMs read, from (n, C, H, W), in two passes over them and one write.
+
+    Pass 1 sums every (input, channel) over its h·w positions in the GEMM dtype (few terms; NaN/Inf are
+    caught from these sums, :func:`_not_finite`), and over the n inputs in float64: the channel means. The
+    write subtracts them (in the GEMM dtype; the caller's tensor is untouched): ``(n, C, H·W)`` for the
+    linear kernel, ``(C, n, H·W)`` — the layout of the channel-batched GEMMs — for the G_ReLU kernel. Pass 2
+    reads the result for the centred channel norms (float64 over n). A channel whose centred norm is at most
+    CONSTANT_TOL of its norm is constant and becomes exactly zero; for the G_ReLU kernel every other channel
+    is scaled to unit norm in the same in-place pass.
+    """
     n, c = x.shape[:2]
-    dtype = _gemm_dtype(x)
-    xf = x.reshape(n, c, -1).to(dtype)
+    dtype = dtype or _gemm_dtype(x)
+    xf = x.reshape(n, c, -1)
     count = n * xf.shape[2]
-    # sums over the h·w positions of one input stay in the GEMM dtype (few terms); over n they are float64
-    mean = xf.sum(2).to(torch.float64).sum(0) / count
-    xc = xf - mean.to(dtype)[None, :, None]
-    sq_c = (xc * xc).sum(2).to(torch.float64).sum(0)
-    sq = sq_c + count * mean.square()  # Σ x² = Σ (x − m)² + count·m²
+    total = xf.sum(2, dtype=dtype).to(torch.float64).sum(0)
+    _not_finite(x, name, total)
+    mean = (total / count).to(dtype)
+    if kernel == "relu":
+        out = torch.empty(c, n, xf.shape[2], dtype=dtype, device=x.device)
+        torch.sub(xf.transpose(0, 1), mean[:, None, None], out=out)
+        sq_c = torch.linalg.vector_norm(out, dim=2).to(torch.float64).square().sum(1)
+    else:
+        out = torch.empty(n, c, xf.shape[2], dtype=dtype, device=x.device)
+        torch.sub(xf, mean[None, :, None], out=out)
+        sq_c = torch.linalg.vector_norm(out, dim=2).to(torch.float64).square().sum(0)
+    sq = sq_c + count * (total / count).square()  # Σ x² = Σ (x − m)² + count·m²
     constant = sq_c <= (CONSTANT_TOL ** 2) * sq
-    if bool(constant.any()):
-        xc.mul_((~constant).to(dtype)[None, :, None])
-    inv_norm = torch.where(constant, torch.zeros_like(sq_c), sq_c.clamp(min=torch.finfo(torch.float64).tiny).rsqrt())
-    return xc, inv_norm
+    if kernel == "relu":
+        scale = torch.where(constant, torch.zeros_like(sq_c), sq_c.clamp(min=torch.finfo(torch.float64).tiny).rsqrt())
+        out.mul_(scale.to(dtype)[:, None, None])
+    elif bool(constant.any()):
+        out.mul_((~constant).to(dtype)[None, :, None])
+    return out
 
 
-def _unit_channels(xc: Tensor, inv_norm: Tensor) -> Tensor:
-    return xc * inv_norm.to(xc.dtype)[None, :, None]
+def _linear_gram(xc: Tensor, block_size: int) -> _Gram:
+    """The linear kernel K = X Xᵀ of centred (n, C, P) features: one GEMM per row block, upper triangle only."""
+    n = xc.shape[0]
+    flat = xc.reshape(n, -1)
+    block = max(1, min(block_size, n))
+    tri = torch.empty(_packed_size(n, block), dtype=xc.dtype, device=xc.device)
+    rows = torch.zeros(n, dtype=torch.float64, device=xc.device)
+    for r0, b, m, off in _segments(n, block):
+        v = tri[off:off + b * m].view(b, m)
+        torch.mm(flat[r0:r0 + b], flat[r0:].T, out=v)
+        _seal_block(v, rows, r0)
+    return _Gram(tri, n, block, rows, rows.sum())
 
 
-def _relu_kernel(xn: Tensor, estimator: str, pad_to: int, block_size: int) -> Tensor:
-    """K_ij = max_c Σ_p X_icp X_jcp (or the median over c) of (n, C, P) unit-channel features, with
+def _relu_gram(A: Tensor, estimator: str, pad_to: int, block_size: int) -> _Gram:
+    """K_ij = max_c Σ_p A_cip A_cjp (or the median over c) of (C, n, P) unit-channel features, with
     ``pad_to − C`` zero channels appended implicitly (each adds the value 0 to every entry's candidates).
 
     Built in row blocks of the upper triangle (K is symmetric) with channel-batched GEMMs: one (b×P)·(P×m)
-    product per channel, then a running elementwise max, so the peak extra memory is bounded by _BUDGET
-    (or _MEDIAN_BUDGET) elements plus the n×n result.
+    product per channel into a reused buffer, then a running elementwise max, so the peak extra memory is
+    bounded by _BUDGET (or _MEDIAN_BUDGET) elements plus the packed result.
     """
-    n, c, _ = xn.shape
-    A = xn.transpose(0, 1).contiguous()  # (C, n, P)
+    c, n, _ = A.shape
     At = A.transpose(1, 2)  # (C, P, n)
-    K = torch.empty(n, n, dtype=xn.dtype, device=xn.device)
+    pad_to = max(pad_to, c)
     if estimator == "median":
         block = max(1, min(block_size, _MEDIAN_BUDGET // max(1, pad_to * n)))
     else:
         block = max(1, min(block_size, n))
-    for r0 in range(0, n, block):
-        r1 = min(n, r0 + block)
-        rows, cols = A[:, r0:r1], At[:, :, r0:]  # only columns ≥ r0: the rest is the mirror image
-        b, m = r1 - r0, n - r0
+    tri = torch.empty(_packed_size(n, block), dtype=A.dtype, device=A.device)
+    rows = torch.zeros(n, dtype=torch.float64, device=A.device)
+    buffer = torch.empty(0, dtype=A.dtype, device=A.device)
+    for r0, b, m, off in _segments(n, block):
+        acc = tri[off:off + b * m].view(b, m)
         if estimator == "max":
-            acc = torch.full((b, m), -math.inf, dtype=xn.dtype, device=xn.device)
             step = max(1, _BUDGET // (b * m))
+            need = min(step, c) * b * m + (b * m if c > step else 0)
+            if buffer.numel() < need:
+                buffer = torch.empty(need, dtype=A.dtype, device=A.device)
             for c0 in range(0, c, step):
-                prod = torch.bmm(rows[c0:c0 + step], cols[c0:c0 + step])  # (channels, b, m)
-                torch.maximum(acc, prod.amax(0), out=acc)
+                s = min(step, c - c0)
+                prod = torch.bmm(A[c0:c0 + s, r0:r0 + b], At[c0:c0 + s, :, r0:], out=buffer[:s * b * m].view(s, b, m))
+                if c0 == 0:
+                    torch.amax(prod, 0, out=acc)
+                else:
+                    part = buffer[s * b * m:(s + 1) * b * m].view(b, m)
+                    torch.amax(prod, 0, out=part)
+                    torch.maximum(acc, part, out=acc)
             if pad_to > c:
                 acc.clamp_(min=0)  # max(…, 0) over the zero channels
         else:
-            prod = torch.bmm(rows, cols)
+            prod = torch.bmm(A[:, r0:r0 + b], At[:, :, r0:])
             if pad_to > c:
                 prod = torch.cat([prod, prod.new_zeros(pad_to - c, b, m)])
-            acc = prod.median(0).values
-        K[r0:r1, r0:] = acc
-        K[r0:, r0:r1] = acc.T
-    return K
+            acc.copy_(prod.median(0).values)
+        _seal_block(acc, rows, r0)
+    return _Gram(tri, n, block, rows, rows.sum())
 
 
-def _kernel(xc: Tensor, inv_norm: Tensor, kernel: str, estimator: str, pad_to: int, block_size: int) -> Tensor:
-    """The zero-diagonal kernel of centred (n, C, P) features (see the module docstring)."""
-    n = xc.shape[0]
+def _native_or_matched(t: Tensor, hw: tuple[int, int]) -> Tensor:
+    """``t`` on its own grid when nearest upsampling to ``hw`` only repeats every position f times (the G_ReLU
+    kernel is then unchanged and the linear one scales by f, which CKA ignores), else upsampled to ``hw``."""
+    return t if _uniform_upsampling(t.shape[2:], hw) else _upsample(t, hw)
+
+
+def _kernel_gram(xc: Tensor, kernel: str, estimator: str, pad_to: int, block_size: int) -> _Gram:
+    """The packed zero-diagonal kernel of features prepared by :func:`_centre`."""
     if kernel == "linear":
-        flat = xc.reshape(n, -1)
-        K = flat @ flat.T
-    else:
-        K = _relu_kernel(_unit_channels(xc, inv_norm), estimator, max(pad_to, xc.shape[1]), block_size)
-    K.fill_diagonal_(0)
-    return K
+        return _linear_gram(xc, block_size)
+    return _relu_gram(xc, estimator, pad_to, block_size)
 
 
-def _gram(x: Tensor, kernel: str, estimator: str = "max", pad_to: int = 0, block_size: int = 128) -> _Gram:
+def _gram(x: Tensor, kernel: str, estimator: str = "max", pad_to: int = 0, block_size: int = 128,
+          name: str = "features") -> _Gram:
     """The zero-diagonal sample kernel of (n, C, H, W) features with its HSIC1 statistics."""
+    xc = _centre(x, kernel, name)
     _check_n(x.shape[0])
-    xc, inv_norm = _centre(x)
-    return _Gram.of(_kernel(xc, inv_norm, kernel, estimator, pad_to, block_size))
+    return _kernel_gram(xc, kernel, estimator, pad_to, block_size)
 
 
 def _cka_value(hxy: Tensor, hxx: Tensor, hyy: Tensor) -> Tensor:
@@ -416,7 +615,8 @@ def _cka_value(hxy: Tensor, hxx: Tensor, hyy: Tensor) -> Tensor:
 
 
 def _cka_from_grams(gx: _Gram, gy: _Gram) -> Tensor:
-    return _cka_value(_hsic1(gx, gy), gx.self_hsic(), gy.self_hsic())
+    h = _hsic_all([gx, gy])
+    return _cka_value(h[0, 1], h[0, 0], h[1, 1])
 
 
 def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *, block_size: int = 128) -> Tensor:
@@ -430,10 +630,16 @@ def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *,
     non-positive HSIC1(K, K) of the (not PSD) G_ReLU kernel. The value is not clipped to [0, 1].
     """
     _check_kernel(kernel, estimator)
-    x, y = _match_spatial(x, y)
-    c = max(x.shape[1], y.shape[1])
-    gx = _gram(x, kernel, estimator, c, block_size)
-    gy = _gram(y, kernel, estimator, c, block_size)
+    x, y = _to_4d(x, "x"), _to_4d(y, "y")
+    _check_same_n(x, y)
+    dtype = _gemm_dtype(torch.empty(0, dtype=torch.promote_types(x.dtype, y.dtype)))
+    hw, c = _target_hw(x, y), max(x.shape[1], y.shape[1])
+    xc = _centre(_native_or_matched(x, hw), kernel, "x", dtype)
+    yc = _centre(_native_or_matched(y, hw), kernel, "y", dtype)
+    _check_n(x.shape[0])
+    gx = _kernel_gram(xc, kernel, estimator, c, block_size)
+    del xc
+    gy = _kernel_gram(yc, kernel, estimator, c, block_size)
     return _cka_from_grams(gx, gy)
 
 

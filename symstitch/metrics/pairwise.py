@@ -1,10 +1,13 @@
 """Every similarity metric for every pair of feature points of two networks in one pass over the data
 (:func:`similarity_matrix`).
 
-Kernels are built once per feature point (and matched variant) and shared by all pairs; the Procrustes moments of
-all pairs come from a few stacked float64 GEMMs; exact-mode CKA keeps the features on the CPU and builds the n×n
-kernels at the end. The metrics themselves are in :mod:`symstitch.metrics.functional` and
-:mod:`symstitch.metrics.streaming`.
+The features are the modules' outputs as recorded by forward hooks (copied only when the forward pass changes
+one in place). Each kernel is built once per feature point (and matched variant) and shared by all pairs; the
+HSIC1 terms of all pairs of a minibatch come from one float64 GEMM of the stacked packed kernels, and the
+Procrustes moments of all pairs from a few stacked float64 GEMMs. The sums over batches live in one torchmetrics
+object per CKA metric and one for both Procrustes metrics (states summed under DDP), not one object per pair.
+Exact-mode CKA keeps the features on the CPU and builds the n×n kernels at the end. The metrics themselves are
+in :mod:`symstitch.metrics.functional` and :mod:`symstitch.metrics.streaming`.
 """
 
 from __future__ import annotations
@@ -13,28 +16,29 @@ import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from rich.progress import Progress
 from torchmetrics import Metric
 
 from symstitch.metrics.functional import (
     MODES,
-    _centre,
     _check_n,
     _cka_from_grams,
-    _flat,
+    _cka_value,
     _Gram,
-    _kernel,
+    _hsic_all,
+    _gram,
+    _is_finite,
     _moments,
     _Moments,
+    _procrustes_value,
     _to_4d,
     _uniform_upsampling,
     _upsample,
 )
 from symstitch.graph import GraphNet, as_network, point_activation, point_features
 from symstitch.inputs import batch_images, loader_normalization
-from symstitch.metrics.streaming import CKA, METRICS, Procrustes
+from symstitch.metrics.streaming import METRICS
 
 Tensor = torch.Tensor
 
@@ -110,17 +114,19 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 class _Features:
-    """Features of one side at the chosen points (one batch, or the whole run in exact mode), with caches of
-    what several pairs share: centred tensors and kernels. ``lean`` (for n×n kernels of all inputs) caches
-    only the kernels that are expensive to rebuild: no centred copies of the features, and max(K, 0) is derived
-    from the cached K each time."""
+    """Features of one side at the chosen points (one batch, or the whole run in exact mode), with a cache of
+    what several pairs share: the packed kernels. ``lean`` (for n×n kernels of all inputs) caches only the
+    kernels that are expensive to rebuild: max(K, 0) is derived from the cached K each time. ``side`` names the
+    model in error messages. A point whose kernel cannot be built (NaN/Inf, seen in the sums that centring
+    computes anyway) fails once, and every later request for it raises the same error."""
 
-    def __init__(self, feats: dict[str, Tensor], block_size: int, lean: bool = False):
+    def __init__(self, feats: dict[str, Tensor], block_size: int, lean: bool = False, side: str = "a"):
         self.feats = feats
         self.block_size = block_size
         self.lean = lean
-        self._centred: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.side = side
         self._grams: dict[tuple, _Gram] = {}
+        self._failed: dict[str, ValueError] = {}
 
     def hw(self, point: str) -> tuple[int, int]:
         return tuple(self.feats[point].shape[2:])
@@ -128,8 +134,8 @@ class _Features:
     def channels(self, point: str) -> int:
         return self.feats[point].shape[1]
 
-    def gram(self, point: str, kernel: str, estimator: str, hw: tuple[int, int], pad_to: int) -> _Gram:
-        """The kernel of the feature at ``point`` as matched for a pair with target grid ``hw`` and C = pad_to.
+    def key(self, point: str, kernel: str, estimator: str, hw: tuple[int, int], pad_to: int) -> tuple:
+        """Which kernel of ``point`` a pair with target grid ``hw`` and C = pad_to needs.
 
         Uniform nearest upsampling only repeats every position f times: the G_ReLU kernel is unchanged and the
         linear one scales by f (CKA is scale invariant), so the native grid is used then. Zero channels leave
@@ -138,114 +144,294 @@ class _Features:
         grid = native if _uniform_upsampling(native, hw) else tuple(hw)
         c = self.channels(point)
         if kernel == "linear":
-            key: tuple = (point, kernel, grid)
-        elif estimator == "max":
-            key = (point, kernel, estimator, grid, pad_to > c)
-        else:
-            key = (point, kernel, estimator, grid, max(pad_to, c))
+            return (point, kernel, estimator, grid, c)
+        if estimator == "max":
+            return (point, kernel, estimator, grid, c + 1 if pad_to > c else c)  # c + 1: "padded", any width
+        return (point, kernel, estimator, grid, max(pad_to, c))
+
+    def gram(self, point: str, kernel: str, estimator: str, hw: tuple[int, int], pad_to: int) -> _Gram:
+        """The kernel of the feature at ``point`` as matched for a pair with target grid ``hw`` and C = pad_to
+        (:meth:`key`), built once and shared by every pair that needs it."""
+        key = self.key(point, kernel, estimator, hw, pad_to)
         if key in self._grams:
             return self._grams[key]
+        if point in self._failed:
+            raise self._failed[point]
+        grid, c = key[3], self.channels(point)
         if kernel == "relu" and estimator == "max" and pad_to > c:
             base = self.gram(point, kernel, estimator, grid, c)
-            gram = _Gram.of(base.K.clamp(min=0))  # max(K, 0); the diagonal stays 0
+            gram = _Gram.packed(base.tri.clamp(min=0), base.n, base.block)  # max(K, 0); the diagonal stays 0
         else:
-            centred = self._centred.get((point, grid)) or _centre(_upsample(self.feats[point], grid))
-            if not self.lean:
-                self._centred[(point, grid)] = centred
-            gram = _Gram.of(_kernel(*centred, kernel, estimator, pad_to, self.block_size))
+            try:
+                gram = _gram(_upsample(self.feats[point], grid), kernel, estimator, pad_to, self.block_size,
+                             name=f"{point} of model_{self.side}")
+            except ValueError as err:
+                self._failed[point] = err
+                raise
         if not (self.lean and kernel == "relu" and estimator == "max" and pad_to > c):
             self._grams[key] = gram
         return gram
 
 
-def _stack(feats: dict[str, Tensor], points: list[str], rows: slice, to: tuple[int, int]) -> Tensor:
-    """The features of ``points`` (all on one grid) for the inputs ``rows``, channels stacked, in float64 as
-    (ΣC, rows·h·w); sum-pooled down to the grid ``to`` if it is coarser (the adjoint of uniform nearest
-    upsampling: Σ_p up(X)_p Y_p = Σ_q X_q Σ_{p ↦ q} Y_p)."""
-    t = torch.cat([feats[p][rows] for p in points], dim=1).to(torch.float64)
-    if tuple(t.shape[2:]) != tuple(to):
-        fh, fw = t.shape[2] // to[0], t.shape[3] // to[1]
-        t = F.avg_pool2d(t, (fh, fw)) * (fh * fw)
-    return _flat(t)
+def _grid_groups(feats: dict[str, Tensor], points: list[str]) -> dict[tuple[int, int], list[str]]:
+    out: dict[tuple[int, int], list[str]] = {}
+    for p in dict.fromkeys(points):
+        out.setdefault(tuple(feats[p].shape[2:]), []).append(p)
+    return out
 
 
-def _all_moments(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[str], points_b: list[str],
-                 budget: int = 1 << 23) -> dict[tuple[str, str], _Moments]:
-    """Procrustes moments of every pair (a, b) for one batch.
+def _channel_slices(feats: dict[str, Tensor], groups: dict[tuple[int, int], list[str]]) \
+        -> tuple[dict[str, slice], dict[tuple[int, int], slice], int]:
+    """Where each point's channels (and each grid group's) lie in the channels stacked group by group."""
+    points, grids, start = {}, {}, 0
+    for grid, members in groups.items():
+        first = start
+        for p in members:
+            points[p] = slice(start, start + feats[p].shape[1])
+            start += feats[p].shape[1]
+        grids[grid] = slice(first, start)
+    return points, grids, start
 
-    Points are grouped by grid; for two groups whose matched grid is reached by uniform upsampling of one of
-    them, one float64 GEMM of the stacked channels gives the cross-products of all their pairs, computed on the
-    coarser grid. The inputs are processed in chunks, so the float64 copies stay near ``budget`` elements.
-    Any other pair of grids is upsampled explicitly."""
-    def groups(feats: dict[str, Tensor], points: list[str]) -> dict[tuple[int, int], list[str]]:
-        out: dict[tuple[int, int], list[str]] = {}
-        for p in dict.fromkeys(points):
-            out.setdefault(tuple(feats[p].shape[2:]), []).append(p)
-        return out
 
-    ga, gb = groups(fa, points_a), groups(fb, points_b)
+def _native_stack(feats: dict[str, Tensor], points: list[str], rows: slice) -> Tensor:
+    """The features of ``points`` (one grid) for the inputs ``rows``, channels stacked, as one float64 copy
+    (rows, ΣC, h, w)."""
+    parts = [feats[p][rows] for p in points]
+    r, (h, w) = parts[0].shape[0], parts[0].shape[2:]
+    out = torch.empty(r, sum(t.shape[1] for t in parts), h, w, dtype=torch.float64, device=parts[0].device)
+    offset = 0
+    for t in parts:
+        out[:, offset:offset + t.shape[1]].copy_(t)
+        offset += t.shape[1]
+    return out
+
+
+def _sum_pool(s: Tensor, to: tuple[int, int]) -> Tensor:
+    """(r, C, H, W) summed over blocks of (H/h) × (W/w) positions onto (r, C, h, w): the adjoint of uniform nearest
+    upsampling (Σ_p up(X)_p Y_p = Σ_q X_q Σ_{p ↦ q} Y_p). Sums of strided views, first along W, then along H."""
+    fh, fw = s.shape[2] // to[0], s.shape[3] // to[1]
+    for dim, f in ((3, fw), (2, fh)):
+        if f > 1:
+            parts = [s.narrow(dim, k, s.shape[dim] - f + 1)[..., ::f] if dim == 3 else
+                     s.narrow(dim, k, s.shape[dim] - f + 1)[:, :, ::f] for k in range(f)]
+            out = parts[0] + parts[1]
+            for part in parts[2:]:
+                out += part
+            s = out
+    return s
+
+
+def _moment_blocks(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[str], points_b: list[str],
+                   budget: int = 1 << 22) -> tuple[Tensor, Tensor, Tensor, dict[str, slice], dict[str, slice]]:
+    """Procrustes moments of every pair (a, b) for one batch, as blocks of three float64 matrices: ``cross``
+    (ΣC_a × ΣC_b; the block of a pair is its channel cross-product on the matched grid), ``sq_x`` (ΣC_a × |points_b|:
+    the squared norms of a's channels as matched for the pair with b) and ``sq_y`` (|points_a| × ΣC_b), with the
+    channel slices of every point.
+
+    Points are grouped by grid. Per chunk of inputs every group is converted once to float64 (one copy, which
+    also gives its squared norms) and, where a pair needs a coarser grid, sum-pooled from the nearest finer
+    stack; then one GEMM per pair of groups adds the cross-products of all their pairs (a batch of small
+    per-input products X_i Y_iᵀ, or one product over the inputs when the per-input result would be larger than
+    its inputs), on the coarser grid when the matched grid is reached by uniform upsampling (a pair of grids
+    that is not is computed on its own, upsampled explicitly). The chunks keep the float64 copies near
+    ``budget`` elements."""
+    ga, gb = _grid_groups(fa, points_a), _grid_groups(fb, points_b)
+    slices_a, groups_a, ca = _channel_slices(fa, ga)
+    slices_b, groups_b, cb = _channel_slices(fb, gb)
+    shared = list(ga.items()) == list(gb.items()) and all(fa[p] is fb[p] for ps in ga.values() for p in ps)
+    index_a = {p: i for i, p in enumerate(points_a)}
+    index_b = {p: j for j, p in enumerate(points_b)}
+    device = next(iter(fa.values())).device
+    factor = torch.ones(len(points_a), len(points_b), 2, dtype=torch.float64)  # ‖·‖² factors of a and b
     plans, explicit = [], []
+    need_a = {g: {g} for g in ga}
+    need_b = {g: {g} for g in gb}
     for grid_a, pa in ga.items():
         for grid_b, pb in gb.items():
             target = (max(grid_a[0], grid_b[0]), max(grid_a[1], grid_b[1]))
-            ratio_a = (target[0] // grid_a[0]) * (target[1] // grid_a[1])  # positions per source position
-            ratio_b = (target[0] // grid_b[0]) * (target[1] // grid_b[1])
-            # (grid, computed on, factor of ‖·‖²) for a, then for b
             if grid_a == grid_b:
-                plans.append((grid_a, grid_a, 1, grid_b, grid_b, 1))
+                to = grid_a
             elif target == grid_b and _uniform_upsampling(grid_a, target):
-                plans.append((grid_a, grid_a, ratio_a, grid_b, grid_a, 1))
+                to = grid_a
             elif target == grid_a and _uniform_upsampling(grid_b, target):
-                plans.append((grid_a, grid_b, 1, grid_b, grid_b, ratio_b))
+                to = grid_b
             else:
                 explicit += [(a, b) for a in pa for b in pb]
+                continue
+            plans.append((grid_a, grid_b, to))
+            need_a[grid_a].add(to)
+            need_b[grid_b].add(to)
+            ra = (target[0] // grid_a[0]) * (target[1] // grid_a[1])  # matched positions per native position
+            rb = (target[0] // grid_b[0]) * (target[1] // grid_b[1])
+            for a in pa:
+                for b in pb:
+                    factor[index_a[a], index_b[b]] = torch.tensor([ra, rb], dtype=torch.float64)
 
     n = next(iter(fa.values())).shape[0]
-    per_input = sum(t[0].numel() for t in fa.values()) + sum(t[0].numel() for t in fb.values())
+    per_input = sum(fa[p][0].numel() for ps in ga.values() for p in ps)
+    per_input += 0 if shared else sum(fb[p][0].numel() for ps in gb.values() for p in ps)
     chunk = max(1, budget // max(1, per_input))
-    sq_a = {p: torch.zeros(fa[p].shape[1], dtype=torch.float64, device=fa[p].device) for p in fa}
-    sq_b = {p: torch.zeros(fb[p].shape[1], dtype=torch.float64, device=fb[p].device) for p in fb}
-    crosses = [None] * len(plans)
-    for start in range(0, n, chunk):
-        rows = slice(start, min(n, start + chunk))
-        stacks: dict[tuple, Tensor] = {}
+    cross = torch.zeros(ca, cb, dtype=torch.float64, device=device)
+    sq_a = torch.zeros(ca, dtype=torch.float64, device=device)
+    sq_b = sq_a if shared else torch.zeros(cb, dtype=torch.float64, device=device)
 
-        def stack(side: str, grid: tuple[int, int], to: tuple[int, int]) -> Tensor:
-            key = (side, grid, to)
-            if key not in stacks:
-                feats, points = (fa, ga[grid]) if side == "a" else (fb, gb[grid])
-                stacks[key] = _stack(feats, points, rows, to)
-            return stacks[key]
-
-        for i, (grid_a, to_a, _, grid_b, to_b, _) in enumerate(plans):
-            part = stack("a", grid_a, to_a) @ stack("b", grid_b, to_b).T
-            crosses[i] = part if crosses[i] is None else crosses[i] + part
-        for side, grouped, sq in (("a", ga, sq_a), ("b", gb, sq_b)):
-            for grid, points in grouped.items():
-                norms = stack(side, grid, grid).square().sum(1)
-                offset = 0
-                for p in points:
-                    c = sq[p].shape[0]
-                    sq[p] += norms[offset:offset + c]
-                    offset += c
-
-    def offsets(feats: dict[str, Tensor], points: list[str]) -> dict[str, slice]:
-        out, start = {}, 0
-        for p in points:
-            out[p] = slice(start, start + feats[p].shape[1])
-            start += feats[p].shape[1]
+    def stacks_of(feats, groups, need, sq, slices, rows) -> dict[tuple, Tensor]:
+        out = {}
+        for grid, members in groups.items():
+            s = _native_stack(feats, members, rows)
+            sq[slices[grid]] += torch.linalg.vector_norm(s.view(*s.shape[:2], -1), dim=2).square_().sum(0)
+            out[(grid, grid)] = s
+            done = [s]
+            for to in sorted(need[grid] - {grid}, key=lambda g: -g[0] * g[1]):
+                src = min((t for t in done if t.shape[2] % to[0] == 0 and t.shape[3] % to[1] == 0),
+                          key=lambda t: t.shape[2] * t.shape[3])
+                out[(grid, to)] = _sum_pool(src, to)
+                done.append(out[(grid, to)])
         return out
 
-    result: dict[tuple[str, str], _Moments] = {}
-    for (grid_a, _, fa_up, grid_b, _, fb_up), cross in zip(plans, crosses):
-        pa, pb = ga[grid_a], gb[grid_b]
-        ia, ib = offsets(fa, pa), offsets(fb, pb)
-        for a in pa:
-            for b in pb:
-                result[(a, b)] = _Moments(cross[ia[a], ib[b]], fa_up * sq_a[a], fb_up * sq_b[b])
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        sa = stacks_of(fa, ga, need_a, sq_a, groups_a, rows)
+        sb = sa if shared else stacks_of(fb, gb, need_b, sq_b, groups_b, rows)
+        flat: dict[tuple, Tensor] = {}
+
+        def channels_first(side: str, grid: tuple[int, int], to: tuple[int, int]) -> Tensor:
+            if (side, grid, to) not in flat:
+                stack = (sa if side == "a" else sb)[(grid, to)]
+                flat[(side, grid, to)] = stack.transpose(0, 1).reshape(stack.shape[1], -1)
+            return flat[(side, grid, to)]
+
+        for grid_a, grid_b, to in plans:
+            x, y = sa[(grid_a, to)], sb[(grid_b, to)]
+            r, c1, c2, p = x.shape[0], x.shape[1], y.shape[1], to[0] * to[1]
+            block = cross[groups_a[grid_a], groups_b[grid_b]]
+            if c1 * c2 <= (c1 + c2) * p:  # one small GEMM per input, X_i Y_iᵀ, summed
+                block += torch.bmm(x.view(r, c1, p), y.view(r, c2, p).transpose(1, 2)).sum(0)
+            else:  # a product per input larger than its inputs: one GEMM over the inputs, channels first
+                block.addmm_(channels_first("a", grid_a, to), channels_first("a" if shared else "b", grid_b, to).T)
+        del sa, sb, flat
+
+    rows_a = torch.empty(ca, dtype=torch.long)
+    for p, s in slices_a.items():
+        rows_a[s] = index_a[p]
+    cols_b = torch.empty(cb, dtype=torch.long)
+    for p, s in slices_b.items():
+        cols_b[s] = index_b[p]
+    factor = factor.to(device)
+    sq_x = sq_a[:, None] * factor[rows_a.to(device), :, 0]  # (ΣC_a, |points_b|)
+    sq_y = factor[:, cols_b.to(device), 1] * sq_b[None, :]  # (|points_a|, ΣC_b)
     for a, b in explicit:
-        result[(a, b)] = _moments(fa[a], fb[b])
-    return result
+        m = _moments(fa[a], fb[b])
+        cross[slices_a[a], slices_b[b]] = m.cross
+        sq_x[slices_a[a], index_b[b]] = m.sq_x
+        sq_y[index_a[a], slices_b[b]] = m.sq_y
+    return cross, sq_x, sq_y, slices_a, slices_b
+
+
+def _all_moments(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[str], points_b: list[str],
+                 budget: int = 1 << 22) -> dict[tuple[str, str], _Moments]:
+    """Procrustes moments of every pair (a, b) for one batch (:func:`_moment_blocks`), pair by pair."""
+    cross, sq_x, sq_y, sa, sb = _moment_blocks(fa, fb, points_a, points_b, budget)
+    ia = {p: i for i, p in enumerate(points_a)}
+    ib = {p: j for j, p in enumerate(points_b)}
+    return {(a, b): _Moments(cross[sa[a], sb[b]], sq_x[sa[a], ib[b]], sq_y[ia[a], sb[b]])
+            for a in points_a for b in points_b}
+
+
+def _hsic_tables(grams_a: list[_Gram], grams_b: list[_Gram], shared: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """HSIC1 of every kernel of ``grams_a`` with every kernel of ``grams_b`` (Va × Vb) and of each with itself
+    (Va, Vb), all float64, from one pass over the stacked kernels (:func:`_hsic_all`). ``shared``: the two
+    lists are one."""
+    h = _hsic_all(grams_a if shared else grams_a + grams_b)
+    va = len(grams_a)
+    own = h.diagonal()
+    if shared:
+        return h, own, own
+    return h[:va, va:], own[:va], own[va:]
+
+
+class _PairCKA(Metric):
+    """Minibatch CKA of every pair of feature points (the engine of :func:`similarity_matrix`): float64 sums over
+    the minibatches of HSIC1(K_a, L_b), HSIC1(K_a, K_a) and HSIC1(L_b, L_b) as |points_a| × |points_b| matrices
+    (the self terms per pair: a kernel depends on the pair it is matched for) and the number of minibatches, all
+    summed under DDP. ``update`` takes the three matrices of one minibatch; ``compute`` gives
+    ``{(a, b): (value, error)}`` with the value NaN and the reason when CKA is undefined for that pair."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, kernel: str, estimator: str, points_a: list[str], points_b: list[str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.kernel, self.estimator = kernel, estimator
+        self.points_a, self.points_b = list(points_a), list(points_b)
+        shape = (len(self.points_a), len(self.points_b))
+        for name in ("hsic_xy", "hsic_xx", "hsic_yy"):
+            self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("batches", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, hxy: Tensor, hxx: Tensor, hyy: Tensor) -> None:
+        device = self.hsic_xy.device
+        self.hsic_xy = self.hsic_xy + hxy.to(device)
+        self.hsic_xx = self.hsic_xx + hxx.to(device)
+        self.hsic_yy = self.hsic_yy + hyy.to(device)
+        self.batches = self.batches + 1
+
+    def compute(self) -> dict[tuple[str, str], tuple[float, Optional[str]]]:
+        k = self.batches
+        hxy, hxx, hyy = (t.cpu() / float(k) for t in (self.hsic_xy, self.hsic_xx, self.hsic_yy))
+        out = {}
+        for i, a in enumerate(self.points_a):
+            for j, b in enumerate(self.points_b):
+                try:
+                    out[(a, b)] = (float(_cka_value(hxy[i, j], hxx[i, j], hyy[i, j])), None)
+                except ValueError as err:
+                    out[(a, b)] = (math.nan, f"{type(err).__name__}: {err}")
+        return out
+
+
+class _PairMoments(Metric):
+    """Procrustes moments of every pair of feature points (the engine of :func:`similarity_matrix`; both groups
+    share them): float64 states ``cross`` (ΣC_a × ΣC_b, a block per pair), ``sq_x`` (ΣC_a × |points_b|) and
+    ``sq_y`` (|points_a| × ΣC_b) as built by :func:`_moment_blocks`, summed under DDP. ``compute`` gives
+    ``{(group, a, b): (value, error)}``."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, groups: list[str], points_a: list[str], points_b: list[str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.groups, self.points_a, self.points_b = list(groups), list(points_a), list(points_b)
+        self.slices_a: dict[str, slice] = {}
+        self.slices_b: dict[str, slice] = {}
+        for name in ("cross", "sq_x", "sq_y"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, cross: Tensor, sq_x: Tensor, sq_y: Tensor, slices_a: dict[str, slice],
+               slices_b: dict[str, slice]) -> None:
+        if self.cross.dim() == 2 and (self.cross.shape != cross.shape or self.slices_a != slices_a
+                                      or self.slices_b != slices_b):
+            raise ValueError(f"feature shapes changed between batches: {tuple(self.cross.shape)} channels before, "
+                             f"{tuple(cross.shape)} now")
+        self.slices_a, self.slices_b = slices_a, slices_b
+        device = self.cross.device
+        self.cross = self.cross + cross.to(device)
+        self.sq_x = self.sq_x + sq_x.to(device)
+        self.sq_y = self.sq_y + sq_y.to(device)
+
+    def compute(self) -> dict[tuple[str, str, str], tuple[float, Optional[str]]]:
+        out = {}
+        for i, a in enumerate(self.points_a):
+            for j, b in enumerate(self.points_b):
+                sa, sb = self.slices_a[a], self.slices_b[b]
+                m = _Moments(self.cross[sa, sb], self.sq_x[sa, j], self.sq_y[i, sb])
+                for group in self.groups:
+                    try:
+                        out[(group, a, b)] = (float(_procrustes_value(m, group)), None)
+                    except ValueError as err:
+                        out[(group, a, b)] = (math.nan, f"{type(err).__name__}: {err}")
+        return out
 
 
 def _progress(enabled: bool):
@@ -256,15 +442,16 @@ def _progress(enabled: bool):
 
 class _Recorder:
     """Forward hooks on the feature-point modules of both models (a context manager): ``run(x)`` gives the
-    features of one batch as ``{"a": {point: (n, C, H, W)}, "b": {…}}`` and the points whose features are not
-    finite."""
+    features of one batch as ``{"a": {point: (n, C, H, W)}, "b": {…}}`` (a network outside the zoo,
+    a :class:`~symstitch.graph.GraphNet`, gives its points' features from its graph instead)."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, points_a: list[str], points_b: list[str]):
         self.model_a, self.model_b = model_a, model_b
         self.same = model_a is model_b
         self.wanted = [("a", p) for p in dict.fromkeys(points_a)] + [("b", p) for p in dict.fromkeys(points_b)]
-        self.captured: dict[tuple[str, str], Tensor] = {}
+        self.captured: dict[tuple[str, str], tuple[Tensor, int]] = {}
         self.handles: list[Any] = []
+        self.copy = False  # copy the features in the hooks (once an in-place operation has been seen)
 
     def side_of(self, side: str) -> str:
         """The model whose hooks record ``side`` (both are "a" when the two models are one)."""
@@ -277,7 +464,8 @@ class _Recorder:
                 continue  # its features come from the graph (run)
 
             def hook(_module, _inputs, out, key=(side, p)):
-                self.captured[key] = out.detach().clone()  # later in-place ops must not change it
+                out = out.detach()
+                self.captured[key] = (out.clone() if self.copy else out, out._version)
 
             self.handles.append(model.get_submodule(p).register_forward_hook(hook))
         return self
@@ -287,53 +475,102 @@ class _Recorder:
             h.remove()
         self.handles.clear()
 
-    def run(self, x: Tensor) -> tuple[dict[str, dict[str, Tensor]], dict[tuple[str, str], str]]:
+    def run(self, x: Tensor) -> dict[str, dict[str, Tensor]]:
+        """The features are the modules' outputs themselves, not copies, unless the forward pass changed one of
+        them in place after its hook (seen from the tensor's version counter): then this batch is run again and
+        every later one too with copies taken in the hooks. Finiteness is checked later, from sums that the
+        metrics compute anyway."""
         self.captured.clear()
         for side, model in (("a", self.model_a), ("b", self.model_b))[: 1 if self.same else 2]:
-            if isinstance(model, GraphNet):  # any point of a graph: one pass of its own
+            if isinstance(model, GraphNet):  # any point of a graph: one pass of its own (its features are copies)
                 points = [p for s, p in self.wanted if self.side_of(s) == side]
                 for p, t in point_features(model, x, points).items():
-                    self.captured[(side, p)] = t
+                    self.captured[(side, p)] = (t, t._version)
             else:
                 model(x)
+        if not self.copy and any(t._version != v for t, v in self.captured.values()):
+            self.copy = True
+            return self.run(x)
         feats: dict[str, dict[str, Tensor]] = {"a": {}, "b": {}}
-        bad: dict[tuple[str, str], str] = {}
         for side, p in self.wanted:
             out = self.captured.get((self.side_of(side), p))
             if out is None:
                 raise RuntimeError(f"feature point {p!r} of model_{side} was not reached in the forward pass")
-            feats[side][p] = _to_4d(out, p)
-            if not bool(torch.isfinite(feats[side][p]).all()):
-                bad[(side, p)] = f"{p} of model_{side} contains NaN or Inf values"
-        return feats, bad
+            feats[side][p] = _to_4d(out[0], p)
+        self.captured.clear()
+        return feats
 
 
-def _update_pairs(objects: dict[tuple[str, str, str], Optional[Metric]], errors: dict[tuple[str, str, str], str],
-                  feats: dict[str, dict[str, Tensor]], bad: dict[tuple[str, str], str],
-                  points_a: list[str], points_b: list[str], block_size: int) -> None:
-    """One batch into every streamed metric object: each kernel is built once per point (and matched variant),
-    the Procrustes moments of all pairs come from a few stacked GEMMs. A pair that fails is dropped with its
-    reason in ``errors``."""
-    fa, fb = _Features(feats["a"], block_size), _Features(feats["b"], block_size)
-    wants_moments = any(isinstance(obj, Procrustes) for obj in objects.values())
-    moments = _all_moments(feats["a"], feats["b"], points_a, points_b) if wants_moments else {}
-    for key, obj in objects.items():
-        if obj is None:
-            continue
-        _, a, b = key
-        try:
-            for where in (("a", a), ("b", b)):
-                if where in bad:
-                    raise ValueError(bad[where])
-            if isinstance(obj, CKA):
+def _cka_batch(obj: _PairCKA, name: str, fa: _Features, fb: _Features,
+               errors: dict[tuple[str, str, str], str]) -> None:
+    """One minibatch into the CKA engine of metric ``name``: every kernel a pair needs is built once (per point
+    and matched variant) and the HSIC1 terms of all pairs come from :func:`_hsic_tables`. A pair that fails is
+    recorded in ``errors`` (its entries then hold NaN and are not read)."""
+    shared = fa is fb
+    index_a: dict[tuple, int] = {}
+    index_b = index_a if shared else {}
+    grams_a: list[_Gram] = []
+    grams_b = grams_a if shared else []
+    where = torch.full((len(obj.points_a), len(obj.points_b), 2), -1, dtype=torch.long)
+    for i, a in enumerate(obj.points_a):
+        for j, b in enumerate(obj.points_b):
+            if (name, a, b) in errors:
+                continue
+            try:
                 hw = (max(fa.hw(a)[0], fb.hw(b)[0]), max(fa.hw(a)[1], fb.hw(b)[1]))
                 c = max(fa.channels(a), fb.channels(b))
-                obj.update(fa.gram(a, obj.kernel, obj.estimator, hw, c), fb.gram(b, obj.kernel, obj.estimator, hw, c))
-            else:
-                obj.update(moments[(a, b)])
-        except ValueError as err:
-            errors[key] = f"{type(err).__name__}: {err}"
-            objects[key] = None
+                for k, (feats, point, index, grams) in enumerate(((fa, a, index_a, grams_a),
+                                                                  (fb, b, index_b, grams_b))):
+                    key = feats.key(point, obj.kernel, obj.estimator, hw, c)
+                    if key not in index:
+                        grams.append(feats.gram(point, obj.kernel, obj.estimator, hw, c))
+                        index[key] = len(grams) - 1
+                    where[i, j, k] = index[key]
+            except ValueError as err:
+                errors[(name, a, b)] = f"{type(err).__name__}: {err}"
+    shape = (len(obj.points_a), len(obj.points_b))
+    if not grams_a or not grams_b:
+        nan = torch.full(shape, math.nan, dtype=torch.float64)
+        obj.update(nan, nan, nan)
+        return
+    hab, haa, hbb = _hsic_tables(grams_a, grams_b, shared)
+    ia, ib = where[..., 0].to(hab.device), where[..., 1].to(hab.device)
+    ok = (ia >= 0) & (ib >= 0)
+    ia, ib = ia.clamp(min=0), ib.clamp(min=0)
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=hab.device)
+    obj.update(torch.where(ok, hab[ia, ib], nan), torch.where(ok, haa[ia], nan), torch.where(ok, hbb[ib], nan))
+
+
+def _update_pairs(engines: dict[str, Metric], errors: dict[tuple[str, str, str], str],
+                  feats: dict[str, dict[str, Tensor]], points_a: list[str], points_b: list[str], block_size: int,
+                  same: bool) -> None:
+    """One batch into every engine: each kernel is built once per point (and matched variant) and shared by all
+    pairs and both sides when the two models are one; the Procrustes moments of all pairs come from a few
+    stacked GEMMs. A pair that fails is recorded with its reason in ``errors``. NaN/Inf features are found in
+    sums computed anyway (the centring sums of CKA, the squared norms of Procrustes); the elementwise check
+    runs only when such a sum is not finite."""
+    if same:
+        fa = fb = _Features({**feats["a"], **feats["b"]}, block_size)
+    else:
+        fa, fb = _Features(feats["a"], block_size, side="a"), _Features(feats["b"], block_size, side="b")
+    for name, engine in engines.items():
+        if isinstance(engine, _PairCKA):
+            _cka_batch(engine, name, fa, fb, errors)
+    moments = next((e for e in engines.values() if isinstance(e, _PairMoments)), None)
+    if moments is None:
+        return
+    cross, sq_x, sq_y, sa, sb = _moment_blocks(feats["a"], feats["b"], moments.points_a, moments.points_b)
+    for side, points, slices, finite in (("a", moments.points_a, sa, torch.isfinite(sq_x).all(1)),
+                                         ("b", moments.points_b, sb, torch.isfinite(sq_y).all(0))):
+        for p in points:
+            if bool(finite[slices[p]].all()) or _is_finite(feats[side][p]):
+                continue
+            reason = f"ValueError: {p} of model_{'a' if same else side} contains NaN or Inf values"
+            for a in [p] if side == "a" else moments.points_a:
+                for b in [p] if side == "b" else moments.points_b:
+                    for group in moments.groups:
+                        errors.setdefault((f"procrustes_{group}", a, b), reason)
+    moments.update(cross, sq_x, sq_y, sa, sb)
 
 
 @torch.no_grad()
@@ -385,13 +622,15 @@ def similarity_matrix(
     saved = [(m.training, _device_of(m)) for m in models]
 
     pairs = [(a, b) for a in points_a for b in points_b]
-    objects: dict[tuple[str, str, str], Optional[Metric]] = {}
-    for name in metrics:
-        if name in cka_names and cka_mode == "exact":
-            continue  # computed from the stored features at the end
-        kwargs = {"mode": cka_mode} if name in cka_names else {}
-        for a, b in pairs:
-            objects[(name, a, b)] = METRICS.build(name, **kwargs)
+    unique_a, unique_b = list(dict.fromkeys(points_a)), list(dict.fromkeys(points_b))
+    # one engine per CKA metric and one for both Procrustes metrics (torchmetrics objects, states summed under DDP)
+    engines: dict[str, Metric] = {}
+    for name in cka_names if cka_mode == "minibatch" else []:
+        probe = METRICS.build(name, mode="minibatch")
+        engines[name] = _PairCKA(probe.kernel, probe.estimator, unique_a, unique_b)
+    groups = [METRICS.build(name).group for name in metrics if name not in cka_names]
+    if groups:
+        engines["procrustes"] = _PairMoments(groups, unique_a, unique_b)
     errors: dict[tuple[str, str, str], str] = {}
     stored: dict[tuple[str, str], list[Tensor]] = {}
     exact: dict[tuple[str, str, str], Tensor] = {}
@@ -407,7 +646,7 @@ def similarity_matrix(
         with _Recorder(model_a, model_b, points_a, points_b) as recorder:
             for batch in dataloader:
                 x = batch_images(batch, normalizer).to(dev)
-                feats, bad = recorder.run(x)
+                feats = recorder.run(x)
                 seen += 1
                 if cka_mode == "exact" and cka_names:  # kept on the CPU; one copy per module
                     kept = set()
@@ -418,7 +657,8 @@ def similarity_matrix(
                             stored.setdefault(key, []).append(feats[side][p].cpu())
                 elif cka_names:
                     _check_n(x.shape[0], "minibatch CKA (a batch of the dataloader)")
-                _update_pairs(objects, errors, feats, bad, points_a, points_b, block_size)
+                _update_pairs(engines, errors, feats, unique_a, unique_b, block_size, model_a is model_b)
+                del feats  # not held through the next forward pass
                 if bar is not None:
                     bar.advance(task)
         if not seen:
@@ -433,19 +673,24 @@ def similarity_matrix(
             bar.stop()
 
     groups = ({p: point_group(model_a, p) for p in points_a}, {p: point_group(model_b, p) for p in points_b})
+    computed: dict[tuple[str, str, str], tuple[float, Optional[str]]] = {}
+    for name, engine in engines.items():
+        if isinstance(engine, _PairCKA):
+            computed.update({(name, a, b): v for (a, b), v in engine.compute().items()})
+        else:
+            computed.update({(f"procrustes_{g}", a, b): v for (g, a, b), v in engine.compute().items()})
     rows = []
     for name in metrics:
         for a, b in pairs:
             key = (name, a, b)
             value, error = math.nan, errors.get(key)
             if error is None:
-                try:
-                    obj = objects.get(key)
-                    value = float(exact[key] if obj is None else obj.compute())
-                    if not math.isfinite(value):
-                        value, error = math.nan, "not a finite value"
-                except ValueError as err:
-                    value, error = math.nan, f"{type(err).__name__}: {err}"
+                if key in exact:
+                    value = float(exact[key])
+                else:
+                    value, error = computed[key]
+                if error is None and not math.isfinite(value):
+                    value, error = math.nan, "not a finite value"
             rows.append({"point_a": a, "point_b": b, "metric": name, "value": value, "error": error,
                          "group_a": groups[0][a], "group_b": groups[1][b]})
     return rows
@@ -468,7 +713,7 @@ def _exact_cka(cka_names: list[str], points_a: list[str], points_b: list[str],
         del parts
     side = {"a": "a", "b": "a" if same else "b"}
     broken = {key: f"{key[1]} of model_{key[0]} contains NaN or Inf values"
-              for key, t in full.items() if not bool(torch.isfinite(t).all())}
+              for key, t in full.items() if not _is_finite(t)}
     task = bar.add_task("exact CKA", total=len(cka_names) * len(points_a)) if bar is not None else None
     for name in cka_names:
         probe = METRICS.build(name, mode="exact")
