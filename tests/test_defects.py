@@ -201,6 +201,7 @@ def test_stitch_from_python_equals_the_command(lib, tmp_path):
     assert record["result"]["stitched_acc"] == first.stitched_acc
 
 
+@pytest.mark.slow
 def test_a_ddp_cell_in_a_sweep_is_locked_once_and_recorded_once(lib, tmp_path):
     """A stitch cell on 2 CPU processes (Lightning DDP relaunches the sweep command for rank 1): only rank 0 takes
     the cell's lock and writes its record; rank 1 runs the same cell with it instead of skipping it (a hang)."""

@@ -69,6 +69,7 @@ def test_zoo_refuses_to_mix_configurations(tmp_path):
     assert not (tmp_path / "lib/mcnn/seed1").exists()
 
 
+@pytest.mark.slow
 def test_zoo_killed_mid_run_then_rerun_trains_each_seed_once(tmp_path):
     """SIGKILL the zoo while a later seed trains; the rerun keeps what finished and completes the rest."""
     lib = tmp_path / "lib"
