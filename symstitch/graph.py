@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union

@@ -52,7 +52,6 @@ from symstitch.checkpoints import CheckpointError, classifier_spec, load_classif
 from symstitch.data import DataModule
 from symstitch.graph import GraphNet, Network, as_network, point_shape
 from symstitch.io import Lock, read_json, write_json
-from symstitch.models import StagedNet
 
 MANIFEST = "manifest.json"
 ModelRef = Union[str, Path, Mapping[str, Any], nn.Module]

@@ -51,3 +51,17 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def fit_briefly(net, dm, optimizer, epochs: int):
+    """A plain training loop on the DataModule's normalised, un-augmented training batches (64 a batch): the
+    networks users bring, trained the way they would train them; returns ``net`` in eval mode."""
+    import torch.nn.functional as F
+
+    for _ in range(epochs):
+        net.train()
+        for x, y in dm.loader("train", batch_size=64):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    return net.eval()

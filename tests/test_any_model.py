@@ -18,9 +18,8 @@ import symstitch
 from symstitch.data import DataModule
 from symstitch.graph import GraphNet
 from symstitch.metrics import similarity_matrix
-from symstitch.stitching import stitch_options
 
-from .conftest import cli_env
+from .conftest import cli_env, fit_briefly
 
 SPEC = "{{class_path: tests.test_any_model.narrow_resnet18, init_args: {{num_classes: 10}}, state_dict: {path}}}"
 POINT = "layer2.1.relu_1"  # the output of the middle stage's last block: a cut of the graph
@@ -46,14 +45,7 @@ def train(seed: int, dm: DataModule, epochs: int = 4) -> torch.nn.Module:
     """A narrow torchvision ResNet-18 trained briefly on digits (SGD on normalised, un-augmented batches)."""
     torch.manual_seed(seed)
     net = narrow_resnet18()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(epochs):
-        net.train()
-        for x, y in dm.loader("train", batch_size=64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-    return net.eval()
+    return fit_briefly(net, dm, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), epochs)
 
 
 @pytest.fixture(scope="module")

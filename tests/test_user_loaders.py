@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from symstitch.data import DataModule, LoaderData, normalize_batch
 from symstitch.stitching import stitch
 
+from .conftest import fit_briefly
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 POINT = "act1"  # the ReLU after conv1 + BN: a cut, positive-scaled permutations
@@ -35,14 +37,7 @@ class Small(nn.Module):
 def train(seed: int, dm: DataModule) -> Small:
     torch.manual_seed(seed)
     net = Small()
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(2):
-        net.train()
-        for x, y in dm.loader("train", batch_size=64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-    return net.eval()
+    return fit_briefly(net, dm, torch.optim.Adam(net.parameters(), lr=0.01), epochs=2)
 
 
 @pytest.fixture(scope="module")
