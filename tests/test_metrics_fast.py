@@ -195,6 +195,17 @@ def copied_features(net, x):
     return out
 
 
+def expected(name, fa, fb):
+    """One pair's value from the copied features: the functional Procrustes, or the minibatch CKA class fed the
+    two batches of 12 that similarity_matrix saw."""
+    if name.startswith("procrustes"):
+        return float(M.similarity(name, fa, fb))
+    metric = M.METRICS.build(name, mode="minibatch")
+    for s in (slice(0, 12), slice(12, 24)):
+        metric.update(fa[s], fb[s])
+    return float(metric.compute())
+
+
 def test_similarity_matrix_sees_features_before_in_place_changes():
     torch.manual_seed(3)
     net, other = InPlace().double().eval(), InPlace().double().eval()
@@ -205,14 +216,7 @@ def test_similarity_matrix_sees_features_before_in_place_changes():
     for r in rows:
         name, a, b = r["metric"], r["point_a"], r["point_b"]
         assert r["error"] is None, r
-        if name.startswith("procrustes"):
-            want = float(M.similarity(name, fa[a], fb[b]))
-        else:
-            metric = M.METRICS.build(name, mode="minibatch")
-            for s in (slice(0, 12), slice(12, 24)):
-                metric.update(fa[a][s], fb[b][s])
-            want = float(metric.compute())
-        assert r["value"] == pytest.approx(want, abs=1e-12), r
+        assert r["value"] == pytest.approx(expected(name, fa[a], fb[b]), abs=1e-12), r
 
 
 def test_pair_engines_merge_like_one_pass():
@@ -279,14 +283,7 @@ def test_similarity_matrix_reports_nan_features_per_pair():
             assert math.isnan(r["value"]) and "contains NaN or Inf" in r["error"], r
             continue
         assert r["error"] is None, r
-        if name.startswith("procrustes"):
-            want = float(M.similarity(name, fa[a], fb[b]))
-        else:
-            metric = M.METRICS.build(name, mode="minibatch")
-            for s in (slice(0, 12), slice(12, 24)):
-                metric.update(fa[a][s], fb[b][s])
-            want = float(metric.compute())
-        assert r["value"] == pytest.approx(want, abs=1e-12), r
+        assert r["value"] == pytest.approx(expected(name, fa[a], fb[b]), abs=1e-12), r
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
