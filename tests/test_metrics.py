@@ -240,6 +240,19 @@ def test_relu_kernel_in_small_channel_chunks(monkeypatch):
         ref_cka(ref_kernel(x, "relu", "median"), ref_kernel(y, "relu", "median")), abs=1e-9)
 
 
+@pytest.mark.parametrize("tile,budget,block", [(2, 7, 3), (3, 40, 4), (5, 1 << 21, 6), (512, 1 << 21, 256)])
+def test_relu_kernel_tiles_give_the_reference_kernel(monkeypatch, tile, budget, block):
+    """Row blocks cut into column tiles (ragged last tiles, one or several channels per GEMM, all channels in one):
+    every entry of the packed kernel is the written-out max over channels, with and without zero channels."""
+    x = torch.relu(randn(13, 5, 2, 3, seed=60))
+    monkeypatch.setattr(MF, "_TILE_COLUMNS", tile)
+    monkeypatch.setattr(MF, "_BUDGET", budget)
+    for pad_to in (5, 7):
+        got = MF._relu_gram(MF._centre(x, "relu"), "max", pad_to, block).full()
+        padded = torch.cat([x, x.new_zeros(13, pad_to - 5, 2, 3)], 1)
+        assert torch.allclose(got, ref_kernel(padded, "relu"), atol=1e-12, rtol=0)
+
+
 def test_padded_relu_kernel_matches_reference():
     """Zero channels are candidates of value 0 in the max and in the median."""
     x, y = randn(8, 4, 2, 2, seed=18), randn(8, 5, 2, 2, seed=19)

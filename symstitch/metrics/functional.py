@@ -79,8 +79,12 @@ MODES = ("exact", "minibatch")
 CONSTANT_TOL = 1e-8
 #: elements of one temporary (channels × rows × columns) of the G_ReLU kernel: cache-sized for the running max,
 #: larger for the median (which needs every channel of an entry at once)
-_BUDGET = 1 << 20
+_BUDGET = 1 << 21
 _MEDIAN_BUDGET = 1 << 22
+#: columns of one tile of a G_ReLU kernel row block (the tile's channel products share the buffer above)
+_TILE_COLUMNS = 512
+#: rows of one block of a packed sample kernel (GEMMs of 256 rows ran fastest on the 2-core benchmark machine)
+BLOCK_ROWS = 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,9 +360,8 @@ def _seal_block(v: Tensor, rows: Tensor, r0: int) -> None:
     its entries to the row sums K1 of both triangles (float64)."""
     b = v.shape[0]
     v[:, :b].triu_(1)
-    v64 = v.to(torch.float64)
-    rows[r0:r0 + b] += v64.sum(1)
-    rows[r0:] += v64.sum(0)
+    rows[r0:r0 + b] += v.sum(1, dtype=torch.float64)
+    rows[r0:] += v.sum(0, dtype=torch.float64)
 
 
 @dataclass
@@ -384,7 +387,7 @@ class _Gram:
         return cls(tri, n, block, rows, rows.sum())
 
     @classmethod
-    def of(cls, K: Tensor, block: int = 128) -> "_Gram":
+    def of(cls, K: Tensor, block: int = BLOCK_ROWS) -> "_Gram":
         """From a full n×n kernel (its diagonal and lower triangle are ignored)."""
         n = K.shape[0]
         tri = torch.empty(_packed_size(n, block), dtype=K.dtype, device=K.device)
@@ -479,7 +482,8 @@ def hsic1(K: Tensor, L: Tensor) -> Tensor:
     return (kl + rk.sum() * rl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * torch.dot(rk, rl)) / (n * (n - 3))
 
 
-def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torch.dtype] = None) -> Tensor:
+def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torch.dtype] = None,
+            into: Optional[Tensor] = None) -> Tensor:
     """The features a kernel's GEMMs read, from (n, C, H, W), in two passes over them and one write.
 
     Pass 1 sums every (input, channel) over its h·w positions in the GEMM dtype (few terms; NaN/Inf are
@@ -488,7 +492,8 @@ def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torc
     linear kernel, ``(C, n, H·W)`` — the layout of the channel-batched GEMMs — for the G_ReLU kernel. Pass 2
     reads the result for the centred channel norms (float64 over n). A channel whose centred norm is at most
     CONSTANT_TOL of its norm is constant and becomes exactly zero; for the G_ReLU kernel every other channel
-    is scaled to unit norm in the same in-place pass.
+    is scaled to unit norm in the same in-place pass. ``into``: a contiguous tensor of the GEMM dtype, no longer
+    needed, whose memory is reused for the result when it is large enough (no fresh pages to fault in).
     """
     n, c = x.shape[:2]
     dtype = dtype or _gemm_dtype(x)
@@ -497,12 +502,16 @@ def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torc
     total = xf.sum(2, dtype=dtype).to(torch.float64).sum(0)
     _not_finite(x, name, total)
     mean = (total / count).to(dtype)
+    shape = (c, n, xf.shape[2]) if kernel == "relu" else (n, c, xf.shape[2])
+    if (into is not None and into.dtype == dtype and into.device == x.device and into.is_contiguous()
+            and into.numel() >= math.prod(shape)):
+        out = into.view(-1)[:math.prod(shape)].view(shape)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=x.device)
     if kernel == "relu":
-        out = torch.empty(c, n, xf.shape[2], dtype=dtype, device=x.device)
         torch.sub(xf.transpose(0, 1), mean[:, None, None], out=out)
         sq_c = torch.linalg.vector_norm(out, dim=2).to(torch.float64).square().sum(1)
     else:
-        out = torch.empty(n, c, xf.shape[2], dtype=dtype, device=x.device)
         torch.sub(xf, mean[None, :, None], out=out)
         sq_c = torch.linalg.vector_norm(out, dim=2).to(torch.float64).square().sum(0)
     sq = sq_c + count * (total / count).square()  # Σ x² = Σ (x − m)² + count·m²
@@ -529,13 +538,29 @@ def _linear_gram(xc: Tensor, block_size: int) -> _Gram:
     return _Gram(tri, n, block, rows, rows.sum())
 
 
+def _max_over_channels(rows: Tensor, cols: Tensor, out: Tensor, step: int, buffer: Tensor) -> None:
+    """out_ij = max_c Σ_p rows_cip cols_cpj, ``step`` channels per batched GEMM into ``buffer``; ``out`` may be a
+    strided view (a tile of a packed row block)."""
+    c, b, w = rows.shape[0], rows.shape[1], cols.shape[2]
+    for c0 in range(0, c, step):
+        s = min(step, c - c0)
+        prod = torch.bmm(rows[c0:c0 + s], cols[c0:c0 + s], out=buffer[:s * b * w].view(s, b, w))
+        if c0 == 0:
+            torch.amax(prod, 0, out=out)
+        else:
+            part = buffer[s * b * w:(s + 1) * b * w].view(b, w)
+            torch.amax(prod, 0, out=part)
+            torch.maximum(out, part, out=out)
+
+
 def _relu_gram(A: Tensor, estimator: str, pad_to: int, block_size: int) -> _Gram:
     """K_ij = max_c Σ_p A_cip A_cjp (or the median over c) of (C, n, P) unit-channel features, with
     ``pad_to − C`` zero channels appended implicitly (each adds the value 0 to every entry's candidates).
 
-    Built in row blocks of the upper triangle (K is symmetric) with channel-batched GEMMs: one (b×P)·(P×m)
-    product per channel into a reused buffer, then a running elementwise max, so the peak extra memory is
-    bounded by _BUDGET (or _MEDIAN_BUDGET) elements plus the packed result.
+    Built in row blocks of the upper triangle (K is symmetric), each in tiles of at most _TILE_COLUMNS columns,
+    with channel-batched GEMMs: one (b×P)·(P×w) product per channel into a reused buffer, then a running
+    elementwise max, so the peak extra memory is bounded by _BUDGET (or _MEDIAN_BUDGET) elements plus the
+    packed result. Tiles keep many channels in one GEMM call and one max without making the buffer large.
     """
     c, n, _ = A.shape
     At = A.transpose(1, 2)  # (C, P, n)
@@ -550,19 +575,13 @@ def _relu_gram(A: Tensor, estimator: str, pad_to: int, block_size: int) -> _Gram
     for r0, b, m, off in _segments(n, block):
         acc = tri[off:off + b * m].view(b, m)
         if estimator == "max":
-            step = max(1, _BUDGET // (b * m))
-            need = min(step, c) * b * m + (b * m if c > step else 0)
-            if buffer.numel() < need:
-                buffer = torch.empty(need, dtype=A.dtype, device=A.device)
-            for c0 in range(0, c, step):
-                s = min(step, c - c0)
-                prod = torch.bmm(A[c0:c0 + s, r0:r0 + b], At[c0:c0 + s, :, r0:], out=buffer[:s * b * m].view(s, b, m))
-                if c0 == 0:
-                    torch.amax(prod, 0, out=acc)
-                else:
-                    part = buffer[s * b * m:(s + 1) * b * m].view(b, m)
-                    torch.amax(prod, 0, out=part)
-                    torch.maximum(acc, part, out=acc)
+            for j0 in range(0, m, _TILE_COLUMNS):
+                w = min(_TILE_COLUMNS, m - j0)
+                step = max(1, _BUDGET // (b * w))
+                need = (min(step, c) + (1 if c > step else 0)) * b * w
+                if buffer.numel() < need:
+                    buffer = torch.empty(need, dtype=A.dtype, device=A.device)
+                _max_over_channels(A[:, r0:r0 + b], At[:, :, r0 + j0:r0 + j0 + w], acc[:, j0:j0 + w], step, buffer)
             if pad_to > c:
                 acc.clamp_(min=0)  # max(…, 0) over the zero channels
         else:
@@ -587,7 +606,7 @@ def _kernel_gram(xc: Tensor, kernel: str, estimator: str, pad_to: int, block_siz
     return _relu_gram(xc, estimator, pad_to, block_size)
 
 
-def _gram(x: Tensor, kernel: str, estimator: str = "max", pad_to: int = 0, block_size: int = 128,
+def _gram(x: Tensor, kernel: str, estimator: str = "max", pad_to: int = 0, block_size: int = BLOCK_ROWS,
           name: str = "features") -> _Gram:
     """The zero-diagonal sample kernel of (n, C, H, W) features with its HSIC1 statistics."""
     xc = _centre(x, kernel, name)
@@ -619,7 +638,7 @@ def _cka_from_grams(gx: _Gram, gy: _Gram) -> Tensor:
     return _cka_value(h[0, 1], h[0, 0], h[1, 1])
 
 
-def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *, block_size: int = 128) -> Tensor:
+def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *, block_size: int = BLOCK_ROWS) -> Tensor:
     """CKA of X and Y (0-dim float64) with the linear kernel or the G_ReLU kernel (``kernel="relu"``, max or
     median over channels), on all n inputs at once.
 
@@ -634,10 +653,10 @@ def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *,
     _check_same_n(x, y)
     dtype = _gemm_dtype(torch.empty(0, dtype=torch.promote_types(x.dtype, y.dtype)))
     hw, c = _target_hw(x, y), max(x.shape[1], y.shape[1])
-    xc = _centre(_native_or_matched(x, hw), kernel, "x", dtype)
-    yc = _centre(_native_or_matched(y, hw), kernel, "y", dtype)
     _check_n(x.shape[0])
+    xc = _centre(_native_or_matched(x, hw), kernel, "x", dtype)
     gx = _kernel_gram(xc, kernel, estimator, c, block_size)
+    yc = _centre(_native_or_matched(y, hw), kernel, "y", dtype, into=xc)  # x's centred copy is done with
     del xc
     gy = _kernel_gram(yc, kernel, estimator, c, block_size)
     return _cka_from_grams(gx, gy)

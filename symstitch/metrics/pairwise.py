@@ -21,6 +21,7 @@ from rich.progress import Progress
 from torchmetrics import Metric
 
 from symstitch.metrics.functional import (
+    BLOCK_ROWS,
     MODES,
     _check_n,
     _cka_from_grams,
@@ -583,7 +584,7 @@ def similarity_matrix(
     cka_mode: str = "minibatch",
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
-    block_size: int = 128,
+    block_size: int = BLOCK_ROWS,
     normalize: Optional[Any] = None,
 ) -> list[dict[str, Any]]:
     """Every metric for every pair (point_a of ``model_a``, point_b of ``model_b``) of feature points.

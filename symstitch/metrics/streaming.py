@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from symstitch.metrics.functional import (
+    BLOCK_ROWS,
     MODES,
     _check_group,
     _check_kernel,
@@ -89,7 +90,7 @@ class CKA(Metric):
     full_state_update = False
 
     def __init__(self, kernel: str = "linear", estimator: str = "max", mode: str = "exact",
-                 block_size: int = 128, **kwargs: Any):
+                 block_size: int = BLOCK_ROWS, **kwargs: Any):
         super().__init__(**kwargs)
         _check_kernel(kernel, estimator)
         if mode not in MODES:
