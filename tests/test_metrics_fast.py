@@ -139,6 +139,20 @@ def test_moments_in_small_chunks_equal_whole(monkeypatch):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12) and torch.allclose(a, c, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("budget,width", [(1, 1024), (10 * 7 * 4, 12), (1 << 22, 8), (1 << 22, 1 << 20)])
+def test_grouped_cross_products_equal_the_float64_sums(monkeypatch, budget, width):
+    """Inputs side by side in groups (chunks of whole groups, a last chunk with a shorter group, one input per
+    chunk, all inputs in one group) give Σ_i X_i Y_iᵀ and the squared norms of a plain float64 computation."""
+    x, y = relu_features(29, (3, 2, 2), 40), relu_features(29, (4, 2, 2), 41, mean=3.0)
+    monkeypatch.setattr(MF, "_MOMENT_BUDGET", budget)
+    monkeypatch.setattr(MF, "_GROUP_WIDTH", width)
+    got = MF._moments(x, y)
+    x64, y64 = x.double().flatten(2), y.double().flatten(2)
+    assert torch.allclose(got.cross, torch.einsum("iap,ibp->ab", x64, y64), rtol=1e-13, atol=0)
+    assert torch.allclose(got.sq_x, x64.square().sum((0, 2)), rtol=1e-13, atol=0)
+    assert torch.allclose(got.sq_y, y64.square().sum((0, 2)), rtol=1e-13, atol=0)
+
+
 def test_similarity_matrix_equals_baseline():
     torch.manual_seed(0)
     net, other = build("mcnn", width=0.25).eval(), build("mcnn", width=0.25).eval()

@@ -115,31 +115,34 @@ def gemm_share(fn, device: torch.device) -> float:
 
 def procrustes_parts(x: torch.Tensor, y: torch.Tensor, repeats: int, device: torch.device) -> tuple[float, float]:
     """What the Procrustes moments cannot avoid, timed alone (median of ``repeats``): the float64 conversion pass
-    (both inputs copied into float64 chunk buffers, as the moments do) and the float64 GEMMs (the batched
-    per-input products X_i Y_iᵀ on inputs already in float64)."""
+    (both inputs copied into float64 chunk buffers in the grouped layout of the moments) and the float64 GEMMs
+    (the batched group products on inputs already converted)."""
     from symstitch.metrics import functional as MF
 
     n, c = x.shape[:2]
     p = x[0, 0].numel()
     chunk = max(1, MF._MOMENT_BUDGET // (2 * c * p))
-    z = torch.empty(chunk, 2 * c, p, dtype=torch.float64, device=device)
+    g = max(1, min(chunk, MF._GROUP_WIDTH // p))
+    chunk = max(g, chunk // g * g)
+    z = torch.empty(chunk // g, 2 * c, g, p, dtype=torch.float64, device=device)
+    whole = n // chunk * chunk  # whole chunks only (the remainder is a few inputs)
 
     def convert():
-        for s in range(0, n, chunk):
-            r = min(n, s + chunk) - s
-            z[:r, :c].copy_(x[s:s + r].reshape(r, c, p))
-            z[:r, c:].copy_(y[s:s + r].reshape(r, c, p))
-        return z[0, 0, 0]
+        for s in range(0, whole, chunk):
+            z[:, :c].copy_(x[s:s + chunk].reshape(chunk // g, g, c, p).transpose(1, 2))
+            z[:, c:].copy_(y[s:s + chunk].reshape(chunk // g, g, c, p).transpose(1, 2))
+        return z[0, 0, 0, 0]
 
-    x64, y64 = x.reshape(n, c, p).double(), y.reshape(n, c, p).double()
+    convert()
+    f = z.view(chunk // g, 2 * c, g * p)
 
     def gemm():
         total = torch.zeros(c, c, dtype=torch.float64, device=device)
-        for s in range(0, n, chunk):
-            total += torch.bmm(x64[s:s + chunk], y64[s:s + chunk].transpose(1, 2)).sum(0)
+        for _ in range(0, whole, chunk):
+            total += torch.bmm(f[:, :c], f[:, c:].transpose(1, 2)).sum(0)
         return total[0, 0]
 
-    convert(), gemm()
+    gemm()
     return (statistics.median(timed(convert, device)[0] for _ in range(repeats)),
             statistics.median(timed(gemm, device)[0] for _ in range(repeats)))
 

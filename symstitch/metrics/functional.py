@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -201,7 +202,9 @@ class _Moments:
 
 
 #: float64 elements of the two chunks of inputs that :func:`_moments` converts at a time
-_MOMENT_BUDGET = 1 << 21
+_MOMENT_BUDGET = 1 << 22
+#: positions (inputs × H·W) side by side in one row of a Procrustes cross-product GEMM
+_GROUP_WIDTH = 1024
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -228,11 +231,58 @@ def _side_chunk(t: Tensor, hw: tuple[int, int], grid: tuple[int, int]) -> tuple[
     return _flat(F.avg_pool2d(t64, (fh, fw)) * (fh * fw)), sq
 
 
+_WORKSPACES = threading.local()
+#: bytes a thread may keep between calls for a scratch buffer of the moments (larger ones are freed)
+_WORKSPACE_KEEP = 64 << 20
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch vector of at least ``numel`` elements, kept per thread, device and dtype between calls (up to
+    _WORKSPACE_KEEP bytes): a fresh buffer of tens of MB costs more in page faults than the pass that fills it."""
+    cache = _WORKSPACES.__dict__.setdefault("buffers", {})
+    key = (device, dtype)
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        if numel * buffer.element_size() <= _WORKSPACE_KEEP:
+            cache[key] = buffer
+    return buffer[:numel]
+
+
+def _cross_same_grid(x: Tensor, y: Tensor, chunk: int, cross: Tensor, sq_x: Tensor, sq_y: Tensor) -> None:
+    """Adds Σ_i X_i Y_iᵀ and the channels' squared norms of two (n, C, P) sides on one grid, in float64.
+
+    Each chunk of inputs is copied once into float64, g inputs side by side per channel (g·P ≈ _GROUP_WIDTH
+    columns): one batched GEMM then multiplies (C1 × g·P) by (g·P × C2) per group, long enough rows for the
+    GEMM to run near its rate while the result stays a small C1×C2 (a few inputs left over at the end form
+    a last, shorter group)."""
+    n, c1, c2 = x.shape[0], x.shape[1], y.shape[1]
+    p = x[0, 0].numel()
+    g = max(1, min(chunk, _GROUP_WIDTH // max(1, p)))
+    chunk = max(g, chunk // g * g)
+    z = _workspace(chunk * (c1 + c2) * p, torch.float64, x.device)
+    for start in range(0, n, chunk):
+        r = min(n, start + chunk) - start
+        for s0, k in ((0, r // g * g), (r // g * g, r % g)):  # whole groups of g inputs, then the rest as one
+            if k == 0:
+                continue
+            q, width = (k // g, g) if k % g == 0 else (1, k)
+            zr = z[:q * (c1 + c2) * width * p].view(q, c1 + c2, width, p)
+            rows = slice(start + s0, start + s0 + k)
+            zr[:, :c1].copy_(x[rows].reshape(q, width, c1, p).transpose(1, 2))
+            zr[:, c1:].copy_(y[rows].reshape(q, width, c2, p).transpose(1, 2))
+            f = zr.view(q, c1 + c2, width * p)
+            cross += torch.bmm(f[:, :c1], f[:, c1:].transpose(1, 2)).sum(0)
+            sq = torch.linalg.vector_norm(f, dim=2).square_().sum(0)
+            sq_x += sq[:c1]
+            sq_y += sq[c1:]
+
+
 def _moments(x: Tensor, y: Tensor) -> _Moments:
     """The moments of X and Y in float64, streamed over chunks of inputs: each chunk is converted once to
-    float64 and gives the cross-product (one batched GEMM of small per-input products when both sides share a
-    grid) and the squared norms. A side uniformly upsampled
-    to the matched grid is not upsampled: the cross-product is computed on its grid (the other side
+    float64 and gives the cross-product (batched GEMMs over groups of inputs when both sides share a grid,
+    :func:`_cross_same_grid`) and the squared norms. A side uniformly upsampled to the matched grid is not
+    upsampled: the cross-product is computed on its grid (the other side
     sum-pooled) and its squared norms scale by the upsampling factor. NaN/Inf raise (seen in the norms)."""
     x, y = _to_4d(x, "x"), _to_4d(y, "y")
     _check_same_n(x, y)
@@ -250,20 +300,8 @@ def _moments(x: Tensor, y: Tensor) -> _Moments:
     cross = torch.zeros(c1, c2, dtype=torch.float64, device=device)
     sq_x = torch.zeros(c1, dtype=torch.float64, device=device)
     sq_y = torch.zeros(c2, dtype=torch.float64, device=device)
-    if gx == gy:  # one float64 copy of both sides per chunk, in their own layout (no transposition)
-        p = x[0, 0].numel()
-        z = torch.empty(chunk, c1 + c2, p, dtype=torch.float64, device=device)
-        for start in range(0, n, chunk):
-            r = min(n, start + chunk) - start
-            zr = z[:r]
-            zr[:, :c1].copy_(x[start:start + r].reshape(r, c1, p))
-            zr[:, c1:].copy_(y[start:start + r].reshape(r, c2, p))
-            # one small GEMM per input, X_i Y_iᵀ (C1×C2), summed: far faster than one GEMM with a long inner
-            # dimension and a tiny C1×C2 result
-            cross += torch.bmm(zr[:, :c1], zr[:, c1:].transpose(1, 2)).sum(0)
-            sq = torch.linalg.vector_norm(zr, dim=2).square_().sum(0)
-            sq_x += sq[:c1]
-            sq_y += sq[c1:]
+    if gx == gy:
+        _cross_same_grid(x, y, chunk, cross, sq_x, sq_y)
     for start in range(0, n if gx != gy else 0, chunk):
         rows = slice(start, min(n, start + chunk))
         ax, sx = _side_chunk(x[rows], hw, grid)
