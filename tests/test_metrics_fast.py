@@ -153,6 +153,17 @@ def test_grouped_cross_products_equal_the_float64_sums(monkeypatch, budget, widt
     assert torch.allclose(got.sq_y, y64.square().sum((0, 2)), rtol=1e-13, atol=0)
 
 
+def test_procrustes_scratch_buffers_are_per_thread():
+    """Threads computing Procrustes at once (each reusing its own kept buffer) get the values of serial calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [(relu_features(300, (8, 4, 4), 50 + k), relu_features(300, (8, 4, 4), 60 + k)) for k in range(4)]
+    serial = [float(M.procrustes(x, y, "orthogonal")) for x, y in pairs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(lambda p: float(M.procrustes(*p, "orthogonal")), pairs)) == serial
+
+
 def test_similarity_matrix_equals_baseline():
     torch.manual_seed(0)
     net, other = build("mcnn", width=0.25).eval(), build("mcnn", width=0.25).eval()
