@@ -27,7 +27,10 @@
    with the largest difference of their values; skipped, with a note, when pytorch-cka is not installed.
 
 On a shared machine timings move with the load of other processes; the one-minute load average is printed at
-the start and the end, and every comparison is a ratio of calls interleaved in one process.
+the start and the end, and every comparison is a ratio of calls interleaved in one process. Run it with the
+default OpenMP wait policy: ``OMP_WAIT_POLICY=PASSIVE`` (which the test suite uses, to share two cores among
+processes) puts idle threads to sleep, and on the 2-core machine every parallel operation then paid ~80 µs of
+wake-up (an ``amax`` over 64K floats took 83 µs instead of 13).
 
     python experiments/benchmarks/metrics.py [--threads 2] [--n 2000] [--images 10000] [--repeats 3]
         [--skip-naive] [--skip-pairs] [--device cuda] [--quick]
@@ -367,8 +370,12 @@ def main() -> None:
         parser.error(f"--images must be a multiple of {BATCH}")
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"torch {torch.__version__}, {where}, threads {torch.get_num_threads()}, load average "
-          f"{os.getloadavg()[0]:.2f}" + (" [--quick: tiny sizes]" if args.quick else ""))
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
+    print(f"torch {torch.__version__}, {where}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}, load "
+          f"average {os.getloadavg()[0]:.2f}" + (" [--quick: tiny sizes]" if args.quick else ""))
+    if policy.upper() == "PASSIVE":
+        print("   note: with PASSIVE, idle OpenMP threads sleep and every parallel operation pays their wake-up "
+              "(tens of µs here): code made of many short operations looks slower than users will see it")
 
     gemm = gemm_gflops(1024 if args.quick else GEMM_N, device)
     print(f"\n1. float32 GEMM {GEMM_N}×{GEMM_N}: {gemm:.0f} GFLOP/s")
