@@ -322,3 +322,18 @@ def test_similarity_matrix_on_cuda_equals_cpu():
     for c, g in zip(on_cpu, on_gpu):
         assert (c["metric"], c["point_a"], c["point_b"]) == (g["metric"], g["point_a"], g["point_b"])
         assert g["error"] is None and g["value"] == pytest.approx(c["value"], abs=1e-5), (c, g)
+
+
+@pytest.mark.slow
+def test_metrics_benchmark_runs_its_parts_and_compares_values():
+    """The benchmark script end to end at its --quick sizes: every part prints, values agree with the baseline."""
+    import re
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "benchmarks" / "metrics.py"), "--quick",
+                          "--threads", "1"], capture_output=True, text=True, check=True).stdout
+    for part in ("1. float32 GEMM", "2. per metric", "3. straightforward G_ReLU-CKA", "4. similarity_matrix"):
+        assert part in out
+    diffs = [float(d) for d in re.findall(r"×\s+(\S+)\s+\d+%", out)]
+    assert len(diffs) == 12 and max(diffs) < 1e-6
+    assert re.search(r"ratio [\d.]+×; ours < 4 GB .*: met", out)
