@@ -2,8 +2,9 @@
 
 Every dataset is a 32×32 RGB classification set that fits in memory (CIFAR-10: 150 MB as uint8), so the
 whole split lives in one uint8 tensor and a batch is a single indexing operation: the torch ``Dataset``
-implements ``__getitems__`` (the DataLoader hands it all of a batch's indices at once) and the collate
-function passes that batch through. Augmentation (random translation, horizontal flip, cutout) and
+implements ``__getitems__`` (the DataLoader hands it all of a batch's indices at once), which returns the
+batch's samples held as two stacked tensors (:class:`SampleBatch`), and the collate function takes them whole;
+torch's default collate and ``Subset`` read the same object sample by sample. Augmentation (random translation, horizontal flip, cutout) and
 normalisation then run on the device, on the whole batch at once, with independent random parameters per
 sample (:func:`augment_batch`, :func:`normalize_batch`).
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -31,7 +33,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from symstitch.inputs import Normalization, Normalize, labelled_batch, loader_normalization, normalize_batch
@@ -51,8 +53,9 @@ __all__ = [
     "batch_loader",
     "channel_stats",
     "dataset_info",
+    "SampleBatch",
+    "collate_batch",
     "normalize_batch",
-    "passthrough_collate",
 ]
 
 
@@ -252,13 +255,36 @@ def digits(root: Path = Path("data"), download: bool = False, verify_checksums: 
 # Batched loading
 
 
+class SampleBatch(Sequence):
+    """The samples of a batch, held as its two stacked tensors ``x`` and ``y``.
+
+    To torch's default collate, ``Subset`` and any code that reads samples, it is the sequence of
+    ``(image, label)`` pairs that torch's ``__getitems__`` contract asks for; :func:`collate_batch` takes the
+    two tensors whole, so a batch costs one indexing operation.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return SampleBatch(self.x[index], self.y[index])
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of a batch of {len(self)}")
+        return self.x[index], self.y[index]
+
+
 class TensorImageDataset(Dataset):
     """Map-style dataset over in-memory tensors whose batches are fetched by one indexing operation.
 
     ``__getitems__`` receives every index of a batch (torch's DataLoader calls it when it exists) and returns
-    the ready batch ``(x[indices], y[indices])``; use it with :func:`passthrough_collate` (as
-    :func:`batch_loader` does). ``__getitem__`` still serves single samples. ``normalization``: how uint8
-    images become inputs (set by the DataModule), None otherwise.
+    its samples as a :class:`SampleBatch`: one ``index_select`` per tensor, read whole by :func:`collate_batch`
+    (as :func:`batch_loader` does), sample by sample by torch's default collate, ``Subset`` and any other
+    loader. ``__getitem__`` serves single samples. ``normalization``: how uint8 images become inputs (set by the
+    DataModule), None otherwise.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, normalization: Optional[Normalization] = None):
@@ -273,14 +299,17 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[index], self.y[index]
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+        return SampleBatch(self.x.index_select(0, idx), self.y.index_select(0, idx))
 
 
-def passthrough_collate(batch: Any) -> Any:
-    """Collate function for datasets whose ``__getitems__`` already returns a whole batch."""
-    return batch
+def collate_batch(batch: Any) -> Any:
+    """``(x, y)`` of a :class:`SampleBatch` as it is (no copy); any other list of samples by torch's default
+    collate."""
+    if isinstance(batch, SampleBatch):
+        return batch.x, batch.y
+    return default_collate(batch)
 
 
 def batch_loader(
@@ -291,7 +320,8 @@ def batch_loader(
     sampler: Optional[Sampler] = None,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A DataLoader over a :class:`TensorImageDataset` that builds each batch with one ``__getitems__`` call.
+    """A DataLoader over a :class:`TensorImageDataset` that builds each batch with one ``__getitems__`` call
+    (:func:`collate_batch`).
 
     It is an ordinary map-style loader (sampler + batch size), so Lightning can swap in a
     ``DistributedSampler`` under DDP.
@@ -303,7 +333,7 @@ def batch_loader(
         sampler=sampler,
         drop_last=False,
         num_workers=num_workers,
-        collate_fn=passthrough_collate,
+        collate_fn=collate_batch,
         persistent_workers=num_workers > 0,
     )
 

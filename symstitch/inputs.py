@@ -62,9 +62,14 @@ Normalize = Union[Normalization, Callable[[Tensor], Tensor], tuple[Sequence[floa
 def loader_normalization(loader: Any, normalize: Optional[Normalize] = None) -> Optional[Callable[[Tensor], Tensor]]:
     """How a loader's uint8 images become inputs: ``normalize`` (a :class:`Normalization`, any callable, or a
     (mean, std) pair on the 0..1 scale) when given, else the loader's dataset's own ``normalization`` (None when
-    it has none: then only float batches are accepted)."""
+    it has none: then only float batches are accepted), looked up through wrappers such as ``Subset``."""
     if normalize is None:
-        return getattr(getattr(loader, "dataset", None), "normalization", None)
+        dataset = getattr(loader, "dataset", None)
+        for _ in range(8):  # through wrappers that keep the images (torch's Subset and the like)
+            if dataset is None or hasattr(dataset, "normalization"):
+                break
+            dataset = getattr(dataset, "dataset", None)
+        return getattr(dataset, "normalization", None)
     if callable(normalize):
         return normalize
     mean, std = normalize

@@ -307,6 +307,27 @@ def test_a_batch_is_one_getitems_call():
     assert [len(b[1]) for b in batches] == [16, 16, 16, 2]  # drop_last is off
 
 
+def test_the_datasets_work_with_any_dataloader_subset_and_the_default_collate():
+    """torch's contract: ``__getitems__`` gives the batch's samples. A plain DataLoader (default collate), one over
+    a Subset, and the DataModule's own loader give the same batches; the fast loader takes them in one piece."""
+    from torch.utils.data import DataLoader, Subset
+
+    dm = DataModule(dataset="digits")
+    dm.setup()
+    dataset = dm.test_dataloader().dataset
+    fast = torch.cat([x for x, _ in batch_loader(dataset, 64)])
+    plain = list(DataLoader(dataset, batch_size=64))
+    subset = list(DataLoader(Subset(dataset, range(256)), batch_size=64))
+    assert [len(y) for _, y in subset] == [64] * 4
+    assert torch.equal(torch.cat([x for x, _ in plain]), fast) and torch.equal(torch.cat([x for x, _ in subset]), fast[:256])
+    assert torch.equal(torch.cat([y for _, y in plain]), dm.test_set.y)
+    batch = dataset.__getitems__([3, 1])
+    assert len(batch) == 2 and torch.equal(batch[1][0], dataset.x[1]) and batch[1][1] == dataset.y[1]
+    assert [len(s) for s in (batch[:1], batch[5:])] == [1, 0]
+    with pytest.raises(IndexError):
+        batch[2]
+
+
 def test_datamodule_loaders():
     dm = DataModule(dataset="digits", batch_size=100, eval_batch_size=200)
     assert dm.num_classes == 10 and not dm.flip and dm.data is None  # known before setup
