@@ -8,6 +8,14 @@ groups, after "On the Symmetries of Deep Learning Models and their Internal Repr
 __version__ = "0.2.0"
 
 
+def verbose(on: bool = True) -> None:
+    """Lightning's own console messages (device banners, tips, summaries) from Python calls too (``on``), or none
+    (the default: every entry point is as quiet as the commands)."""
+    from symstitch.loggers import quiet
+
+    quiet(verbose=on)
+
+
 def __getattr__(name: str):
     # `symstitch.stitch(...)` without importing Lightning at `import symstitch`
     if name == "stitch":

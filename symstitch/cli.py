@@ -12,15 +12,20 @@ folder), ``<log dir>/result.json`` after every fit, and from Python, loaders in 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
 import shutil
+import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch import loggers as pl_loggers
@@ -28,12 +33,14 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from symstitch import configs
+from symstitch.configs import OptionError
 from symstitch.callbacks import DDPConsistency, FiniteLoss
 from symstitch.checkpoints import read_checkpoint
 from symstitch.data import DataModule, LoaderData, dataset_info
 from symstitch.io import write_json
 from symstitch.library import check_same_data, datamodule_settings
-from symstitch.loggers import DEFAULT_RUN_DIR, default_loggers, default_wandb_offline, finish_wandb, verbose
+from symstitch.loggers import (DEFAULT_RUN_DIR, default_loggers, default_wandb_offline, finish_wandb, quiet_by_default,
+                               verbose)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: options whose value is a config file
@@ -76,6 +83,47 @@ def shipped_configs(args: Sequence[str]) -> list[str]:
     return args
 
 
+def _option_error(message: str) -> str:
+    """jsonargparse's many-line message as one line: the option, what it expects and what it was given."""
+    text = message.strip()
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    if not keys:
+        return " ".join(line.strip() for line in text.splitlines())
+    key, given = keys[0], None
+    nested = re.search(r"NestedArg\(key='([^']+)', val=(.*)\)\s*$", text, re.M)
+    if nested:  # an option inside a class_path/init_args group
+        key, given = f"{key}.init_args.{nested.group(1)}", nested.group(2).strip("'\"")
+    else:
+        values = re.findall(r"(?:Given value|Got value): (.*)", text)
+        given = values[-1].strip() if values else None
+    inner = re.search(r"Expected an? <class '([\w.]+)'>\. Got value: ", text)
+    union = re.search(r"Subtypes: \[(.*?)\]", text)
+    expected = ([inner.group(1)] if inner else re.findall(r"<class '([\w.]+)'>", union.group(1)) if union
+                else re.findall(r"Expected an? <class '([\w.]+)'>", text))
+    names = [{"NoneType": "null"}.get(e, e.rsplit(".", 1)[-1]) for e in expected]
+    if names and given is not None:
+        return f"--{key}: expected {' or '.join(dict.fromkeys(names))}, got {given}"
+    first = text.splitlines()[0].split(":", 1)[1].strip() if ":" in text.splitlines()[0] else ""
+    return f"--{key}: {first or ' '.join(line.strip() for line in text.splitlines()[1:])}"
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Every YAML config file named in ``args`` reads, else an :class:`OptionError` naming the file, the line and
+    the column (LightningCLI's own message names neither)."""
+    for i, a in enumerate(args):
+        value = args[i + 1] if a in CONFIG_OPTIONS and i + 1 < len(args) else \
+            a.split("=", 1)[1] if a.startswith(tuple(f"{o}=" for o in CONFIG_OPTIONS)) else None
+        if value is None or not value.endswith((".yaml", ".yml")) or not Path(value).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(value).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise OptionError(f"{value}{where}: {problem}") from None
+
+
 def _init_args(cfg: Namespace) -> Optional[Namespace]:
     model = cfg.get("model")
     return model.get("init_args") if isinstance(model, Namespace) else None
@@ -93,6 +141,8 @@ class SymstitchCLI(LightningCLI):
             kwargs.setdefault("save_config_callback", None)
         #: after a fit: its metrics, ``val/…`` of the final validation (``validate``) and ``test/…``
         self.metrics: dict[str, float] = {}
+        strict = {"exit_on_error": False, "allow_abbrev": False}  # errors raise (one line); no option prefixes
+        kwargs.setdefault("parser_kwargs", {**strict, **{c: dict(strict) for c in LIGHTNING_COMMANDS}})
         super().__init__(
             model_class=pl.LightningModule,
             subclass_mode_model=True,
@@ -234,11 +284,26 @@ def build_cli(args: Optional[Sequence[str]] = None, run: bool = True, parse_only
     evaluate the final network on the held-out validation split too; ``datamodule``: loaders from Python, used
     instead of the ``--data`` DataModule, in this process only). ``args`` None reads ``sys.argv``."""
     default_wandb_offline()
+    quiet_by_default()
+    args = shipped_configs(args if args is not None else sys.argv[1:])
+    check_config_files(args)
     with warnings.catch_warnings():
         # args given from Python (the commands, sweeps, tests) while sys.argv holds another program's options
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return SymstitchCLI(args=shipped_configs(args) if args is not None else None, run=run, parse_only=parse_only,
-                            announce=announce, validate=validate, datamodule=datamodule)
+        try:
+            return SymstitchCLI(args=args, run=run, parse_only=parse_only, announce=announce, validate=validate,
+                                datamodule=datamodule)
+        except ArgumentError as err:
+            command = args[0] if args and args[0] in LIGHTNING_COMMANDS else "fit"
+            raise OptionError(f"{_option_error(str(err))} (every option: symstitch {command} --help)") from None
+
+
+def option_value(value: Any) -> str:
+    """A Python value as the text of a command-line option that parses back to it: strings and paths as they are,
+    None as ``null``, booleans, numbers, lists and dicts as JSON (which YAML reads)."""
+    if isinstance(value, (str, Path)):
+        return str(value)
+    return json.dumps(value)
 
 
 def check_args(args: Sequence[str]) -> Optional[Namespace]:
@@ -247,10 +312,9 @@ def check_args(args: Sequence[str]) -> Optional[Namespace]:
     the subcommand (``args[0]``), with the data settings taken from the networks' checkpoints filled in."""
     try:
         cli = build_cli(args, parse_only=True)
-    except SystemExit as exit_:
+    except SystemExit as exit_:  # --help, --print_config
         if exit_.code:
-            raise ValueError(f"these training arguments do not parse (see the message above): {' '.join(args)}") \
-                from None
+            raise
         return None
     return cli.config.get(cli.config.get("subcommand")) if cli.config.get("subcommand") else cli.config
 

@@ -122,6 +122,16 @@ class _ConsoleHandler(logging.StreamHandler):
         return super().filter(record)
 
 
+_chosen = False  # whether the console was set up, by a command or by the user
+
+
+def quiet_by_default() -> None:
+    """From Python, the console of the commands: quiet, unless the user chose otherwise first (``quiet(verbose=True)``,
+    or ``symstitch.verbose()``). Every entry point that runs Lightning calls this."""
+    if not _chosen:
+        quiet()
+
+
 def verbose() -> bool:
     """Whether the console was asked for Lightning's own messages (``-v``; False until :func:`quiet` is called)."""
     return _ConsoleHandler.verbose
@@ -133,6 +143,8 @@ def quiet(verbose: bool = False) -> None:
 
     Lightning sets its loggers to INFO (with console handlers of its own) when it is imported: call this after
     importing it. A root console handler is installed too, filtering what Lightning sends up to it."""
+    global _chosen
+    _chosen = True
     _ConsoleHandler.verbose = verbose
     root = logging.getLogger()
     if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):

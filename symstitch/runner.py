@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from symstitch import configs
+from symstitch.configs import OptionError
 from symstitch.io import Busy, Lock, parse_range, read_json, write_json, writable_folder
 from symstitch.library import library_models, ref_text
 from symstitch.registry import Registry
@@ -248,7 +249,11 @@ class Runner:
         """Expand the grid and check it (names, points, networks, each cell kind's arguments): raises before
         anything is written."""
         if not self._checked:
-            self.experiment.check(self.cells())
+            try:
+                self.experiment.check(self.cells())
+            except OptionError as err:  # the cells' training options come from the sweep's settings
+                raise OptionError(f"the training options of this sweep's cells (fit_args, layer options) do not "
+                                  f"parse: {err}") from None
             self._checked = True
         return self.cells()
 

@@ -60,7 +60,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
 from symstitch import configs
-from symstitch.cli import check_args, fit_in_process
+from symstitch.cli import check_args, fit_in_process, option_value
 from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
 from symstitch.io import dumps
 from symstitch.graph import point_activation, point_channels
@@ -549,9 +549,9 @@ def stitch_options(*, epochs: int = configs.STITCH_DEFAULTS["epochs"],
     """``symstitch fit`` options of one stitch, after its layer's config ``configs/stitch/<layer>.yaml`` (and
     before the networks, point, seed and folder): these settings, CSV logs only, no per-epoch validation (the
     result is the test split, measured once at the end), no checkpoint (the record keeps the learned layer)."""
-    return ["--config", str(configs.path("logger/csv.yaml")), "--trainer.max_epochs", str(epochs),
-            "--model.init_args.relaxed_epochs", str(relaxed_epochs), "--model.init_args.init", init,
-            "--model.init_args.optimizer.init_args.lr", str(lr),
+    return ["--config", str(configs.path("logger/csv.yaml")), "--trainer.max_epochs", option_value(epochs),
+            "--model.init_args.relaxed_epochs", option_value(relaxed_epochs), "--model.init_args.init", init,
+            "--model.init_args.optimizer.init_args.lr", option_value(lr),
             *(["--model.init_args.prefix_cache", prefix_cache] if prefix_cache else []),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0"]
@@ -637,7 +637,7 @@ def stitch(
     """
     loaders = _loader_data(data, normalize)
     settings = {} if loaders is not None else dict(data.hparams) if isinstance(data, DataModule) else dict(data or {})
-    data_args = [a for k, v in settings.items() for a in (f"--data.{k}", str(v))]
+    data_args = [a for k, v in settings.items() for a in (f"--data.{k}", option_value(v))]
     with tempfile.TemporaryDirectory(prefix="symstitch-stitch-") as tmp:
         folder = Path(run_dir) if run_dir is not None else Path(tmp)
         STITCH_LAYERS.get(layer)  # an unknown layer: the list of known ones

@@ -35,11 +35,24 @@ def test_print_config_composes_split_configs(capsys):
     assert "symstitch.training.WarmupCosine" in out
 
 
-def test_bad_config_key_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(CONFIGS / "zoo/resnet20.yaml"), "--data.batchsize", "64"])
-    assert exit_.value.code != 0
-    assert "batchsize" in capsys.readouterr().err
+@pytest.mark.parametrize("extra, says", [
+    (["--data.batchsize", "64"], "unrecognized arguments: --data.batchsize 64"),
+    (["--trainer.max_ep", "7"], "unrecognized arguments: --trainer.max_ep 7"),  # no option prefixes
+    (["--data.flip", "maybe"], "--data.flip: expected bool or null, got maybe"),
+    (["--model.init_args.optimizer.init_args.lr", "fast"], "--model.init_args.optimizer.init_args.lr: expected float, got fast"),
+])
+def test_bad_options_are_one_line_naming_the_option(capsys, extra, says):
+    code = main(["fit", "--config", str(CONFIGS / "zoo/resnet20.yaml"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "symstitch fit --help" in err, err
+    assert "usage:" not in err and len(err.strip().splitlines()) == 2  # the error, and how to see the traceback
+
+
+def test_a_yaml_error_names_the_file_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args: {a: [1, 2}\n")
+    assert main(["fit", "--config", str(bad)]) == 2
+    assert f"{bad}, line 2, column 23:" in capsys.readouterr().err
 
 
 def test_missing_cifar_names_folder_and_flag(tmp_path, capsys):

@@ -81,7 +81,8 @@ def test_a_failed_start_writes_nothing(lib, tmp_path, capsys):
         "experiment": "stitch", "out": str(tmp_path / "sw"), "zoo": str(lib), "arch": "mcnn", "seeds": "0-1",
         "points": [POINT], "layers": ["standard"], "fit_args": ["--trainer.max_epochz", "1"]}))
     assert main(["sweep", "--config", str(config), "--no-progress"]) == 2
-    assert "do not parse" in capsys.readouterr().err and not (tmp_path / "sw").exists()
+    err = capsys.readouterr().err
+    assert "do not parse: unrecognized arguments: --trainer.max_epochz 1" in err and not (tmp_path / "sw").exists()
 
 
 def test_distinct_settings_get_distinct_default_folders(lib, tmp_path):
@@ -176,6 +177,36 @@ def test_wandb_key_without_network_goes_offline_at_once_and_logs_are_quiet(tmp_p
     verbose = subprocess.run([*fit, "-v", "--trainer.logger", "false"], cwd=tmp_path, env=cli_env(tmp_path),
                              capture_output=True, text=True, timeout=240)
     assert verbose.returncode == 0 and "GPU available" in verbose.stdout + verbose.stderr
+
+
+def test_python_entry_points_are_quiet_and_raise_value_errors(tmp_path):
+    """From Python, ``stitch()`` is as quiet as the commands (no banners, tips or loader notes), takes a DataModule
+    and the None its signature allows, and a bad option is a ValueError naming it — never SystemExit, which a
+    script's ``except Exception`` cannot catch. ``symstitch.verbose()`` brings Lightning's messages back."""
+    code = """
+import symstitch
+from symstitch import models
+from symstitch.data import DataModule
+a, b = (models.build("mcnn", width=0.125) for _ in range(2))
+r = symstitch.stitch(a, b, "layer1.act", layer="birkhoff", epochs=1, relaxed_epochs=None,
+                     data=DataModule(dataset="digits", flip=None))
+print("PENALTY", r.penalty_pts is not None)
+try:
+    symstitch.stitch(a, b, "layer1.act", epochs=1, fit_args=("--trainer.max_ep", "1"))
+except ValueError as err:
+    print("VALUEERROR", err)
+symstitch.verbose()
+symstitch.stitch(a, b, "layer1.act", layer="standard", epochs=1)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PENALTY True" in proc.stdout
+    assert "VALUEERROR unrecognized arguments: --trainer.max_ep 1 (every option: symstitch fit --help)" in proc.stdout
+    assert proc.stderr.count("GPU available") == 1  # the verbose call's banner, and only that
+    before_verbose = proc.stdout + proc.stderr.split("GPU available")[0]
+    for noise in ("Tip:", "Loading `train_dataloader`", "LeafSpec", "in eval mode", "usage:"):
+        assert noise not in before_verbose, noise
 
 
 def test_check_takes_library_entries_and_slurm_activates_the_environment(lib, tmp_path):

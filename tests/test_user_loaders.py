@@ -93,3 +93,23 @@ def test_loaders_that_cannot_work_are_clear_errors(pair):
     with pytest.raises(ValueError, match="loaders given from Python feed one process"):
         stitch(*nets, POINT, data=LoaderData(train, test, normalize=(dm.mean, dm.std)), **STITCH,
                fit_args=("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"))
+
+
+def test_a_datamodule_and_a_subset_of_its_dataset_are_accepted(pair):
+    """``stitch(data=DataModule(...))`` uses its settings (as the docstring says), unset ones (``flip=None``) too;
+    a plain DataLoader over a Subset of the DataModule's dataset, uint8 batches by the default collate, feeds
+    ``similarity_matrix`` with the DataModule's normalisation, as its own loader does."""
+    from torch.utils.data import Subset
+
+    from symstitch.metrics import similarity_matrix
+
+    nets, dm = pair
+    by_settings = stitch(*nets, POINT, data=DATA, **STITCH)
+    by_module = stitch(*nets, POINT, data=DataModule(dataset="digits", **DATA), **STITCH)
+    assert torch.equal(by_module.layer.weight, by_settings.layer.weight)
+    assert by_module.penalty_pts == by_settings.penalty_pts
+    subset = DataLoader(Subset(dm.test_dataloader().dataset, range(256)), batch_size=64)
+    own = DataLoader(TensorDataset(normalize_batch(dm.test_set.x[:256], dm.mean, dm.std, channels_last=False),
+                                   dm.test_set.y[:256]), batch_size=64)
+    rows = [similarity_matrix(*nets, loader, metrics=["cka_linear"], points=[POINT]) for loader in (subset, own)]
+    assert rows[0] == rows[1] and len(rows[0]) == 1

@@ -12,6 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+class OptionError(ValueError):
+    """Options of a Lightning command (``symstitch fit``, a sweep's cells) that do not parse, in one line naming the
+    option (or the config file, line and column); the whole usage stays with ``--help``."""
+
+
 #: the folder of the shipped configs (a plain folder inside the installed package)
 ROOT = Path(__file__).resolve().parent
 
