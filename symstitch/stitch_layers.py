@@ -26,6 +26,7 @@ Training contract, for whoever runs the loop:
 from __future__ import annotations
 
 import abc
+import copy
 import re
 from dataclasses import dataclass, field
 
@@ -55,7 +56,7 @@ NORM_PLACEMENTS = ("none", "before", "after")
 _CHANNEL_DIM = {2: 1, 3: 2, 4: 1}
 
 
-def _channels_last(h: Tensor, channels: int) -> tuple[Tensor, int]:
+def channels_last(h: Tensor, channels: int) -> tuple[Tensor, int]:
     """``h`` with its channel dim moved last, and that dim's index in ``h``."""
     dim = _CHANNEL_DIM.get(h.dim())
     if dim is None or h.shape[dim] != channels:
@@ -154,6 +155,51 @@ def euclidean_projection(W: Tensor, max_iter: int = 10_000, tol: float = 1e-10) 
     return round_to_birkhoff(X).to(W.dtype)
 
 
+@dataclass(frozen=True)
+class ChannelMatch:
+    """How well each source channel explains each target channel, from paired activations: the statistics of
+    the channel matching that starts a G stitch from the data and judges its rivals alike.
+
+    With X, Y ∈ R^{n×C} the source and target activations at every position (one row each):
+    ``cross`` = YᵀX (cross[i, j] = ⟨Y_i, X_j⟩), ``x_sq`` = ‖X_j‖², ``y_sq`` = ‖Y_i‖², all float64. The matching
+    (:meth:`permutation`) is that of G_ReLU-Procrustes, π = argmax_π Σ_i M[i, π[i]] (|M| for signed groups) with
+    M[i, j] = ⟨Ŷ_i, X̂_j⟩ for columns scaled to unit norm (zero channels stay zero); the scales of any π
+    (:meth:`scales`) are least squares per matched pair, d[π[i]] = ⟨Y_i, X_π(i)⟩ / ‖X_π(i)‖². For Y = g·X with
+    g = P_π·diag(d) both are g's exactly (on channels that are not zero).
+    """
+
+    cross: Tensor
+    x_sq: Tensor
+    y_sq: Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, h_a: Tensor, h_b: Tensor, channels: int) -> "ChannelMatch":
+        X = channels_last(h_a, channels)[0].reshape(-1, channels).to("cpu", torch.float64)
+        Y = channels_last(h_b, channels)[0].reshape(-1, channels).to("cpu", torch.float64)
+        if X.shape != Y.shape:
+            raise ValueError(f"h_a and h_b must hold the same positions; got {tuple(h_a.shape)}, {tuple(h_b.shape)}")
+        return cls(Y.T @ X, (X * X).sum(0), (Y * Y).sum(0))
+
+    def tensors(self) -> list[Tensor]:
+        """Its statistics, e.g. to broadcast them from one process to the others."""
+        return [self.cross, self.x_sq, self.y_sq]
+
+    def permutation(self, signed: bool = False) -> Tensor:
+        """π by the Hungarian method on M; on |M| when ``signed`` (a group with negative scales matches a
+        channel with its negative as well)."""
+        norm_y, norm_x = self.y_sq.sqrt().clamp_min(1e-12), self.x_sq.sqrt().clamp_min(1e-12)
+        M = self.cross / norm_y[:, None] / norm_x[None, :]
+        return hungarian(M.abs() if signed else M)
+
+    def scales(self, perm: Tensor) -> Tensor:
+        """d with d[π[i]] = ⟨Y_i, X_π(i)⟩ / ‖X_π(i)‖² (float64; 0 where X_π(i) is zero)."""
+        perm = perm.cpu()
+        d = torch.empty_like(self.x_sq)
+        d[perm] = self.cross[torch.arange(len(perm)), perm] / self.x_sq[perm].clamp_min(1e-12)
+        return d
+
+
 def hungarian(W: Tensor) -> Tensor:
     """π maximising ⟨P_π, W⟩ = Σ_i W[i, π[i]] (scipy's linear_sum_assignment, maximize=True), on the CPU."""
     _, cols = linear_sum_assignment(W.detach().to("cpu", torch.float64).numpy(), maximize=True)
@@ -204,6 +250,12 @@ class Scales(nn.Module):
         """Parameters that stop training at ``harden()``."""
         return []
 
+    @torch.no_grad()
+    def assign_(self, d: Tensor) -> None:
+        """Set d (its nearest value of the group's kind: :meth:`project_`), in place."""
+        self.value.copy_(d.to(self.value))
+        self.project_()
+
 
 class UnitScales(Scales):
     """Permutations (GELU, sigmoid, SiLU): d = 1, nothing to learn."""
@@ -211,6 +263,9 @@ class UnitScales(Scales):
     def __init__(self, channels: int):
         nn.Module.__init__(self)
         self.register_buffer("value", torch.ones(channels))
+
+    def assign_(self, d: Tensor) -> None:
+        """d stays 1: the group has no scales."""
 
 
 class PositiveScales(Scales):
@@ -256,6 +311,10 @@ class ExpScales(Scales):
 
     def forward(self) -> Tensor:
         return torch.exp(self.s)
+
+    @torch.no_grad()
+    def assign_(self, d: Tensor) -> None:
+        self.s.copy_(d.to(self.s).clamp_min(PositiveScales.min_scale).log())
 
 
 #: intertwiner group kind → its scales
@@ -316,7 +375,7 @@ class StitchLayer(nn.Module, abc.ABC):
 
     # -- shared
     def forward(self, h: Tensor) -> Tensor:
-        x, dim = _channels_last(h, self.channels)
+        x, dim = channels_last(h, self.channels)
         shape = x.shape
         x = x.reshape(-1, self.channels)
         x = self.norm_after(F.linear(self.norm_before(x), self.matrix(), self.bias))
@@ -480,8 +539,8 @@ def _least_squares(layer: StitchLayer, h_a: Tensor, h_b: Tensor) -> Tensor:
     (N, H, W) or (N, L) position; float64 on the CPU. The fit is for T itself, so ``layer`` must have no norm."""
     if layer.norm != "none":
         raise ValueError("a least-squares start fits T alone; it needs norm='none'")
-    A = _channels_last(h_a, layer.channels)[0].reshape(-1, layer.channels).to("cpu", torch.float64)
-    B = _channels_last(h_b, layer.channels)[0].reshape(-1, layer.channels).to("cpu", torch.float64)
+    A = channels_last(h_a, layer.channels)[0].reshape(-1, layer.channels).to("cpu", torch.float64)
+    B = channels_last(h_b, layer.channels)[0].reshape(-1, layer.channels).to("cpu", torch.float64)
     if A.shape != B.shape:
         raise ValueError(f"h_a and h_b must hold the same positions; got {tuple(h_a.shape)}, {tuple(h_b.shape)}")
     X = A if layer.bias is None else torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], dim=1)
@@ -594,7 +653,7 @@ class LowRankStitch(StitchLayer):
         W = β[:C]ᵀ: U ← V_r, V ← V_rᵀ W, and the bias β[C] V_r V_rᵀ.
         """
         beta = _least_squares(self, h_a, h_b)
-        A = _channels_last(h_a, self.channels)[0].reshape(-1, self.channels).to("cpu", torch.float64)
+        A = channels_last(h_a, self.channels)[0].reshape(-1, self.channels).to("cpu", torch.float64)
         X = A if self.bias is None else torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], dim=1)
         V_r = torch.linalg.svd(X @ beta, full_matrices=False).Vh[: self.rank].T  # C × r
         W = beta[: self.channels].T
@@ -672,6 +731,18 @@ class MonomialStitch(StitchLayer):
         self.P.copy_(permutation_matrix(self._assignment(), self.P))
         self.d.harden_()
 
+    @torch.no_grad()
+    def fixed(self, perm: Tensor, scales: Optional[Tensor] = None) -> "MonomialStitch":
+        """A hardened copy in eval mode with T = P_π·diag(d): π = ``perm``, d = ``scales`` made the group's
+        (:meth:`Scales.assign_`; this layer's own when None); bias and norms as this layer's."""
+        layer = copy.deepcopy(self)
+        layer.harden()
+        layer.P.copy_(permutation_matrix(perm, layer.P))
+        if scales is not None:
+            layer.d.assign_(scales)
+            layer.d.harden_()
+        return layer.eval()
+
     def _relaxed_parameters(self) -> list[nn.Parameter]:
         return self.relaxed_permutation_parameters() + self.d.relaxed_parameters()
 
@@ -731,30 +802,18 @@ class BirkhoffStitch(MonomialStitch):
 
     @torch.no_grad()
     def init_from_data(self, h_a: Tensor, h_b: Tensor, mix: float = 0.1) -> "BirkhoffStitch":
-        """Data-driven start instead of a random one: match channels as G_ReLU-Procrustes does.
+        """Data-driven start instead of a random one: the channel matching of :class:`ChannelMatch` (as
+        G_ReLU-Procrustes matches), see :meth:`init_from_match`."""
+        return self.init_from_match(ChannelMatch.of(h_a, h_b, self.channels), mix)
 
-        With X, Y ∈ R^{n×C} the source and target activations over every position, X̂, Ŷ their columns
-        scaled to unit norm, M = Ŷᵀ X̂ (M[i, j] = ⟨Ŷ_i, X̂_j⟩) and π = argmax_π Σ_i M[i, π[i]] (Hungarian):
-        W = (1 − mix)·P_π + mix·J/C (inside the polytope, off its vertex, so training can still move it);
-        learnable scales d[π[i]] = ⟨Y_i, X_π(i)⟩ / ‖X_π(i)‖² (least squares per matched pair), projected
-        onto the group's scales. The relaxed phase then trains from there as usual.
-        """
-        C = self.channels
-        X = _channels_last(h_a, C)[0].reshape(-1, C).to("cpu", torch.float64)
-        Y = _channels_last(h_b, C)[0].reshape(-1, C).to("cpu", torch.float64)
-        if X.shape != Y.shape:
-            raise ValueError(f"h_a and h_b must hold the same positions; got {tuple(h_a.shape)}, {tuple(h_b.shape)}")
-        unit = lambda Z: Z / Z.norm(dim=0).clamp_min(1e-12)  # noqa: E731  (zero channels stay zero)
-        perm = hungarian(unit(Y).T @ unit(X))
-        P = permutation_matrix(perm, self.W)
-        self.W.copy_((1 - mix) * P + mix / C)
-        if isinstance(self.d.value, nn.Parameter):
-            Xp = X[:, perm]
-            ratio = (Y * Xp).sum(0) / (Xp * Xp).sum(0).clamp_min(1e-12)
-            d = torch.empty(C, dtype=torch.float64)
-            d[perm] = ratio
-            self.d.value.copy_(d.to(self.d.value))
-            self.d.project_()
+    @torch.no_grad()
+    def init_from_match(self, match: "ChannelMatch", mix: float = 0.1) -> "BirkhoffStitch":
+        """Start at W = (1 − mix)·P_π + mix·J/C, π = ``match.permutation()`` (inside the polytope, off its
+        vertex, so training can still move it), with the learnable scales ``match.scales(π)`` (least squares per
+        matched pair) projected onto the group's. The relaxed phase then trains from there as usual."""
+        perm = match.permutation(signed=isinstance(self.group, (SignedPermutations, InvertibleScaledPermutations)))
+        self.W.copy_((1 - mix) * permutation_matrix(perm, self.W) + mix / self.channels)
+        self.d.assign_(match.scales(perm))
         return self
 
 
@@ -800,6 +859,7 @@ __all__ = [
     "SCALES",
     "STITCH_LAYERS",
     "BirkhoffStitch",
+    "ChannelMatch",
     "LassoStitch",
     "LowRankStitch",
     "MonomialStitch",
@@ -808,6 +868,7 @@ __all__ = [
     "StandardStitch",
     "StitchLayer",
     "build_stitch_layer",
+    "channels_last",
     "euclidean_projection",
     "hungarian",
     "permutation_matrix",

@@ -68,15 +68,17 @@ from symstitch.inputs import Normalize
 from symstitch.library import ModelRef, architecture, check_same_data, load_model, load_pair, ref_identity, ref_text
 from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
-from symstitch.stitch_layers import (STITCH_LAYERS, LayerChoice, LayerSpec, MonomialStitch, StitchLayer,
-                                     build_stitch_layer)
+from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, LayerChoice, LayerSpec, MonomialStitch,
+                                     StitchLayer, build_stitch_layer, channels_last)
 from symstitch.training import configure_schedule
 
 
 #: training batches on which the data start and the trained relaxed form are compared before hardening
 KEEP_START_BATCHES = 4
-#: how much lower (relative) the trained form's loss must be to replace the data start
+#: how much lower (relative) the loss of the relaxed phase's permutation must be to replace the data start's
 KEEP_START_MARGIN = 0.01
+#: source channels whose |cosine| over the training images is at least 1 − this are equal up to scale
+DUPLICATE_TOLERANCE = 1e-4
 
 #: evaluation protocol → the name its accuracy and penalty are logged under (``test/<name>/penalty_pts``)
 PROTOCOLS = {"frozen": "stitch", "recalibrated": "stitch_recalibrated"}
@@ -266,25 +268,61 @@ class StitchingModule(pl.LightningModule):
 
     @torch.no_grad()
     def _harden_stitch(self) -> None:
-        """Harden T (Hungarian rounding of the relaxed permutation) — or, when the relaxed phase found nothing
-        better than the data-driven start, go back to that start first.
+        """Harden T (Hungarian rounding of the relaxed permutation), after choosing between the permutation the
+        relaxed phase found and that of the data-driven start, and note which source channels no method could
+        place (:meth:`_unidentifiable`).
 
-        The start of a G stitch from the data (channel matching) is already a scaled permutation, and for B = g·A
-        it is g exactly; the relaxed phase can only lose that by drifting between channels that the suffix
-        treats alike. So before hardening, the cross-entropy of the stitched network on the first
-        :data:`KEEP_START_BATCHES` batches of un-augmented training images is compared for the two evaluated
-        forms, and the data start is kept unless the trained one is lower by more than
-        :data:`KEEP_START_MARGIN` (relative). Every DDP rank compares on the same images, so all decide alike."""
+        The start of a G stitch from the data (channel matching, :class:`~symstitch.stitch_layers.ChannelMatch`)
+        is already a scaled permutation, and for B = g·A it is g exactly; the relaxed phase can only lose that
+        by drifting between channels that the suffix treats alike. When the two permutations differ, they are
+        compared like with like: each with the scales the channel matching gives it (least squares per matched
+        pair, no bias, nothing tuned on the task loss), by the cross-entropy of the stitched network on the first
+        :data:`KEEP_START_BATCHES` batches of un-augmented training images. The start's permutation is kept
+        unless the relaxed phase's is lower by more than :data:`KEEP_START_MARGIN` (relative); either way the
+        scales and bias go on from where they are. (Comparing the trained form as it is, its scales and bias
+        already tuned on the task loss, against the untuned start rewarded that tuning, not the permutation.)
+        Every DDP rank compares on the same images with rank 0's statistics, so all decide alike."""
         if self.stitch.hardened:
             return
-        start = self.__dict__.get("_start")
-        if start is not None:
-            trained_loss = self._training_loss(self._hardened_layer())
-            start_loss = self._training_loss(self._hardened_copy(start))
-            self.__dict__["start_kept"] = bool(trained_loss >= start_loss * (1 - KEEP_START_MARGIN))
-            if self.start_kept:
+        if isinstance(self.stitch, MonomialStitch):
+            self.__dict__["_unidentifiable"] = self._unidentifiable()
+        start, match = self.__dict__.get("_start"), self.__dict__.get("_match")
+        if start is not None and match is not None:
+            found, begun = self.stitch.permutation, start.permutation
+            moved = int((found != begun).sum())
+            kept = True
+            if moved:
+                rival = start.fixed(found, match.scales(found))
+                exact = start.fixed(begun, match.scales(begun))
+                kept = bool(self._training_loss(rival) >= self._training_loss(exact) * (1 - KEEP_START_MARGIN))
+            self.__dict__["start_choice"] = {"data_start_kept": kept, "relaxed_moved_channels": moved}
+            if kept and moved:
                 self.stitch.load_state_dict(start.state_dict())
         self.stitch.harden()
+
+    @torch.no_grad()
+    def _unidentifiable(self) -> dict[str, list]:
+        """Source channels at the point whose place no stitch can tell, from A's activations on every
+        un-augmented training image: ``dead`` (zero on every image: whatever T sends them to, they carry
+        nothing) and ``duplicates``, pairs [i, j] with channel j = d·channel i for a scale d of the point's group
+        (|cosine| ≥ 1 − :data:`DUPLICATE_TOLERANCE`): swapping two such channels, scales adjusted, is the same
+        map. Channel numbers are A's (the values of the permutation)."""
+        C, largest, gram = self.stitch.channels, None, None
+        for h, _ in self._training_prefix():
+            X = channels_last(h, C)[0].reshape(-1, C)
+            peak = X.abs().amax(0).double()
+            largest = peak if largest is None else torch.maximum(largest, peak)
+            product = (X.T @ X).double()
+            gram = product if gram is None else gram + product
+        if gram is None:
+            return {"dead": [], "duplicates": []}
+        gram, dead = gram.cpu(), (largest == 0).cpu()
+        sq = gram.diagonal()
+        cosine = gram / (sq[:, None] * sq[None, :]).sqrt().clamp_min(1e-300)
+        collinear = torch.triu(cosine.abs() >= 1 - DUPLICATE_TOLERANCE, diagonal=1) & ~dead[:, None] & ~dead[None, :]
+        duplicates = [[i, j] for i, j in collinear.nonzero().tolist()  # channel j = d·channel i, d = ⟨i, j⟩ / ‖i‖²
+                      if self.stitch.group.allowed_scales(gram[i, j:j + 1] / sq[i], atol=1e-3)]
+        return {"dead": dead.nonzero().flatten().tolist(), "duplicates": duplicates}
 
     def _training_loss(self, layer: StitchLayer) -> float:
         total, count = 0.0, 0
@@ -311,13 +349,20 @@ class StitchingModule(pl.LightningModule):
                 h_a.append(self.source_net.forward_to(x, self.point))
                 h_b.append(self.target_net.forward_to(x, self.point))
             h_a, h_b = torch.cat(h_a), torch.cat(h_b)
-        self.stitch.init_from_data(h_a, h_b)
+        match = None
+        if hasattr(self.stitch, "init_from_match"):  # a G stitch: the channel matching, kept to judge rivals by
+            match = ChannelMatch.of(h_a, h_b, self.stitch.channels)
+            self.stitch.init_from_match(match)
+        else:
+            self.stitch.init_from_data(h_a, h_b)
         # each rank saw its own batches: every rank starts from rank 0's fit (DDP never re-syncs weights)
         if dist.is_available() and dist.is_initialized():
-            for tensor in [*self.stitch.parameters(), *self.stitch.buffers()]:
+            for tensor in [*self.stitch.parameters(), *self.stitch.buffers(),
+                           *(match.tensors() if match is not None else [])]:
                 dist.broadcast(tensor.data, src=0)
-        if not self.stitch.hardened:  # a G stitch: its data start is a scaled permutation, kept in reserve
+        if match is not None and not self.stitch.hardened:  # its data start, a scaled permutation, in reserve
             self.__dict__["_start"] = copy.deepcopy(self.stitch)
+            self.__dict__["_match"] = match
 
     def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches ``(inputs, labels)`` on this device, in the loader's order: a DataModule's through its
@@ -533,9 +578,10 @@ class StitchingModule(pl.LightningModule):
     # ------------------------------------------------------------------ result
     def summary(self) -> dict:
         """The learned layer, for result files: its description (permutation, scales, sparsity, rank)."""
-        kept = self.__dict__.get("start_kept")
+        unidentifiable = self.__dict__.get("_unidentifiable")
         return {"point": self.point, "layer": self.hparams.layer, "init": self.init,
-                **({"data_start_kept": kept} if kept is not None else {}), **self.stitch.describe()}
+                **self.__dict__.get("start_choice", {}), **self.stitch.describe(),
+                **({"unidentifiable": unidentifiable} if unidentifiable is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -574,7 +620,9 @@ def stitch_result(module: StitchingModule, metrics: dict[str, float]) -> dict[st
 @dataclass
 class StitchResult:
     """What :func:`stitch` returns: penalties in points of accuracy, frozen (``penalty_pts``) and recalibrated
-    (``penalty_recalibrated_pts``) where that protocol ran; ``permutation`` where the layer has one."""
+    (``penalty_recalibrated_pts``) where that protocol ran; ``permutation`` where the layer has one, and
+    ``unidentifiable``, the source channels no stitch could place (``{"dead": [...], "duplicates": [[i, j], ...]}``,
+    G stitches)."""
 
     point: str
     layer_name: str
@@ -588,6 +636,7 @@ class StitchResult:
     run_dir: Optional[str] = None
     penalty_recalibrated_pts: Optional[float] = None
     stitched_recalibrated_acc: Optional[float] = None
+    unidentifiable: Optional[dict] = None
 
     def to_json(self) -> str:
         return dumps({k: v for k, v in asdict(self).items() if k != "layer"})
@@ -656,7 +705,8 @@ def stitch(
                         permutation=r["permutation"], description=r["model"],
                         run_dir=str(folder) if run_dir is not None else None,
                         penalty_recalibrated_pts=r.get("penalty_recalibrated_pts"),
-                        stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"))
+                        stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"),
+                        unidentifiable=r["model"].get("unidentifiable"))
 
 
 def _loader_data(data: Any, normalize: Optional[Normalize]) -> Optional[LoaderData]:

@@ -471,6 +471,31 @@ def test_softsort_recovers_a_nearby_group_element(activation):
     torch.testing.assert_close(layer.scales, S.decompose(g)[1], rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_channel_match_finds_g_and_the_data_start_is_g(activation):
+    """Y = g·X: the matching is g's permutation and its least-squares scales are g's, for g's π and for any
+    other π the same rule; the birkhoff data start hardens to g itself."""
+    n = 8
+    gen = torch.Generator().manual_seed(3)
+    g = S.intertwiner_group(activation).sample(n, gen)
+    x = S.activation_fn(activation)(torch.randn(64, n, 4, 4, generator=gen, dtype=torch.float64))
+    match = SL.ChannelMatch.of(x, S.act_on_features(g, x), n)
+    perm, d = S.decompose(g)
+    assert torch.equal(match.permutation(signed=activation == "tanh"), perm)
+    torch.testing.assert_close(match.scales(perm), d, rtol=1e-12, atol=1e-12)
+    other = perm.roll(1)  # target i ← source π'(i): its scales are the per-pair least squares
+    xx, yy = x.movedim(1, -1).reshape(-1, n), S.act_on_features(g, x).movedim(1, -1).reshape(-1, n)
+    want = torch.empty(n, dtype=torch.float64)
+    want[other] = (yy * xx[:, other]).sum(0) / (xx[:, other] ** 2).sum(0)
+    torch.testing.assert_close(match.scales(other), want)
+    layer = SL.build_stitch_layer("birkhoff", n, activation=activation).double().init_from_data(x, S.act_on_features(g, x))
+    layer.harden()
+    torch.testing.assert_close(layer.matrix().detach(), g, rtol=1e-9, atol=1e-12)
+    fixed = layer.fixed(other, match.scales(other))
+    assert torch.equal(fixed.permutation, other) and fixed.hardened and not fixed.training
+    assert torch.equal(layer.permutation, perm)  # a copy: the layer itself is unchanged
+
+
 def test_layer_spec_names_a_layer_with_options():
     from symstitch.stitch_layers import LayerSpec
 

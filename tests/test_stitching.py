@@ -14,7 +14,7 @@ import torch
 
 from symstitch.checkpoints import CheckpointError
 from symstitch.data import DataModule, normalize_batch
-from symstitch.library import load_pair
+from symstitch.library import load_model, load_pair
 from symstitch.stitching import StitchingModule, stitch
 from symstitch.symmetry import act, decompose, intertwiner_group, sample_action
 from symstitch.training import ClassifierModule, WarmupCosine
@@ -54,14 +54,35 @@ def nets(tmp_path_factory):
     return {"root": root, "g": g, **{k: root / f"{k}.ckpt" for k in "ABCW"}}
 
 
+def _peaks(ckpt, point: str) -> torch.Tensor:
+    """The largest |activation| of each channel of the network in ``ckpt`` at ``point`` over the un-augmented
+    training images."""
+    net = load_model(ckpt).eval()
+    dm = DataModule(dataset="digits")
+    dm.setup()
+    with torch.no_grad():
+        h = net.forward_to(normalize_batch(dm.train_set.x, dm.mean, dm.std, channels_last=False), point)
+    return h.abs().amax(dim=(0, 2, 3))
+
+
+def _assert_recovered(result, g: torch.Tensor, peaks: torch.Tensor) -> None:
+    """g's permutation on every channel that can be identified: every miss is a source channel the record names
+    as dead or as a duplicate, and a channel it calls dead is dead here too (to rounding: another CPU path may
+    leave 1e-9 where this one leaves 0)."""
+    perm = decompose(g)[0].tolist()
+    unidentifiable = result.unidentifiable
+    explained = set(unidentifiable["dead"]) | {c for pair in unidentifiable["duplicates"] for c in pair}
+    wrong = [perm[i] for i, got in enumerate(result.permutation) if got != perm[i]]
+    assert set(wrong) <= explained, (len(wrong), sorted(set(wrong) - explained), unidentifiable)
+    assert (peaks[unidentifiable["dead"]] <= 1e-5 * peaks.max()).all()
+
+
 def test_birkhoff_recovers_the_symmetry_exactly(nets):
     """Data-driven start (channel matching), relaxed phase on the task loss, Hungarian hardening, scales
-    fine-tuned: the permutation is g's, the scales g's, and the stitched network is as good as A and B."""
+    fine-tuned: the permutation is g's on every channel that carries anything, and T is a true P·D."""
     result = stitch(nets["A"], nets["B"], POINT, layer="birkhoff", init="data", relaxed_epochs=3, epochs=5,
                     layer_kwargs={"alpha": 0.01}, lr=0.005)
-    perm, _ = decompose(nets["g"])
-    assert result.permutation == perm.tolist()
-    assert result.penalty_pts <= 0.5
+    _assert_recovered(result, nets["g"], _peaks(nets["A"], POINT))
     T = result.layer.matrix().double()
     assert intertwiner_group("relu").contains(T)  # a true P·D (its scales are tuned by the task loss)
 
@@ -256,13 +277,53 @@ def test_recalibration_absorbs_what_batchnorm_can_and_leaves_the_networks_alone(
     assert all(m.momentum == 0.1 for m in module.target_net.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-def test_recalibrated_equals_frozen_for_a_network_and_its_symmetry(nets):
-    """B = g·A with the exact start (P·D of g): the stitched network is A's function through B's suffix, so
-    re-estimating the statistics after the stitch changes (almost) nothing."""
-    result = stitch(nets["A"], nets["B"], POINT, layer="birkhoff", init="data", relaxed_epochs=1, epochs=2)
-    assert result.penalty_pts is not None and result.penalty_recalibrated_pts is not None
-    assert abs(result.penalty_pts) <= 0.5
-    assert result.penalty_recalibrated_pts == pytest.approx(result.penalty_pts, abs=1.0)
+def _logits(module: StitchingModule, recalibrated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of A and of the stitched network (frozen, or with the statistics of the last evaluation's
+    recalibration) on the test images."""
+    dm = DataModule(dataset="digits")
+    dm.setup()
+    x = normalize_batch(dm.test_set.x, dm.mean, dm.std, channels_last=True)
+    with torch.no_grad():
+        h, carry = module.source_net.split(x, module.point)
+        suffix, layer = module._recalibrated if recalibrated else (module.target_net, module._eval_layer)
+        return module.source_net(x), suffix.forward_from(layer(h), module.point, carry)
+
+
+def _same_predictions(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The same function up to float32 rounding: equal logits to rounding, hence the same class on every image
+    whose two best logits are not within rounding of each other (a tie may go either way)."""
+    scale = a.abs().max()
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * scale)
+    top2 = a.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-3 * scale
+    assert torch.equal(a.argmax(1)[clear], b.argmax(1)[clear])
+
+
+def test_the_data_start_is_g_and_the_stitched_network_is_a(nets):
+    """B = g·A: before any training, the data start is T = g exactly, so S = B_{>p}∘g∘A_{≤p} is A: A's logits
+    to rounding under the frozen protocol, and under the recalibrated one the logits of A stitched into itself
+    with T = I and recalibrated alike (re-estimated statistics of g·h are g applied to those of h). Equal
+    results of two routes in one process: no bound that depends on how well the networks were trained."""
+    dm = DataModule(dataset="digits")
+    dm.setup()
+    x = normalize_batch(dm.train_set.x[:512], dm.mean, dm.std, channels_last=True)
+    symmetric = StitchingModule(str(nets["A"]), str(nets["B"]), POINT, layer="birkhoff",
+                                protocols=["frozen", "recalibrated"])
+    with torch.no_grad():
+        h_a = symmetric.source_net.forward_to(x, POINT)
+        symmetric.stitch.init_from_data(h_a, symmetric.target_net.forward_to(x, POINT))
+    symmetric.stitch.harden()
+    torch.testing.assert_close(symmetric.stitch.matrix().detach().double(), nets["g"], rtol=1e-4, atol=1e-6)
+    identity = StitchingModule(str(nets["A"]), str(nets["A"]), POINT, layer="standard",
+                               protocols=["frozen", "recalibrated"])
+    with torch.no_grad():
+        identity.stitch.weight.copy_(torch.eye(identity.stitch.weight.shape[0]))
+        identity.stitch.bias.zero_()
+    for module in (symmetric, identity):
+        _test(module)
+    a, s = _logits(symmetric)
+    _same_predictions(a, s)
+    _same_predictions(_logits(identity, recalibrated=True)[1], _logits(symmetric, recalibrated=True)[1])
 
 
 def test_protocols_are_checked(nets):
@@ -272,8 +333,8 @@ def test_protocols_are_checked(nets):
 
 def _g_pairs(tmp_path, width: float, epochs: int, arch: str = "mcnn", points=None):
     """A trained ``arch`` of ``width`` and, for each stitch point, B = g·A with a random positive-scaled
-    permutation g (block diagonal on a ResNet's residual stream, see ``action_blocks``), and the channels of A at
-    the point that are ever active on the training images."""
+    permutation g (block diagonal on a ResNet's residual stream, see ``action_blocks``), and the largest
+    |activation| of each channel of A at the point over the training images."""
     module, trainer = _train(0, width=width, epochs=epochs, arch=arch)
     a = tmp_path / f"A{width}.ckpt"
     trainer.save_checkpoint(a, weights_only=True)
@@ -282,26 +343,24 @@ def _g_pairs(tmp_path, width: float, epochs: int, arch: str = "mcnn", points=Non
     x = normalize_batch(dm.train_set.x, dm.mean, dm.std, channels_last=False)
     for point in points or module.net.stitch_points:
         with torch.no_grad():
-            alive = module.net.eval().forward_to(x, point).amax(dim=(0, 2, 3)) > 0
+            peaks = module.net.eval().forward_to(x, point).abs().amax(dim=(0, 2, 3))
         g = sample_action(module.net, point, generator=torch.Generator().manual_seed(7))
         ckpt = torch.load(a, weights_only=True)
         ckpt["state_dict"] = {f"net.{k}": v for k, v in act(module.net, point, g).state_dict().items()}
         b = tmp_path / f"B{width}-{point}.ckpt"
         torch.save(ckpt, b)
-        yield point, a, b, g, alive
+        yield point, a, b, g, peaks
 
 
-def _assert_exact(tmp_path, width: float, epochs: int, arch: str = "mcnn", points=None,
-                  max_gain: float = 1.0) -> None:
-    """g's permutation on every channel that carries anything: a channel never active on the training images (a
-    dead ReLU) is zero whatever it is matched to, so no method can tell where g sent it."""
-    for point, a, b, g, alive in _g_pairs(tmp_path, width, epochs, arch, points):
+def _assert_exact(tmp_path, width: float, epochs: int, arch: str = "mcnn", points=None) -> None:
+    """g's permutation on every channel that carries anything, at every point: a channel never active on the
+    training images (a dead ReLU) is zero whatever it is matched to, so no method can tell where g sent it; the
+    record names such channels. The penalty is not asserted: from the exact start, fine-tuning the scales and bias
+    on the task loss moves a briefly trained pair's accuracy either way (by several points on other CPUs);
+    :func:`test_the_data_start_is_g_and_the_stitched_network_is_a` pins the exact map itself."""
+    for point, a, b, g, peaks in _g_pairs(tmp_path, width, epochs, arch, points):
         result = stitch(a, b, point, layer="birkhoff")  # the command's defaults: 4 epochs, 3 relaxed, data start
-        perm = decompose(g)[0].tolist()
-        wrong = [i for i, (got, want) in enumerate(zip(result.permutation, perm)) if got != want]
-        assert not [i for i in wrong if alive[perm[i]]], (width, point, len(wrong), int((~alive).sum()))
-        # no loss; a gain (negative penalty) is the fine-tuned scales and bias improving an under-trained pair
-        assert -max_gain <= result.penalty_pts <= 1.0, (width, point, result.penalty_pts)
+        _assert_recovered(result, g, peaks)
 
 
 @pytest.mark.parametrize("width", [0.25, pytest.param(0.5, marks=pytest.mark.slow)])
@@ -321,20 +380,17 @@ def test_exact_ground_truth_on_the_resnet20_residual_stream(tmp_path):
     """B = g·A with g acting on the whole residual stream (every block of the stage, g ⊕ I in later stages, the
     top-left blocks in earlier ones): the stitch at a block output recovers g, in the first stage (g ⊕ I
     downstream) and in the last (g = g₁ ⊕ g₂ ⊕ g₃)."""
-    _assert_exact(tmp_path, 0.5, epochs=3, arch="resnet20",
-                  points=["layer1.2.act2", "layer3.1.act2"], max_gain=10.0)
+    _assert_exact(tmp_path, 0.5, epochs=3, arch="resnet20", points=["layer1.2.act2", "layer3.1.act2"])
 
 
 def test_stitch_inside_a_block_with_and_without_the_prefix_cache(tmp_path):
     """An inner point (``layer2.0.act1``, a stride-2 block: the carry is larger than h): B = g·A there, B's block
     continues from T(h) and its shortcut from A's block input, so T = g is exact. The prefix cache holds h and
     the carry and gives the same stitch."""
-    ((point, a, b, g, alive),) = _g_pairs(tmp_path, 0.5, 3, arch="resnet20", points=["layer2.0.act1"])
-    perm = decompose(g)[0].tolist()
+    ((point, a, b, g, peaks),) = _g_pairs(tmp_path, 0.5, 3, arch="resnet20", points=["layer2.0.act1"])
     results = [stitch(a, b, point, layer="birkhoff", prefix_cache=cache) for cache in (None, "float32")]
     for result in results:
-        assert [got for got, want in zip(result.permutation, perm) if alive[want] and got != want] == []
-        assert -10.0 <= result.penalty_pts <= 1.0 and -10.0 <= result.penalty_recalibrated_pts <= 1.0
+        _assert_recovered(result, g, peaks)
     assert results[0].permutation == results[1].permutation
 
 
@@ -377,16 +433,65 @@ def test_point_lists_of_a_sweep():
 
 @pytest.mark.slow
 def test_exact_ground_truth_at_every_resnet20_block_output(tmp_path):
-    _assert_exact(tmp_path, 1.0, epochs=6, arch="resnet20", max_gain=10.0)
+    _assert_exact(tmp_path, 1.0, epochs=6, arch="resnet20")
 
 
-def test_a_trained_relaxed_form_replaces_the_start_when_it_is_better(nets, monkeypatch):
-    """The rule both ways: kept when training does not beat the start by the margin, replaced when it does."""
-    for losses, kept in (((1.0, 1.0), True), ((0.9, 1.0), False), ((0.995, 1.0), True)):
-        calls = iter(losses)  # trained form first, then the start
-        monkeypatch.setattr(StitchingModule, "_training_loss", lambda self, layer: next(calls))
-        module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="birkhoff", init="data")
-        pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_train_batches=2, limit_val_batches=0).fit(
-            module, datamodule=DataModule(dataset="digits"))
-        assert module.summary()["data_start_kept"] is kept and module.stitch.hardened
+@pytest.mark.parametrize("losses, kept", [((1.0, 1.0), True), ((0.9, 1.0), False), ((0.995, 1.0), True)])
+def test_the_relaxed_permutation_replaces_the_start_only_when_better_like_with_like(nets, monkeypatch, losses, kept):
+    """When the relaxed phase ends on another permutation than the data start's, the two are compared with the
+    same (least-squares) scales and no bias: the relaxed phase's own tuned scales never enter the comparison.
+    It replaces the start only when its loss is lower by the margin; the record says which, and how many
+    channels it had moved."""
+    from symstitch.stitch_layers import ChannelMatch, permutation_matrix
+
+    original = StitchingModule._harden_stitch
+    compared = []
+
+    def swapped_then_harden(self):  # the relaxed phase ends on the start's permutation with channels 0 and 1 swapped
+        if not self.stitch.hardened:
+            start = self.__dict__["_start"].permutation
+            moved = start.clone()
+            moved[[0, 1]] = start[[1, 0]]
+            with torch.no_grad():
+                self.stitch.W.copy_(permutation_matrix(moved, self.stitch.W))
+                self.stitch.d.value.fill_(7.0)  # scales the relaxed phase tuned: not what the rival is judged with
+            self.__dict__["expected"] = (start, moved)
+        original(self)
+
+    def training_loss(self, layer):
+        compared.append(layer)
+        return losses[len(compared) - 1]  # the relaxed phase's permutation first, then the start's
+
+    monkeypatch.setattr(StitchingModule, "_harden_stitch", swapped_then_harden)
+    monkeypatch.setattr(StitchingModule, "_training_loss", training_loss)
+    module = StitchingModule(str(nets["A"]), str(nets["C"]), POINT, layer="birkhoff", init="data")
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_train_batches=2, limit_val_batches=0).fit(
+        module, datamodule=DataModule(dataset="digits"))
+    start, moved = module.__dict__["expected"]
+    summary = module.summary()
+    assert summary["data_start_kept"] is kept and summary["relaxed_moved_channels"] == 2
+    assert module.stitch.hardened and torch.equal(module.stitch.permutation, start if kept else moved)
+    match: ChannelMatch = module.__dict__["_match"]
+    rival, exact = compared
+    assert torch.equal(rival.permutation, moved) and torch.equal(exact.permutation, start)
+    for layer, perm in ((rival, moved), (exact, start)):  # like with like: least-squares scales, no bias
+        torch.testing.assert_close(layer.scales.double(), match.scales(perm).clamp_min(1e-4), check_dtype=False)
+        assert not layer.bias.any()
+
+
+def test_the_record_names_dead_and_duplicate_source_channels(nets):
+    """A planted dead channel (BatchNorm scale 0, shift −1: ReLU of −1 on every image) and a planted duplicate
+    (channel 2 = 2 × channel 1: the same filter, BatchNorm scale and shift doubled) at ``layer1.act``: the record
+    names exactly those, in A's channel numbers."""
+    module = StitchingModule(str(nets["A"]), str(nets["C"]), "layer1.act", layer="birkhoff", relaxed_epochs=0)
+    with torch.no_grad():
+        conv, bn = module.source_net.layer1.conv, module.source_net.layer1.bn
+        bn.weight[0], bn.bias[0] = 0.0, -1.0
+        conv.weight[2] = conv.weight[1]
+        bn.running_mean[2], bn.running_var[2] = bn.running_mean[1], bn.running_var[1]
+        bn.weight[2], bn.bias[2] = 2 * bn.weight[1], 2 * bn.bias[1]
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_train_batches=1, limit_val_batches=0).fit(
+        module, datamodule=DataModule(dataset="digits"))
+    assert module.summary()["unidentifiable"] == {"dead": [0], "duplicates": [[1, 2]]}
