@@ -30,6 +30,7 @@ import math
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -145,6 +146,31 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     if v.size == 0:
         return math.nan, math.nan, 0
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+
+
+#: confidence of every interval of a mean in the reports (two-sided Student t)
+CONFIDENCE = 0.95
+GAP_CONFIDENCE = CONFIDENCE
+
+
+def interval_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """Half-width of the two-sided Student-t interval of a mean over n values: t_{n−1} · std / √n (NaN when
+    n < 2). It measures the spread of what was sampled — in a stitch sweep, independently trained networks."""
+    from scipy.stats import t as student_t
+
+    if n < 2 or not math.isfinite(std):
+        return math.nan
+    return float(student_t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+
+
+def _machines(records: list[dict]) -> list[str]:
+    """Which machines computed the cells: numbers from short training runs move with the CPU's instruction path
+    (and the accelerator), so a report says where its numbers came from."""
+    seen = Counter(", ".join(f"{k} {v}" for k, v in sorted((r.get("machine") or {}).items())) or "not recorded"
+                   for r in records)
+    if not seen:
+        return []
+    return ["Computed on: " + "; ".join(f"{m} ({n} cell{'s' if n > 1 else ''})" for m, n in seen.most_common()), ""]
 
 
 def _spearman(values: Sequence[float]) -> Optional[float]:
@@ -336,6 +362,28 @@ def standard_verdict(means: list[float]) -> tuple[str, str]:
         f"max mean penalty {_pts(worst)} pts {'≤' if ok else '>'} {NEAR_ZERO_POINTS:g} pts")
 
 
+def _per_point_table(s: dict) -> list[str]:
+    """Per layer and point: mean ± sample std and the 95 % t-interval of the mean, over pairs and repeats."""
+    points = s["points"]
+    lines = [f"Penalty per point, mean ± std [{100 * CONFIDENCE:.0f} % t-interval of the mean] (n). The spread is "
+             "between independently trained networks; pairs that share a network are not independent, so with few "
+             "networks the interval is, if anything, too narrow.", "",
+             "| layer | " + " | ".join(f"`{p}`" for p in points) + " |", "|---|" + "---|" * len(points)]
+    for layer, ls in s["layers"].items():
+        cells = []
+        for p in points:
+            if p not in ls["points"]:
+                cells.append("–")
+                continue
+            i = ls["points"].index(p)
+            m, sd, n = ls["mean"][i], ls["std"][i], ls["n"][i]
+            half = interval_half_width(sd, n)
+            cells.append(f"{_pts(m)} ± {_pts(sd)} [{_pts(m - half)}, {_pts(m + half)}] ({n})" if math.isfinite(half)
+                         else f"{_pts(m)} ({n})")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _stitch_section(rows: list[dict], out: Path, selections: Sequence[selection.Selection] = ()
                     ) -> tuple[list[str], list[Path], dict]:
     summary = stitch_summary(rows)
@@ -343,7 +391,8 @@ def _stitch_section(rows: list[dict], out: Path, selections: Sequence[selection.
     png = plots.stitch_penalty_plot(summary, out / "stitch_penalty.png")
     lines = ["## Stitching", "",
              "Penalty = (acc(source) + acc(target))/2 − acc(stitched), in points of test accuracy (×100); "
-             "mean over pairs and repeats, error bars: sample standard deviation (none where n = 1). Frozen: the "
+             "mean over pairs and repeats, error bars: sample standard deviation (none where n = 1), the tables below "
+             "give the 95 % t-interval of each mean too. Frozen: the "
              "stitched network uses B's own BatchNorm statistics; recalibrated (the paper's protocol): the "
              "statistics of every BatchNorm after the stitch are re-estimated on the training images first.", "",
              f"![stitching penalty per stitch point and layer]({bars.name})", "",
@@ -352,10 +401,10 @@ def _stitch_section(rows: list[dict], out: Path, selections: Sequence[selection.
         lines += [f"### {arch}", "",
                   f"{len(s['pairs'])} pair(s) ({', '.join(f'{a}→{b}' for a, b in s['pairs'])}), "
                   f"{len(s['repeats'])} repeat(s), {len(s['points'])} stitch point(s), "
-                  f"{len(s['layers'])} stitching layer(s).", "",
-                  "| layer | n per point | first point | middle point | last point | max | "
-                  "Spearman ρ (mean penalty vs depth) |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"{len(s['layers'])} stitching layer(s).", ""]
+        lines += _per_point_table(s)
+        lines += ["| layer | n per point | first point | middle point | last point | max | "
+                  "Spearman ρ (mean penalty vs depth) |", "|---|---|---|---|---|---|---|"]
         for layer, ls in s["layers"].items():
             m, p = ls["mean"], ls["points"]
             mid = (len(m) - 1) // 2
@@ -649,7 +698,6 @@ def _zoo_section(rows: list[dict]) -> list[str]:
 #: the two matrix kinds the projection verdict compares, and the control (names of projection.MATRICES)
 GROUP_KIND, ORTHOGONAL_KIND, CONTROL_KIND = "group", "orthogonal", "identity"
 #: confidence level of the interval on the orthogonal − G_σ gap
-GAP_CONFIDENCE = 0.95
 
 
 def _family(record: dict) -> str:
@@ -702,8 +750,6 @@ def projection_gaps(records: list[dict]) -> list[dict]:
     "std", "n", "ci"}``, mean and sample standard deviation of d over the n pairs and the two-sided
     :data:`GAP_CONFIDENCE` Student-t interval of the mean, mean ± t_{n−1} · std / √n (``ci`` is (NaN, NaN)
     when n < 2). Sorted by family, retrain, layer."""
-    from scipy.stats import t as student_t
-
     cells = {(_family(r), r["retrain"], r["layer"], r["network"], r["repeat"], r["matrix"]): _float(r["recovered_acc"])
              for r in records}
     diffs: dict[tuple, list[float]] = {}
@@ -714,7 +760,7 @@ def projection_gaps(records: list[dict]) -> list[dict]:
     gaps = []
     for (family, retrain, layer), d in sorted(diffs.items()):
         mean, std, n = _mean_std(d)
-        half = float(student_t.ppf(0.5 + GAP_CONFIDENCE / 2, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
+        half = interval_half_width(std, n, GAP_CONFIDENCE)
         gaps.append({"family": family, "retrain": retrain, "layer": layer, "mean": mean, "std": std, "n": n,
                      "ci": (mean - half, mean + half)})
     return gaps
@@ -865,6 +911,7 @@ def _write(root: Path, out: Optional[Path], wandb: bool) -> tuple[Path, dict[str
     lines += [f"| {e} | {n} |" for e, n in counts.items()]
     lines += [f"| {e} (not reported) | {n} |" for e, n in others.items()]
     lines.append("")
+    lines += _machines([r for records in found.values() for r in records])
     if not any(counts.values()):
         lines += [f"No cell results (`cells/**/*.json`) under `{root}`.", ""]
 

@@ -62,6 +62,7 @@ class CellRecord:
     result: dict
     seconds: float = 0.0
     finished: str = ""
+    machine: dict = field(default_factory=dict)
     file: Optional[str] = field(default=None, compare=False)
 
     @classmethod
@@ -69,10 +70,24 @@ class CellRecord:
         data = read_json(path)
         return cls(experiment=data["experiment"], key=data["key"], cell=data.get("cell") or {},
                    result=data["result"], seconds=data.get("seconds", 0.0), finished=data.get("finished", ""),
-                   file=str(path))
+                   machine=data.get("machine") or {}, file=str(path))
 
     def write(self, path: Path) -> None:
         write_json(path, {k: v for k, v in asdict(self).items() if k != "file"})
+
+
+def machine() -> dict:
+    """What computed a cell, as its numbers depend on it (another CPU path rounds otherwise, and a short training
+    run amplifies that): the CPU's instruction path torch took, the accelerator, torch's version, the threads."""
+    import platform
+
+    torch = sys.modules.get("torch")  # loaded by every cell that computes anything
+    info = {"cpu": platform.machine(), "torch": getattr(torch, "__version__", None)}
+    if torch is not None:
+        info["cpu"] = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+        info["threads"] = torch.get_num_threads()
+        info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return info
 
 
 REQUIRED = object()
@@ -298,7 +313,7 @@ class Runner:
             result = self.experiment.run_cell(cell, self.out)
             if result is not None:  # rank 0 of a multi-process cell writes; the others return None
                 CellRecord(self.experiment.name, cell.key, cell.params, result, round(time.time() - start, 2),
-                           time.strftime("%Y-%m-%dT%H:%M:%S")).write(path)
+                           time.strftime("%Y-%m-%dT%H:%M:%S"), machine()).write(path)
 
     def records(self) -> list[CellRecord]:
         return [CellRecord.read(self.record_path(c)) for c in self.cells() if self.done(c)]
