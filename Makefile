@@ -8,7 +8,7 @@ TORCH_x86_64 := torch==2.14.1 torchvision==0.29.1
 TORCH_aarch64 := torch==2.9.1 torchvision==0.24.1
 TORCH := $(or $(TORCH_$(ARCH)),torch torchvision)
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-avx2 test-all bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ demo: install
 
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+# the ground-truth tests again on the numeric path of an AVX2 machine (torch's kernels, oneDNN convolutions, MKL GEMMs):
+# they must hold on any CPU by construction, not by a bound tuned on one machine
+AVX2 := ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2: install
+	$(AVX2) OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m "groundtruth and not slow"
 
 test-all: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m ""

@@ -35,6 +35,7 @@ def pair(tmp_path):
     return paths
 
 
+@pytest.mark.groundtruth
 def test_align_net_vs_its_transformed_copy(pair, tmp_path):
     out = tmp_path / "align"
     assert main(["align", "--source", str(pair["A"]), "--target", str(pair["B"]), "--images", "120", "--out", str(out)]) == 0

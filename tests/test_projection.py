@@ -40,6 +40,7 @@ def _x():
     return normalize_batch(dm.test_set.x[:64], dm.mean, dm.std)
 
 
+@pytest.mark.groundtruth
 def test_group_insertion_sits_before_the_activation_and_is_absorbed_exactly(trained):
     """M ∈ G_ReLU inserted at layer l, then W_{l+1} ← W_{l+1} φ(M)^{-1}: the original function, exactly as
     the theory says; the representation at the point is M·h."""
