@@ -135,6 +135,7 @@ class SymstitchCLI(LightningCLI):
     def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, parse_only: bool = False,
                  announce: bool = True, validate: bool = False, datamodule: Optional[LoaderData] = None, **kwargs):
         self.parse_only, self.announce, self.final_validation = parse_only, announce, validate
+        self._asked = args[0] if args else None
         #: loaders given from Python (:class:`~symstitch.data.LoaderData`), in place of the ``--data`` DataModule
         self.given_datamodule = datamodule
         if datamodule is not None:  # the saved config would name the DataModule's data, not these loaders
@@ -142,7 +143,7 @@ class SymstitchCLI(LightningCLI):
         #: after a fit: its metrics, ``val/…`` of the final validation (``validate``) and ``test/…``
         self.metrics: dict[str, float] = {}
         strict = {"exit_on_error": False, "allow_abbrev": False}  # errors raise (one line); no option prefixes
-        kwargs.setdefault("parser_kwargs", {**strict, **{c: dict(strict) for c in LIGHTNING_COMMANDS}})
+        kwargs.setdefault("parser_kwargs", {**strict, **{c: dict(strict) for c in self.subcommands()}})
         super().__init__(
             model_class=pl.LightningModule,
             subclass_mode_model=True,
@@ -154,6 +155,13 @@ class SymstitchCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def subcommands(self) -> dict[str, set[str]]:
+        """LightningCLI's commands; only the one asked for when the arguments are given (a sweep's cells,
+        ``stitch()``): its parser is all that is built (a quarter of the set-up time of a cell)."""
+        commands = LightningCLI.subcommands()
+        asked = self.__dict__.get("_asked")
+        return {asked: commands[asked]} if asked in commands else commands
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"model": {"class_path": "symstitch.training.ClassifierModule"}})

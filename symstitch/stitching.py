@@ -389,13 +389,25 @@ class StitchingModule(pl.LightningModule):
             raise ValueError("prefix_cache needs symstitch.data.DataModule (it reads its in-memory training images); "
                              "with other loaders, leave prefix_cache out")
         dm.setup()
-        labels = dm.train_set.y
-        (layout, tuple_carry), rows = SHARED_PREFIX.get(self._prefix_key(dm, dtype),
-                                                        lambda: self._compute_prefix(dm, dtype))
+        labels, key = dm.train_set.y, self._prefix_key(dm, dtype)
+        (layout, tuple_carry), rows = SHARED_PREFIX.get(key, lambda: self._compute_prefix(dm, dtype))
         self.__dict__["_cache_layout"] = layout
         self.__dict__["_cache_tuple"] = tuple_carry  # from the entry: also when another fit computed it
+        # kept for the module's own passes over the training images after the fit (the recalibration before the
+        # final test), as long as the DataModule holds the same images
+        self.__dict__["_cache"] = (key, rows)
         self._uncached_train_set = dm.train_set
         dm.train_set = TensorImageDataset(rows, labels)
+
+    def _cached_rows(self, dm: DataModule) -> Optional[torch.Tensor]:
+        """The cached A_{≤p}(x) of ``dm``'s training images: during the fit, and after it while ``dm`` holds the
+        images they were computed from (on the same device, in the same normalisation); else None."""
+        entry = self.__dict__.get("_cache")
+        if entry is None:
+            return None
+        if self._uncached_train_set is not None:
+            return entry[1]
+        return entry[1] if self._prefix_key(dm, getattr(torch, self.hparams.prefix_cache)) == entry[0] else None
 
     def _compute_prefix(self, dm: DataModule, dtype: torch.dtype) -> tuple[tuple[list, bool], torch.Tensor]:
         """``((layout, tuple_carry), rows)``: the shapes of the stored parts (h, then the carry at an inner point),
@@ -503,16 +515,16 @@ class StitchingModule(pl.LightningModule):
             raise ValueError("this needs symstitch.data.DataModule or symstitch.data.LoaderData (it reads the "
                              "training images)")
         dm.setup()
-        cached = self._uncached_train_set is not None  # fitting on the cache: it holds exactly these activations
-        data = dm.train_set
-        stop = len(data.x) if limit is None else min(len(data.x), limit * dm.eval_batch_size)
+        rows = self._cached_rows(dm)  # the cache holds exactly these activations
+        inputs, labels = (rows if rows is not None else dm.train_set.x), dm.train_set.y
+        stop = len(inputs) if limit is None else min(len(inputs), limit * dm.eval_batch_size)
         for i in range(0, stop, dm.eval_batch_size):
-            chunk = data.x[i:i + dm.eval_batch_size].to(self.device)
-            if cached:
+            chunk = inputs[i:i + dm.eval_batch_size].to(self.device)
+            if rows is not None:
                 h, carry = self._from_cache(chunk)
             else:
                 h, carry = self.source_net.split(normalize_batch(chunk, dm.mean, dm.std, dm.channels_last), self.point)
-            yield (h, carry, data.y[i:i + dm.eval_batch_size].to(self.device)) if with_labels else (h, carry)
+            yield (h, carry, labels[i:i + dm.eval_batch_size].to(self.device)) if with_labels else (h, carry)
 
     def _hardened_layer(self) -> StitchLayer:
         """The exact evaluated form of T (a hardened copy while T is still relaxed)."""
