@@ -20,9 +20,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/symstitch sweep --config experiments/zoo_digits.yaml
-	$(VENV)/bin/symstitch sweep --config experiments/stitch_digits.yaml
-	$(VENV)/bin/symstitch sweep --config experiments/align_digits.yaml
+	$(VENV)/bin/symstitch sweep --config experiments/zoo_digits.yaml experiments/stitch_digits.yaml \
+	    experiments/align_digits.yaml
 	$(VENV)/bin/symstitch report runs/digits
 
 test: install

@@ -8,6 +8,7 @@ rejected before any of its code could run. Anything that is not a symstitch clas
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 from typing import Any, Union
@@ -25,12 +26,15 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """The checkpoint's dictionary, read with the restricted (weights-only) unpickler."""
+    """The checkpoint's dictionary, read with the restricted (weights-only) unpickler. The last few files read
+    are kept while unchanged (same size and modification time): a sweep reads each network many times. Read
+    it, never change it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
+    stat = path.stat()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _load(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path} was refused by the weights-only loader: it is not a PyTorch checkpoint of tensors and "
@@ -44,6 +48,12 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary")
     return ckpt
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, size: int, mtime_ns: int) -> Any:
+    """``torch.load`` (weights only) of one version of a file: its size and modification time are in the key."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def classifier_spec(ckpt: dict[str, Any], path: PathLike = "<checkpoint>") -> dict[str, Any]:

@@ -369,29 +369,35 @@ class Sweep(Command):
     name, help = "sweep", "run an experiment grid of experiments/*.yaml, resumable cell by cell (or --emit slurm)"
 
     def build(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--config", required=True, help="experiments/<name>.yaml")
-        parser.add_argument("--out", default=None, help="results folder (default: the config's `out`)")
-        parser.add_argument("--cell", default=None, help="run only these cells: an index or a list, e.g. 3 or 0-4,9")
+        parser.add_argument("--config", required=True, nargs="+", metavar="CONFIG",
+                            help="experiments/<name>.yaml; several run one after the other in this process (the "
+                                 "digits pipeline: zoo_digits.yaml stitch_digits.yaml align_digits.yaml)")
+        parser.add_argument("--out", default=None, help="results folder (default: the config's `out`; one config)")
+        parser.add_argument("--cell", default=None,
+                            help="run only these cells: an index or a list, e.g. 3 or 0-4,9 (one config)")
         parser.add_argument("--emit", choices=["slurm"], default=None, help="write a job script instead of running")
         parser.add_argument("--list", action="store_true", help="print the cells and whether each has finished")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (batch jobs)")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
+        if len(args.config) > 1 and (args.out or args.cell or args.emit):
+            raise ValueError("--out, --cell and --emit go with one --config")
         if args.cell is not None:
             _load("io").parse_range(args.cell, "cell")  # a bad list fails before anything loads
-        runner = _load("sweep").load_sweep(args.config, args.out)
-        if args.emit == "slurm":
-            path = runner.emit_slurm(Path(args.config))
-            print(f"sweep: {len(runner.cells())} cells; submit with `sbatch {path}`")
-            return 0
-        if args.list:
-            for i, cell in enumerate(runner.prepare()):
-                print(f"{i:5d}  {'done   ' if runner.done(cell) else 'pending'}  {cell.key}")
-            return 0
-        records = runner.run(args.cell, progress=not args.no_progress)
-        left = runner.unfinished()
-        print(f"sweep: {len(records)} cells finished in {runner.out}" + (f", {left} left" if left else "")
-              + f"; report: symstitch report {runner.out}")
+        for config in args.config:  # in order: a later sweep may read what an earlier one made (a model library)
+            runner = _load("sweep").load_sweep(config, args.out)
+            if args.emit == "slurm":
+                path = runner.emit_slurm(Path(config))
+                print(f"sweep: {len(runner.cells())} cells; submit with `sbatch {path}`")
+                continue
+            if args.list:
+                for i, cell in enumerate(runner.prepare()):
+                    print(f"{i:5d}  {'done   ' if runner.done(cell) else 'pending'}  {cell.key}")
+                continue
+            records = runner.run(args.cell, progress=not args.no_progress)
+            left = runner.unfinished()
+            print(f"sweep: {len(records)} cells finished in {runner.out}" + (f", {left} left" if left else "")
+                  + f"; report: symstitch report {runner.out}")
         return 0
 
 

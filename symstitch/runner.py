@@ -18,6 +18,7 @@ everything else is the :class:`Runner`'s, the same for every kind:
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import os
@@ -63,6 +64,8 @@ class CellRecord:
     seconds: float = 0.0
     finished: str = ""
     machine: dict = field(default_factory=dict)
+    #: how many cells were computed together with this one (their ``seconds`` is that computation's time shared)
+    side_by_side: int = 1
     file: Optional[str] = field(default=None, compare=False)
 
     @classmethod
@@ -70,7 +73,7 @@ class CellRecord:
         data = read_json(path)
         return cls(experiment=data["experiment"], key=data["key"], cell=data.get("cell") or {},
                    result=data["result"], seconds=data.get("seconds", 0.0), finished=data.get("finished", ""),
-                   machine=data.get("machine") or {}, file=str(path))
+                   machine=data.get("machine") or {}, side_by_side=data.get("side_by_side", 1), file=str(path))
 
     def write(self, path: Path) -> None:
         write_json(path, {k: v for k, v in asdict(self).items() if k != "file"})
@@ -124,6 +127,16 @@ class Experiment(abc.ABC):
     def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
         """Run one cell of the grid in the folder ``out`` (its own files under :meth:`cell_dir`); its result,
         or None on the non-zero ranks of a multi-process cell."""
+
+    def groups(self, cells: Sequence[Cell]) -> list[list[Cell]]:
+        """The cells that run together, in one computation (:meth:`run_group`), in order; each alone by default."""
+        return [[cell] for cell in cells]
+
+    def run_group(self, cells: Sequence[Cell], out: Path) -> Optional[dict[str, dict]]:
+        """Run cells of one group together: ``{key: result}``, or None on the non-zero ranks of a multi-process
+        run. By default each cell on its own (:meth:`run_cell`)."""
+        results = {cell.key: self.run_cell(cell, out) for cell in cells}
+        return None if any(r is None for r in results.values()) else results
 
     @staticmethod
     def cell_dir(out: Path, cell: Cell) -> Path:
@@ -286,13 +299,11 @@ class Runner:
         with Progress(*columns, disable=not progress, console=Console(stderr=True), redirect_stdout=False,
                       redirect_stderr=False) as bar:
             task = bar.add_task(f"{self.experiment.name} cells", total=len(todo))
-            for cell in todo:
-                bar.update(task, description=f"{self.experiment.name}: {cell.key}")
-                try:
-                    self._run_one(cell)
-                except Busy:
-                    busy.append(cell.key)
-                bar.advance(task)
+            for group in self.experiment.groups(todo):
+                shown = group[0].key + (f" (+{len(group) - 1} side by side)" if len(group) > 1 else "")
+                bar.update(task, description=f"{self.experiment.name}: {shown}")
+                busy += self._run_group(group)
+                bar.advance(task, len(group))
         if busy:
             print(f"{self.label}: {len(busy)} cell(s) are being run by another process and were left to it: "
                   f"{', '.join(busy[:5])}{' …' if len(busy) > 5 else ''}; rerun later to collect them", flush=True)
@@ -300,20 +311,36 @@ class Runner:
         self.experiment.after_run(self.out, records)
         return records
 
-    def _run_one(self, cell: Cell) -> None:
-        path = self.record_path(cell)
+    def _run_group(self, group: Sequence[Cell]) -> list[str]:
+        """Run a group of cells (one computation) and write a record per cell; the keys of the cells another
+        process holds (left to it)."""
         if launched_rank() > 0:
-            # another process of a multi-process (DDP) cell: its rank 0 holds the cell's lock and writes the record
-            self.experiment.run_cell(cell, self.out)
-            return
-        with Lock(path.with_suffix(".lock"), what=f"cell {cell.key}", wait=False):
-            if path.exists():  # finished by another process while this one waited for its turn
-                return
+            # another process of a multi-process (DDP) run: its rank 0 holds the cells' locks and writes the records
+            self.experiment.run_group(group, self.out)
+            return []
+        busy: list[str] = []
+        with contextlib.ExitStack() as locks:
+            mine = []
+            for cell in group:
+                path = self.record_path(cell)
+                try:
+                    locks.enter_context(Lock(path.with_suffix(".lock"), what=f"cell {cell.key}", wait=False))
+                except Busy:
+                    busy.append(cell.key)
+                    continue
+                if not path.exists():  # finished by another process while this one waited for its turn
+                    mine.append(cell)
+            if not mine:
+                return busy
             start = time.time()
-            result = self.experiment.run_cell(cell, self.out)
-            if result is not None:  # rank 0 of a multi-process cell writes; the others return None
-                CellRecord(self.experiment.name, cell.key, cell.params, result, round(time.time() - start, 2),
-                           time.strftime("%Y-%m-%dT%H:%M:%S"), machine()).write(path)
+            results = self.experiment.run_group(mine, self.out)
+            if results is None:  # the non-zero ranks of a multi-process cell
+                return busy
+            seconds = round((time.time() - start) / len(mine), 2)
+            for cell in mine:
+                CellRecord(self.experiment.name, cell.key, cell.params, results[cell.key], seconds,
+                           time.strftime("%Y-%m-%dT%H:%M:%S"), machine(), len(mine)).write(self.record_path(cell))
+        return busy
 
     def records(self) -> list[CellRecord]:
         return [CellRecord.read(self.record_path(c)) for c in self.cells() if self.done(c)]

