@@ -263,7 +263,9 @@ def test_stitch_command_every_point_resumable(nets, tmp_path, monkeypatch, capsy
     assert len(rows) == 1 + 4 * 2 and "penalty_pts" in rows[0]  # every cell under both protocols
     assert sum(",frozen," in r for r in rows) == sum(",recalibrated," in r for r in rows) == 4
     assert (tmp_path / "st/report/stitch_penalty.png").stat().st_size > 5000
-    assert len(list((tmp_path / "st/cells").rglob("*.json"))) == 4
+    records = [json.loads(f.read_text()) for f in (tmp_path / "st/cells").rglob("*.json")]
+    assert len(records) == 4 and {r["side_by_side"] for r in records} == {2}  # a point's two layers in one fit
+    assert all(r["machine"]["cpu"] and r["machine"]["torch"] for r in records)
     monkeypatch.setattr(StitchExperiment, "run_cell", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
     assert main(argv) == 0  # every cell read back
     other = [a if a != "1" else "2" for a in argv]  # --epochs 2: other results, never mixed into this folder

@@ -77,6 +77,37 @@ def test_grid_expansion_and_cell_keys(zoo, tmp_path):
     assert [c.params["point"] for c in one] == ["layer2.act", "layer2.act"]
 
 
+def test_several_sweeps_in_one_command(zoo, tmp_path, capsys):
+    """`symstitch sweep --config a.yaml b.yaml` takes them in order in one process (the demo's pipeline); options
+    that name one sweep's folder or cells are refused with several."""
+    from symstitch.commands import main
+
+    stitch_a = _stitch_config(zoo, tmp_path / "a")
+    stitch_b = _stitch_config(zoo, tmp_path / "b", points="layer2.act")
+    assert main(["sweep", "--config", str(stitch_a), str(stitch_b), "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 4 + 2 and all("pending" in line for line in listed)
+    assert main(["sweep", "--config", str(stitch_a), str(stitch_b), "--cell", "0"]) == 2
+    assert "go with one --config" in capsys.readouterr().err
+
+
+def test_layers_that_train_alike_run_side_by_side(zoo, tmp_path):
+    """A pair, point and repeat's layers form one group when they train alike but for their layer; here the layers'
+    own configs give them other learning rates and starts, until the sweep sets both."""
+    apart = load_sweep(_stitch_config(zoo, tmp_path / "apart", repeats=2))
+    apart.prepare()
+    assert [len(g) for g in apart.experiment.groups(apart.cells())] == [1] * 8
+    same = ["--model.init_args.optimizer.init_args.lr", "0.005", "--model.init_args.init", "data"]
+    alike = load_sweep(_stitch_config(zoo, tmp_path / "alike", repeats=2,
+                                      fit_args=["--trainer.max_epochs", "1", "--model.init_args.relaxed_epochs", "0",
+                                                *same]))
+    alike.prepare()
+    groups = alike.experiment.groups(alike.cells())
+    assert [[c.params["layer"] for c in g] for g in groups] == [["standard", "birkhoff"]] * 4
+    assert sorted((g[0].params["point"], g[0].params["repeat"]) for g in groups) == \
+        [("layer1.act", 0), ("layer1.act", 1), ("layer2.act", 0), ("layer2.act", 1)]
+
+
 @pytest.mark.slow  # the default suite reruns a finished sweep in process (test_stitch_command_every_point_resumable)
 def test_killed_sweep_resumes_without_recomputing(zoo, tmp_path):
     """SIGKILL once the first cell has finished; the rerun runs only the missing cells, each exactly once."""
