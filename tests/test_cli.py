@@ -120,6 +120,7 @@ def test_ddp_two_ranks_end_identical(tmp_path):
     assert tensor_digest(module_params) == report["ranks"][1]["parameters"]
 
 
+@pytest.mark.slow  # the default suite trains networks to high accuracy in tests/test_training.py
 def test_acceptance_resnet20_digits_95(tmp_path):
     """README acceptance: ResNet-20, the zoo config on digits with the demo zoo's budget (6 epochs in batches of
     64) → ≥ 95 % test accuracy (measured 98.1–99.7 % over 6 seeds on the AVX-512 and AVX2 paths)."""

@@ -36,8 +36,9 @@ def zoo(tmp_path_factory):
         "fit_args": ["--config", str(REPO / "configs/zoo/{arch}.yaml"), "--data",
                      str(REPO / "configs/data/digits.yaml"), *TINY],
     })
-    subprocess.run([sys.executable, "-m", "symstitch", "sweep", "--config", str(config), "--no-progress"],
-                   check=True, cwd=root, env=cli_env(root), capture_output=True, text=True)
+    from symstitch.commands import main
+
+    assert main(["sweep", "--config", str(config), "--no-progress"]) == 0
     return root
 
 
