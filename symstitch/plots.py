@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -63,10 +63,17 @@ def training_curves(runs: Mapping[str, Path | str], out: Path | str, metrics: Se
 # symstitch report
 
 
-def stitch_penalty_plot(summary: dict[str, dict], path: Path) -> Path:
+def _footnote(fig: Any, note: str) -> None:
+    """A line at the bottom of a figure (which machine made it), after ``tight_layout``."""
+    if note:
+        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.35 / fig.get_figheight())
+        fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
+
+
+def stitch_penalty_plot(summary: dict[str, dict], path: Path, note: str = "") -> Path:
     """Penalty (points) against stitch point, one line per layer; error bars = std over pairs and repeats.
 
-    ``summary``: :func:`symstitch.report.stitch_summary`."""
+    ``summary``: :func:`symstitch.report.stitch_summary`; ``note``: a line at the bottom (the machine)."""
     archs = list(summary)
     width = max(5.5, 0.55 * max(len(summary[a]["points"]) for a in archs) + 2.5)
     fig, axes = plt.subplots(len(archs), 1, figsize=(width, 3.8 * len(archs)), squeeze=False)
@@ -87,17 +94,19 @@ def stitch_penalty_plot(summary: dict[str, dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    _footnote(fig, note)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def stitch_penalty_bars(summary: dict[str, dict], path: Path) -> Path:
+def stitch_penalty_bars(summary: dict[str, dict], path: Path, note: str = "") -> Path:
     """The paper's stitching figure: for each stitch point a group of bars, one per stitching layer (mean over
     pairs × repeats, error bars: sample standard deviation where n > 1); one panel per architecture and
     evaluation protocol (``frozen``, ``recalibrated``).
 
-    ``summary``: :func:`symstitch.report.stitch_summary`, whose series are ``layer`` or ``layer/protocol``."""
+    ``summary``: :func:`symstitch.report.stitch_summary`, whose series are ``layer`` or ``layer/protocol``;
+    ``note``: a line at the bottom (the machine)."""
     panels = []
     for arch, s in summary.items():
         protocols = list(dict.fromkeys((name.split("/", 1) + ["frozen"])[1] for name in s["layers"]))
@@ -126,6 +135,7 @@ def stitch_penalty_bars(summary: dict[str, dict], path: Path) -> Path:
         ax.set_ylim(top=ax.get_ylim()[1] * 1.18)  # room for the legend above the bars
         ax.legend(fontsize=7, ncol=min(len(series), 5), loc="upper center")
     fig.tight_layout()
+    _footnote(fig, note)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

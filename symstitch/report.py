@@ -163,14 +163,24 @@ def interval_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> f
     return float(student_t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
 
 
+def _machine_counts(records: Iterable[dict]) -> Counter:
+    return Counter(", ".join(f"{k} {v}" for k, v in sorted((r.get("machine") or {}).items())) or "not recorded"
+                   for r in records)
+
+
 def _machines(records: list[dict]) -> list[str]:
     """Which machines computed the cells: numbers from short training runs move with the CPU's instruction path
     (and the accelerator), so a report says where its numbers came from."""
-    seen = Counter(", ".join(f"{k} {v}" for k, v in sorted((r.get("machine") or {}).items())) or "not recorded"
-                   for r in records)
+    seen = _machine_counts(records)
     if not seen:
         return []
     return ["Computed on: " + "; ".join(f"{m} ({n} cell{'s' if n > 1 else ''})" for m, n in seen.most_common()), ""]
+
+
+def machines_note(records: Iterable[dict]) -> str:
+    """The machines of a figure's cells in one line (for its footnote)."""
+    seen = _machine_counts(records)
+    return "computed on " + "; ".join(m for m, _ in seen.most_common()) if seen else ""
 
 
 def _spearman(values: Sequence[float]) -> Optional[float]:
@@ -384,11 +394,11 @@ def _per_point_table(s: dict) -> list[str]:
     return lines + [""]
 
 
-def _stitch_section(rows: list[dict], out: Path, selections: Sequence[selection.Selection] = ()
+def _stitch_section(rows: list[dict], out: Path, selections: Sequence[selection.Selection] = (), note: str = ""
                     ) -> tuple[list[str], list[Path], dict]:
     summary = stitch_summary(rows)
-    bars = plots.stitch_penalty_bars(summary, out / "stitch_bars.png")
-    png = plots.stitch_penalty_plot(summary, out / "stitch_penalty.png")
+    bars = plots.stitch_penalty_bars(summary, out / "stitch_bars.png", note)
+    png = plots.stitch_penalty_plot(summary, out / "stitch_penalty.png", note)
     lines = ["## Stitching", "",
              "Penalty = (acc(source) + acc(target))/2 − acc(stitched), in points of test accuracy (×100); "
              "mean over pairs and repeats, error bars: sample standard deviation (none where n = 1), the tables below "
@@ -931,7 +941,7 @@ def _write(root: Path, out: Optional[Path], wandb: bool) -> tuple[Path, dict[str
             csvs["stitch_selection"] = _write_csv(out / "stitch_selection.csv", SELECTION_COLUMNS,
                                                   _selection_rows(selections))
         if rows:
-            section, pngs, info = _stitch_section(rows, out, selections)
+            section, pngs, info = _stitch_section(rows, out, selections, machines_note(found["stitch"]))
             lines += section
             figures += pngs
             for kind, verdicts in info["verdicts"].items():
