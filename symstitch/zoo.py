@@ -181,8 +181,10 @@ class ZooExperiment(Experiment):
             planned_hash(arch, Path("."), self.fit_args(arch=arch))  # arguments parse, before anything is written
 
     def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
-        # the library is the sweep folder itself: the seed lives in <out>/<arch>/seed<k>/
-        entries = train_zoo(cell.params["arch"], [cell.params["seed"]], out, self.fit_args(arch=cell.params["arch"]))
+        # the library is the sweep folder itself: the seed lives in <out>/<arch>/seed<k>/; the sweep shows the
+        # progress (a second live display per cell costs the training time on a small machine)
+        args = [*self.fit_args(arch=cell.params["arch"]), "--trainer.enable_progress_bar", "false"]
+        entries = train_zoo(cell.params["arch"], [cell.params["seed"]], out, args)
         if not entries:
             raise Busy(f"cell {cell.key} is being trained by another process")
         return entries[0]

@@ -436,9 +436,17 @@ class _PairMoments(Metric):
 
 
 def _progress(enabled: bool):
+    """A progress bar redrawn when it advances, never by a refresh thread (on a 2-core machine a thread waking ten
+    times a second takes its share from torch's compute threads)."""
     if not enabled:
         return None
-    return Progress(transient=True)
+    return _ManualProgress(transient=True, auto_refresh=False)
+
+
+class _ManualProgress(Progress):
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self.refresh()
 
 
 class _Recorder:
