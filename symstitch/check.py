@@ -18,6 +18,7 @@ from rich.table import Table
 
 from symstitch.data import DataModule, normalize_batch
 from symstitch.library import load_model
+from symstitch.loggers import quiet_by_default
 from symstitch.models import StagedNet
 from symstitch.symmetry import act, act_on_features, actionable_points, feature, intertwiner_group, sample_action
 from symstitch.training import ClassifierModule
@@ -28,6 +29,7 @@ TOLERANCE = 1e-5
 
 def train_on_the_spot(arch: str, width: float, epochs: int, seed: int) -> StagedNet:
     """A small network of ``arch`` trained on digits now (for a check without a checkpoint)."""
+    quiet_by_default()
     pl.seed_everything(seed, verbose=False)
     dm = DataModule(dataset="digits")
     module = ClassifierModule(arch, arch_kwargs={"width": width}, num_classes=dm.num_classes)

@@ -46,6 +46,7 @@ from symstitch.checkpoints import classifier_spec, load_classifier, read_checkpo
 from symstitch.data import DataModule, TensorImageDataset
 from symstitch.io import parse_range, read_json, write_json
 from symstitch.library import datamodule_settings, library_models, load_model, resolve_model
+from symstitch.loggers import quiet_by_default
 from symstitch.models import StagedNet
 from symstitch.registry import Registry
 from symstitch.runner import EXPERIMENTS, Cell, Experiment, names
@@ -221,6 +222,7 @@ class TrainingSubset(DataModule):
 
 def _quiet_trainer(max_epochs: int, root: Path) -> pl.Trainer:
     """A trainer without progress bars or checkpoints that validates once, after the last epoch."""
+    quiet_by_default()
     return pl.Trainer(
         max_epochs=max_epochs,
         check_val_every_n_epoch=max_epochs,
