@@ -248,7 +248,7 @@ def test_relu_kernel_tiles_give_the_reference_kernel(monkeypatch, tile, budget, 
     monkeypatch.setattr(MF, "_TILE_COLUMNS", tile)
     monkeypatch.setattr(MF, "_BUDGET", budget)
     for pad_to in (5, 7):
-        got = MF._relu_gram(MF._centre(x, "relu"), "max", pad_to, block).full()
+        got = MF._relu_gram(MF._centre(x, "relu")[0], "max", pad_to, block).full()
         padded = torch.cat([x, x.new_zeros(13, pad_to - 5, 2, 3)], 1)
         assert torch.allclose(got, ref_kernel(padded, "relu"), atol=1e-12, rtol=0)
 
@@ -402,16 +402,16 @@ def test_degenerate_features_raise_for_cka(kernel, dtype):
     constant = torch.full((10, 3, 2, 2), 3.7, dtype=dtype)
     per_channel = torch.tensor([0.1, -2.3, 7.0], dtype=dtype)[None, :, None, None].expand(10, 3, 2, 2)
     for bad in (zero, constant, per_channel):
-        with pytest.raises(ValueError, match="features of x are constant"):
+        with pytest.raises(ValueError, match="features of x are (all zero|the same for every input)"):
             M.cka(bad, y, kernel)
-        with pytest.raises(ValueError, match="features of y are constant"):
+        with pytest.raises(ValueError, match="features of y are (all zero|the same for every input)"):
             M.cka(y, bad, kernel)
 
 
 def test_degenerate_and_invalid_inputs_raise_for_procrustes():
     y = randn(10, 3, seed=37)
     for group in ("relu", "orthogonal"):
-        with pytest.raises(ValueError, match="x is all zero"):
+        with pytest.raises(ValueError, match="features of x are all zero"):
             M.procrustes(torch.zeros(10, 3), y, group)
     bad = y.clone()
     bad[2, 1] = math.nan
@@ -520,7 +520,7 @@ def test_dead_features_give_nan_with_a_reason(nets):
     rows = M.similarity_matrix(net, dead, loader(), points=["layer1.act", "layer2.act"], progress=False)
     for r in rows:
         if r["point_b"] == "layer2.act":
-            assert math.isnan(r["value"]) and "zero" in r["error"], r
+            assert math.isnan(r["value"]) and "all zero" in r["error"], r
         else:
             assert math.isfinite(r["value"]) and r["error"] is None, r
 
@@ -601,3 +601,102 @@ def test_batched_moments_in_small_chunks_equal_pairwise():
             for got, ref in zip((batched[(a, b)].cross, batched[(a, b)].sq_x, batched[(a, b)].sq_y),
                                 (want.cross, want.sq_x, want.sq_y)):
                 assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12), (a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The edges: one rule for every metric and every path
+
+
+class Features(torch.nn.Module):
+    """A "network" whose one feature point gives its (nonnegative) input back: similarity_matrix over features
+    chosen by the test."""
+
+    feature_points = ("act",)
+
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x)
+
+
+def _every_path(name: str, x: torch.Tensor, y: torch.Tensor) -> list:
+    """The metric ``name`` of x and y by the functional metric, the streaming class (two batches; CKA exact, and by
+    minibatches where each half has 4 inputs or more) and similarity_matrix (two batches): a float, or the
+    ValueError's message."""
+    def attempt(f):
+        try:
+            return float(f())
+        except ValueError as err:
+            return str(err)
+
+    half = x.shape[0] // 2
+    batches = [(x[:half], y[:half]), (x[half:], y[half:])] if half else [(x, y)]
+
+    def streamed(**kw):
+        metric = M.METRICS.build(name, **kw)
+        for bx, by in batches:
+            metric.update(bx, by)
+        return metric.compute()
+
+    out = [attempt(lambda: M.similarity(name, x, y)), attempt(lambda: streamed())]
+    if name.startswith("cka") and half >= 4:
+        out.append(attempt(lambda: streamed(mode="minibatch")))
+    if torch.equal(x, y):  # one network, one point: the pair (act, act)
+        try:
+            (row,) = M.similarity_matrix(Features(), Features(), [bx.float() for bx, _ in batches], metrics=[name],
+                                         points=["act"], progress=False)
+            out.append(row["error"] if row["error"] is not None else row["value"])
+        except ValueError as err:  # batches too small for minibatch CKA: the whole call is refused
+            out.append(str(err))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_undefined_input_is_the_same_error_on_every_path(name):
+    """Fewer than 4 inputs, features the same for every input (constant, all zero; against varying or constant
+    features): a ValueError on the functional and streaming paths, a NaN with the reason in similarity_matrix —
+    never a number."""
+    x = torch.relu(randn(64, 16, seed=40))
+    constant, other = torch.full((64, 16), 3.0), torch.full((64, 16), 4.0)
+    cases = {"at least 4 inputs": [(x[:n], x[:n]) for n in (1, 2, 3)],
+             "the same for every input": [(constant, x), (x, constant), (constant, other), (constant, constant)],
+             "all zero": [(torch.zeros(64, 16), x), (torch.zeros(64, 16), torch.zeros(64, 16))]}
+    for says, pairs in cases.items():
+        for a, b in pairs:
+            for result in _every_path(name, a, b):
+                assert isinstance(result, str) and says in result, (name, says, result)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_value_does_not_depend_on_the_scale_or_the_dtype(name, dtype):
+    """Every metric is scale-invariant, so the value is that of the float64 features at every scale the dtype
+    holds (float32: 1e-30 … 1e30; half precision: within its range), on every path; half-precision input is
+    computed in float32 (its own rounding of the input aside); inputs that require grad are read, not
+    differentiated."""
+    x, y = torch.relu(randn(64, 16, seed=41)), torch.relu(randn(64, 16, seed=42))
+    scales = [1e-30, 1e-22, 1e-10, 1.0, 1e10, 1e19, 1e30] if dtype == torch.float32 else [1e-3, 1.0, 1e3]
+    for scale in scales:
+        xs = (x * scale).to(dtype)
+        references = _every_path(name, xs.double() / scale, y.double())  # the dtype's own rounding of x aside
+        for result, reference in zip(_every_path(name, xs, y), references, strict=True):
+            assert result == pytest.approx(reference, abs=2e-6), (name, scale, result, reference)
+        for result in _every_path(name, xs, xs):
+            assert result == pytest.approx(1.0, abs=2e-6), (name, scale, result)
+    grad = x.clone().requires_grad_(True)
+    value = M.similarity(name, grad, y)
+    assert not value.requires_grad and value.item() == pytest.approx(float(M.similarity(name, x, y)))
+
+
+def test_similarity_matrix_takes_a_datamodule(nets):
+    """A DataModule stands for its test loader (the paper's setting)."""
+    from symstitch.data import DataModule
+
+    net, _, _ = nets
+    dm = DataModule(dataset="digits", eval_batch_size=120)
+    rows = M.similarity_matrix(net, net, dm, points=["layer4.act"], metrics=["cka_linear"], progress=False)
+    again = M.similarity_matrix(net, net, dm.test_dataloader(), points=["layer4.act"], metrics=["cka_linear"],
+                                progress=False)
+    assert rows == again and rows[0]["value"] == pytest.approx(1.0, abs=1e-6)

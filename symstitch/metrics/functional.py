@@ -34,13 +34,25 @@ Numerics (SPEC §7). Means, norms, cross-products of Procrustes and every HSIC s
 the kernel GEMMs run in float32 for float32 features (they are the cost) and in float64 for float64 features.
 The argument of every square root is clamped at 0. The caller's tensors are never modified.
 
-Defined behaviour at the edges (never a silent NaN):
+Defined behaviour at the edges, the same for every metric and every path (functional, streaming, all pairs):
+a similarity compares how two representations vary over the inputs, so where that is not measured the result is
+a ValueError naming the reason (a NaN with the reason in a :func:`~symstitch.metrics.similarity_matrix` row),
+never a number:
 
-* CKA needs n ≥ 4 inputs (HSIC1 divides by n(n−3)); fewer raise ValueError, also for a minibatch.
-* CKA of features that are constant (or all zero) across the inputs is undefined (HSIC1(K, K) = 0): ValueError
-  naming the degenerate input. A channel whose centred norm is below 1e-8 of its norm counts as constant and
-  is set exactly to zero (otherwise G_ReLU-CKA would blow rounding noise up to a unit-norm channel).
-* Procrustes of an all-zero input is undefined (nothing to normalise): ValueError. NaN/Inf inputs: ValueError.
+* fewer than :data:`MIN_INPUTS` = 4 inputs (CKA's unbiased HSIC1 divides by n(n−3); with one input any two
+  representations are orthogonally equivalent, and Procrustes of a handful scores high by chance);
+* features that are the same for every input (bitwise: a representation that does not change with the input
+  says nothing about it), all-zero features included;
+* NaN or Inf values.
+
+Beyond those: constant *channels* are fine (CKA centres them to zero: a channel whose centred norm is below
+1e-8 of its norm counts as constant and is set exactly to zero, otherwise G_ReLU-CKA would blow rounding noise up
+to a unit-norm channel; Procrustes, which does not centre, matches them like any channel). The value does not
+depend on the scale of the input anywhere its dtype can hold it: CKA and Procrustes are scale-invariant,
+Procrustes forms its products in float64, and CKA rescales features whose largest magnitude is outside
+[2⁻⁴⁰, 2⁴⁰] by a power of two (exact) before its float32 kernel GEMMs (minibatch kernels carry the factor, so
+their HSIC1 terms add up in one unit). The metrics are measurements: they are computed without gradients (``requires_grad`` inputs
+are read, not differentiated). float16 and bfloat16 features are computed in float32.
 * The max-over-channels kernel is not positive semi-definite, so G_ReLU-CKA can in principle leave [0, 1]
   (and HSIC1(K, K) can even be negative, which raises). Values are reported as computed, never clipped.
 * Zero-padding caps the score of a narrower layer: X with C1 channels against Y = [X | C2 − C1 other
@@ -78,6 +90,11 @@ MODES = ("exact", "minibatch")
 
 #: a channel whose centred norm is at most this fraction of its norm is constant (set exactly to zero)
 CONSTANT_TOL = 1e-8
+#: the fewest inputs any metric is defined for
+MIN_INPUTS = 4
+#: features whose largest magnitude lies outside [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] are rescaled by a power of two
+#: first: their float32 products would otherwise fall into subnormals (lost precision) or overflow
+SAFE_EXPONENT = 40
 #: elements of one temporary (channels × rows × columns) of the G_ReLU kernel: many channels per batched GEMM
 #: for the running max, more for the median (which needs every channel of an entry at once)
 _BUDGET = 1 << 21
@@ -105,6 +122,8 @@ def _to_4d(t: Tensor, name: str = "features") -> Tensor:
         raise ValueError(f"{name}: expected (n, C), (n, L, C) or (n, C, H, W) features; got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         t = t.to(torch.float64)
+    elif t.dtype in (torch.float16, torch.bfloat16):
+        t = t.to(torch.float32)
     return t
 
 
@@ -125,6 +144,38 @@ def _is_finite(t: Tensor) -> bool:
 def _check_finite(t: Tensor, name: str) -> None:
     if not _is_finite(t):
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _identical_inputs(t: Tensor) -> bool:
+    """Whether every input (first dim) gives bitwise the same features: almost always decided by comparing two
+    inputs; the whole tensor is compared only when those agree."""
+    if t.shape[0] < 2:
+        return True
+    if not torch.equal(t[1], t[0]) or not torch.equal(t[-1], t[0]):
+        return False
+    return torch.equal(t, t[:1].expand_as(t))
+
+
+def _check_varies(t: Tensor, name: str, what: str) -> None:
+    """ValueError when the features ``t`` (n first) are the same for every input (all zero included)."""
+    if _identical_inputs(t):
+        kind = "all zero" if not bool(t[:1].any()) else "the same for every input"
+        raise ValueError(f"{what} is undefined: the features of {name} are {kind} (a representation that does "
+                         "not change with the input says nothing about it)")
+
+
+def _rescaled(t: Tensor) -> tuple[Tensor, float]:
+    """``(t, 1.0)``, or ``(t · s, s)`` with s a power of two (exact) when the largest magnitude of ``t`` is outside
+    [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] (a new tensor; the caller's is untouched). Every metric is invariant to
+    it; a minibatch kernel records it (:attr:`_Gram.unit`)."""
+    peak = float(t.detach().abs().amax()) if t.numel() else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return t, 1.0
+    exponent = math.frexp(peak)[1]
+    if -SAFE_EXPONENT <= exponent <= SAFE_EXPONENT:
+        return t, 1.0
+    scale = 2.0 ** -exponent
+    return t * scale, scale
 
 
 def _check_same_n(x: Tensor, y: Tensor) -> None:
@@ -348,15 +399,22 @@ def _check_group(group: str) -> str:
     return group
 
 
+@torch.no_grad()
 def procrustes(x: Tensor, y: Tensor, group: str = "relu") -> Tensor:
     """Procrustes similarity 1 − d of X and Y (0-dim float64); ``group="relu"``: G_ReLU-Procrustes (optimal
     channel permutation after per-channel normalisation), ``"orthogonal"``: orthogonal Procrustes.
 
     See the module docstring for the formulas; cross-products and norms are float64.
-    Raises ValueError for different n, NaN/Inf, or an all-zero input.
+    Raises ValueError for different n, fewer than 4 inputs, NaN/Inf, and features that are the same for every
+    input (all zero included).
     """
     _check_group(group)
-    return _procrustes_value(_moments(x, y), group)
+    x, y = _to_4d(x, "x"), _to_4d(y, "y")
+    _check_same_n(x, y)
+    _check_n(x.shape[0], "Procrustes")
+    _check_varies(x, "x", "Procrustes")
+    _check_varies(y, "y", "Procrustes")
+    return _procrustes_value(_moments(x, y), group)  # float64 products: safe at every float32 scale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,8 +422,10 @@ def procrustes(x: Tensor, y: Tensor, group: str = "relu") -> Tensor:
 
 
 def _check_n(n: int, what: str = "CKA") -> None:
-    if n <= 3:
-        raise ValueError(f"{what} needs at least 4 inputs (the unbiased HSIC1 divides by n(n−3)); got n = {n}")
+    if n < MIN_INPUTS:
+        why = ("the unbiased HSIC1 divides by n(n−3)" if "CKA" in what or "HSIC" in what else
+               "as every metric here: fewer inputs cannot tell two representations apart")
+        raise ValueError(f"{what} needs at least {MIN_INPUTS} inputs ({why}); got n = {n}")
 
 
 def _check_kernel(kernel: str, estimator: str) -> None:
@@ -417,14 +477,18 @@ class _Gram:
     rows: Tensor
     total: Tensor
     _self_hsic: Optional[Tensor] = None
+    #: how many times larger these entries are than those of the features as given (features rescaled by a
+    #: power of two s for safe products, :func:`_rescaled`: s² for the linear kernel); every HSIC1 divides it out,
+    #: so that minibatches rescaled alike or not add up in one unit
+    unit: float = 1.0
 
     @classmethod
-    def packed(cls, tri: Tensor, n: int, block: int) -> "_Gram":
+    def packed(cls, tri: Tensor, n: int, block: int, unit: float = 1.0) -> "_Gram":
         """From a packed strict upper triangle (row sums computed here)."""
         rows = torch.zeros(n, dtype=torch.float64, device=tri.device)
         for r0, b, m, off in _segments(n, block):
             _seal_block(tri[off:off + b * m].view(b, m), rows, r0)
-        return cls(tri, n, block, rows, rows.sum())
+        return cls(tri, n, block, rows, rows.sum(), unit=unit)
 
     @classmethod
     def of(cls, K: Tensor, block: int = BLOCK_ROWS) -> "_Gram":
@@ -443,7 +507,11 @@ class _Gram:
         return K + K.T
 
     def relayout(self, block: int) -> "_Gram":
-        return self if block == self.block else _Gram.of(self.full(), block)
+        if block == self.block:
+            return self
+        gram = _Gram.of(self.full(), block)
+        gram.unit = self.unit
+        return gram
 
     def self_hsic(self) -> Tensor:
         if self._self_hsic is None:
@@ -489,9 +557,10 @@ def _hsic_all(grams: Sequence[_Gram], chunk: int = 1 << 15) -> Tensor:
         kl.addmm_(z[:, :e - s], z[:, :e - s].T)
     rows = torch.stack([g.rows for g in grams])
     total = rows.sum(1)
+    units = torch.tensor([g.unit for g in grams], dtype=torch.float64, device=device)
     # Σ K∘L = 2 Σ_{i<j} K_ij L_ij (zero diagonals)
     return (2 * kl + total[:, None] * total[None, :] / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows @ rows.T)) / (
-        n * (n - 3))
+        n * (n - 3)) / (units[:, None] * units[None, :])
 
 
 def _hsic1(a: _Gram, b: _Gram) -> Tensor:
@@ -503,9 +572,11 @@ def _hsic1(a: _Gram, b: _Gram) -> Tensor:
     _check_n(n, "HSIC1")
     b = b.relayout(a.block)
     kl = 2 * _dot64(a.tri, b.tri)
-    return (kl + a.total * b.total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * torch.dot(a.rows, b.rows)) / (n * (n - 3))
+    return (kl + a.total * b.total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * torch.dot(a.rows, b.rows)) / (
+        n * (n - 3)) / (a.unit * b.unit)
 
 
+@torch.no_grad()
 def hsic1(K: Tensor, L: Tensor) -> Tensor:
     """Unbiased HSIC estimator HSIC1(K, L) of Song et al. (2012) for n×n kernels (0-dim float64).
 
@@ -523,7 +594,7 @@ def hsic1(K: Tensor, L: Tensor) -> Tensor:
 
 
 def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torch.dtype] = None,
-            into: Optional[Tensor] = None) -> Tensor:
+            into: Optional[Tensor] = None, minibatch: bool = False) -> tuple[Tensor, float]:
     """The features a kernel's GEMMs read, from (n, C, H, W), in two passes over them and one write.
 
     Pass 1 sums every (input, channel) over its h·w positions in the GEMM dtype (few terms; NaN/Inf are
@@ -534,13 +605,22 @@ def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torc
     CONSTANT_TOL of its norm is constant and becomes exactly zero; for the G_ReLU kernel every other channel
     is scaled to unit norm in the same in-place pass. ``into``: a contiguous tensor of the GEMM dtype, no longer
     needed, whose memory is reused for the result when it is large enough (no fresh pages to fault in).
+    Returns the result and the kernel's unit (:attr:`_Gram.unit`: s² when the features were rescaled by s and
+    the kernel is linear, else 1). Features that are the same for every input raise, unless ``minibatch``: one
+    minibatch of a stream may be so, its kernel then vanishes exactly (zero terms of the means).
     """
     n, c = x.shape[:2]
     dtype = dtype or _gemm_dtype(x)
+    x, scale = _rescaled(x)
+    unit = scale * scale if kernel == "linear" else 1.0  # the G_ReLU kernel normalises every channel
     xf = x.reshape(n, c, -1)
     count = n * xf.shape[2]
-    total = xf.sum(2, dtype=dtype).to(torch.float64).sum(0)
+    sums = xf.sum(2, dtype=dtype)
+    total = sums.to(torch.float64).sum(0)
     _not_finite(x, name, total)
+    identical = n > 1 and torch.equal(sums[1], sums[0]) and _identical_inputs(x)  # sums agree: the exact check
+    if identical and not minibatch:
+        _check_varies(x, name, "CKA")
     mean = (total / count).to(dtype)
     shape = (c, n, xf.shape[2]) if kernel == "relu" else (n, c, xf.shape[2])
     if (into is not None and into.dtype == dtype and into.device == x.device and into.is_contiguous()
@@ -561,7 +641,9 @@ def _centre(x: Tensor, kernel: str, name: str = "features", dtype: Optional[torc
         out.mul_(scale.to(dtype)[:, None, None])
     elif bool(constant.any()):
         out.mul_((~constant).to(dtype)[None, :, None])
-    return out
+    if identical:  # its kernel is constant, whose HSIC1 terms vanish: exactly zero instead of rounding noise
+        out.zero_()
+    return out, unit
 
 
 def _linear_gram(xc: Tensor, block_size: int) -> _Gram:
@@ -639,19 +721,20 @@ def _native_or_matched(t: Tensor, hw: tuple[int, int]) -> Tensor:
     return t if _uniform_upsampling(t.shape[2:], hw) else _upsample(t, hw)
 
 
-def _kernel_gram(xc: Tensor, kernel: str, estimator: str, pad_to: int, block_size: int) -> _Gram:
-    """The packed zero-diagonal kernel of features prepared by :func:`_centre`."""
-    if kernel == "linear":
-        return _linear_gram(xc, block_size)
-    return _relu_gram(xc, estimator, pad_to, block_size)
+def _kernel_gram(xc: Tensor, kernel: str, estimator: str, pad_to: int, block_size: int, unit: float = 1.0) -> _Gram:
+    """The packed zero-diagonal kernel of features prepared by :func:`_centre` (``unit``: its unit)."""
+    gram = _linear_gram(xc, block_size) if kernel == "linear" else _relu_gram(xc, estimator, pad_to, block_size)
+    gram.unit = unit
+    return gram
 
 
 def _gram(x: Tensor, kernel: str, estimator: str = "max", pad_to: int = 0, block_size: int = BLOCK_ROWS,
           name: str = "features") -> _Gram:
-    """The zero-diagonal sample kernel of (n, C, H, W) features with its HSIC1 statistics."""
-    xc = _centre(x, kernel, name)
+    """The zero-diagonal sample kernel of (n, C, H, W) features with its HSIC1 statistics (a part of a stream:
+    features that are the same for every input give a vanishing kernel, not an error)."""
+    xc, unit = _centre(x, kernel, name, minibatch=True)
     _check_n(x.shape[0])
-    return _kernel_gram(xc, kernel, estimator, pad_to, block_size)
+    return _kernel_gram(xc, kernel, estimator, pad_to, block_size, unit)
 
 
 def _cka_value(hxy: Tensor, hxx: Tensor, hyy: Tensor) -> Tensor:
@@ -662,7 +745,7 @@ def _cka_value(hxy: Tensor, hxx: Tensor, hyy: Tensor) -> Tensor:
             raise ValueError(f"HSIC1 of {name} with itself is NaN")
         if value == 0.0:
             raise ValueError(f"CKA is undefined: HSIC1 of {name} with itself is 0, i.e. its kernel vanishes: the "
-                             f"features of {name} are constant (or all zero) across the inputs, or (median "
+                             f"features of {name} are the same for every input (or all zero), or (median "
                              "estimator) zero-padded channels are half of all channels or more")
         if not value > 0.0:
             raise ValueError(f"CKA is undefined: HSIC1 of {name} with itself is {value:.3g} ≤ 0 (the G_ReLU "
@@ -678,6 +761,7 @@ def _cka_from_grams(gx: _Gram, gy: _Gram) -> Tensor:
     return _cka_value(h[0, 1], h[0, 0], h[1, 1])
 
 
+@torch.no_grad()
 def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *, block_size: int = BLOCK_ROWS) -> Tensor:
     """CKA of X and Y (0-dim float64) with the linear kernel or the G_ReLU kernel (``kernel="relu"``, max or
     median over channels), on all n inputs at once.
@@ -685,8 +769,9 @@ def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *,
     Shapes are matched as in :func:`match_features` (zero channels enter the G_ReLU kernel as candidates of
     value 0; they do not change the linear kernel). ``block_size`` bounds the rows of a G_ReLU kernel block.
 
-    Raises ValueError for n ≤ 3, different n, NaN/Inf, constant or all-zero features (HSIC1(K, K) = 0), and a
-    non-positive HSIC1(K, K) of the (not PSD) G_ReLU kernel. The value is not clipped to [0, 1].
+    Raises ValueError for n ≤ 3, different n, NaN/Inf, features that are the same for every input (all zero
+    included) or whose kernel vanishes otherwise (HSIC1(K, K) = 0), and a non-positive HSIC1(K, K) of the (not
+    PSD) G_ReLU kernel. The value is not clipped to [0, 1].
     """
     _check_kernel(kernel, estimator)
     x, y = _to_4d(x, "x"), _to_4d(y, "y")
@@ -694,11 +779,11 @@ def cka(x: Tensor, y: Tensor, kernel: str = "linear", estimator: str = "max", *,
     dtype = _gemm_dtype(torch.empty(0, dtype=torch.promote_types(x.dtype, y.dtype)))
     hw, c = _target_hw(x, y), max(x.shape[1], y.shape[1])
     _check_n(x.shape[0])
-    xc = _centre(_native_or_matched(x, hw), kernel, "x", dtype)
-    gx = _kernel_gram(xc, kernel, estimator, c, block_size)
-    yc = _centre(_native_or_matched(y, hw), kernel, "y", dtype, into=xc)  # x's centred copy is done with
+    xc, unit = _centre(_native_or_matched(x, hw), kernel, "x", dtype)
+    gx = _kernel_gram(xc, kernel, estimator, c, block_size, unit)
+    yc, unit = _centre(_native_or_matched(y, hw), kernel, "y", dtype, into=xc)  # x's centred copy is done with
     del xc
-    gy = _kernel_gram(yc, kernel, estimator, c, block_size)
+    gy = _kernel_gram(yc, kernel, estimator, c, block_size, unit)
     return _cka_from_grams(gx, gy)
 
 
@@ -720,6 +805,7 @@ def similarity(name: str, x: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
 
 __all__ = [
     "CONSTANT_TOL",
+    "MIN_INPUTS",
     "ESTIMATORS",
     "FUNCTIONS",
     "GROUPS",

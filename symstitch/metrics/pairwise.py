@@ -22,6 +22,7 @@ from torchmetrics import Metric
 
 from symstitch.metrics.functional import (
     BLOCK_ROWS,
+    MIN_INPUTS,
     MODES,
     _check_n,
     _cka_from_grams,
@@ -29,6 +30,7 @@ from symstitch.metrics.functional import (
     _Gram,
     _hsic_all,
     _gram,
+    _identical_inputs,
     _is_finite,
     _moments,
     _Moments,
@@ -161,7 +163,7 @@ class _Features:
         grid, c = key[3], self.channels(point)
         if kernel == "relu" and estimator == "max" and pad_to > c:
             base = self.gram(point, kernel, estimator, grid, c)
-            gram = _Gram.packed(base.tri.clamp(min=0), base.n, base.block)  # max(K, 0); the diagonal stays 0
+            gram = _Gram.packed(base.tri.clamp(min=0), base.n, base.block, base.unit)  # max(K, 0); diagonal stays 0
         else:
             try:
                 gram = _gram(_upsample(self.feats[point], grid), kernel, estimator, pad_to, self.block_size,
@@ -435,6 +437,41 @@ class _PairMoments(Metric):
         return out
 
 
+class _Variation:
+    """Which feature points gave bitwise the same features for every input so far (their first input's features
+    are kept until another input differs: usually at once), and how many inputs there were: a pair with such a
+    point, or fewer than MIN_INPUTS inputs, is undefined for every metric."""
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[str, str], Tensor] = {}
+        self.varies: set[tuple[str, str]] = set()
+        self.n = 0
+
+    def update(self, feats: dict[str, dict[str, Tensor]], n: int) -> None:
+        self.n += n
+        for side, points in feats.items():
+            for p, t in points.items():
+                key = (side, p)
+                if key in self.varies:
+                    continue
+                ref = self.first.setdefault(key, t[:1].clone())
+                if not _identical_inputs(torch.cat([ref, t])):
+                    self.varies.add(key)
+                    del self.first[key]
+
+    def reason(self, a: str, b: str, same: bool) -> Optional[str]:
+        """Why the pair (a of model_a, b of model_b) is undefined, or None."""
+        if self.n < MIN_INPUTS:
+            return (f"ValueError: every metric needs at least {MIN_INPUTS} inputs; the dataloader gave "
+                    f"{self.n}")
+        for side, p in (("a", a), ("b", b)):
+            if (side, p) in self.first:
+                kind = "all zero" if not bool(self.first[side, p].any()) else "the same for every input"
+                return (f"ValueError: the features of {p} of model_{'a' if same else side} are {kind} (a "
+                        "representation that does not change with the input says nothing about it)")
+        return None
+
+
 def _progress(enabled: bool):
     """A progress bar redrawn when it advances, never by a refresh thread (on a 2-core machine a thread waking ten
     times a second takes its share from torch's compute threads)."""
@@ -603,17 +640,21 @@ def similarity_matrix(
     and devices restored afterwards). Batches are tensors, (x, y) tuples or dicts with ``image``; float
     batches are the inputs, uint8 batches are normalised by ``normalize`` (a
     :class:`~symstitch.inputs.Normalization`, a callable or a (mean, std) pair), by default by their dataset's
-    own ``normalization`` (the :class:`~symstitch.data.DataModule`'s loaders carry it). ``points``: "all",
+    own ``normalization`` (the :class:`~symstitch.data.DataModule`'s loaders carry it); a DataModule itself
+    stands for its test loader (the paper's setting: the test images). ``points``: "all",
     one list for both models, or a pair ``(list_a, list_b)``. ``cka_mode``: "minibatch" (every batch of the
     dataloader is a minibatch; memory independent of n) or "exact" (keeps every feature on the CPU, then
     builds n×n kernels, holding those of model_b while the points of model_a are done one at a time).
     Procrustes is always streamed.
 
     Returns rows ``{"point_a", "point_b", "metric", "value", "error", "group_a", "group_b"}``: ``value`` a float,
-    NaN for a pair that could not be computed (degenerate features, …) with the reason in ``error`` (None
+    NaN for a pair that could not be computed (fewer than 4 inputs, features the same for every input, NaN/Inf
+    features, a vanishing kernel; as the functional metrics refuse) with the reason in ``error`` (None
     otherwise); ``group_a``/``group_b`` the intertwiner group kind at each point (from the activation there,
     None where none is known; :data:`GROUP_METRICS` says which metrics it leaves invariant).
     """
+    if not hasattr(dataloader, "__iter__") and callable(getattr(dataloader, "test_dataloader", None)):
+        dataloader = dataloader.test_dataloader()  # a DataModule: its test split (the paper's setting)
     same = model_a is model_b
     model_a = as_network(model_a)
     model_b = model_a if same else as_network(model_b)
@@ -644,6 +685,7 @@ def similarity_matrix(
     stored: dict[tuple[str, str], list[Tensor]] = {}
     exact: dict[tuple[str, str, str], Tensor] = {}
 
+    variation = _Variation()
     bar = _progress(progress)
     try:
         if bar is not None:
@@ -656,6 +698,7 @@ def similarity_matrix(
             for batch in dataloader:
                 x = batch_images(batch, normalizer).to(dev)
                 feats = recorder.run(x)
+                variation.update(feats, x.shape[0])
                 seen += 1
                 if cka_mode == "exact" and cka_names:  # kept on the CPU; one copy per module
                     kept = set()
@@ -692,7 +735,7 @@ def similarity_matrix(
     for name in metrics:
         for a, b in pairs:
             key = (name, a, b)
-            value, error = math.nan, errors.get(key)
+            value, error = math.nan, variation.reason(a, b, same) or errors.get(key)
             if error is None:
                 if key in exact:
                     value = float(exact[key])

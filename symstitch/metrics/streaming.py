@@ -5,7 +5,7 @@ cka_relu). The formulas and the numerics are described in :mod:`symstitch.metric
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torchmetrics import Metric
@@ -43,8 +43,11 @@ class Procrustes(Metric):
     ``compute()`` = :func:`procrustes` on all of them.
 
     State (float64, summed across processes under DDP): the channel cross-products Σ X_a Y_b (C1×C2) on the
-    matched spatial grid and the per-channel squared norms of X and Y; memory does not grow with n. The states
-    take their shapes at the first ``update``, so every process must see at least one batch.
+    matched spatial grid and the per-channel squared norms of X and Y; memory does not grow with n. To refuse
+    what is undefined as :func:`procrustes` does (fewer than 4 inputs, features the same for every input), it
+    also counts the inputs and keeps the first input's features of each side with the largest deviation from them
+    (reduced by max and min across processes, so inputs that differ between processes count as varying). The
+    states take their shapes at the first ``update``, so every process must see at least one batch.
     """
 
     is_differentiable = False
@@ -57,19 +60,43 @@ class Procrustes(Metric):
         self.add_state("cross", default=_f64_zero(), dist_reduce_fx="sum")
         self.add_state("sq_x", default=_f64_zero(), dist_reduce_fx="sum")
         self.add_state("sq_y", default=_f64_zero(), dist_reduce_fx="sum")
+        self.add_state("count", default=_f64_zero(), dist_reduce_fx="sum")
+        for side in ("x", "y"):
+            self.add_state(f"first_{side}_max", default=_f64_zero(), dist_reduce_fx="max")
+            self.add_state(f"first_{side}_min", default=_f64_zero(), dist_reduce_fx="min")
+            self.add_state(f"spread_{side}", default=_f64_zero(), dist_reduce_fx="max")
 
-    def update(self, x: Union[Tensor, _Moments], y: Optional[Tensor] = None) -> None:
-        m = x if isinstance(x, _Moments) else _moments(x, y)
+    @torch.no_grad()
+    def update(self, x: Tensor, y: Tensor) -> None:
+        x4, y4 = _to_4d(x, "x"), _to_4d(y, "y")
+        m = _moments(x4, y4)  # float64 products: no rescaling needed at any float32 scale
         if self.cross.dim() == 2 and self.cross.shape != m.cross.shape:
             raise ValueError(f"channel counts changed between batches: {tuple(self.cross.shape)} before, "
                              f"{tuple(m.cross.shape)} now")
         self.cross = self.cross + m.cross.to(self.cross.device)
         self.sq_x = self.sq_x + m.sq_x.to(self.sq_x.device)
         self.sq_y = self.sq_y + m.sq_y.to(self.sq_y.device)
+        self.count = self.count + x4.shape[0]
+        for side, t in (("x", x4), ("y", y4)):
+            first = getattr(self, f"first_{side}_max")
+            if first.dim() == 0:  # the first batch: its first input is the reference
+                first = t[0].to(first.device, torch.float64)
+                setattr(self, f"first_{side}_max", first)
+                setattr(self, f"first_{side}_min", first.clone())
+            deviation = (t.to(torch.float64) - first.to(t.device)).abs().amax().to(first.device)
+            setattr(self, f"spread_{side}", torch.maximum(getattr(self, f"spread_{side}"), deviation))
 
     def compute(self) -> Tensor:
         if self.cross.dim() != 2:
             raise ValueError("Procrustes.compute() before any update")
+        _check_n(int(self.count), "Procrustes")
+        for side in ("x", "y"):
+            same = bool(getattr(self, f"spread_{side}") == 0) and torch.equal(
+                getattr(self, f"first_{side}_max"), getattr(self, f"first_{side}_min"))
+            if same:
+                kind = "all zero" if not bool(getattr(self, f"first_{side}_max").any()) else "the same for every input"
+                raise ValueError(f"Procrustes is undefined: the features of {side} are {kind} (a representation "
+                                 "that does not change with the input says nothing about it)")
         return _procrustes_value(_Moments(self.cross, self.sq_x, self.sq_y), self.group)
 
 
@@ -103,6 +130,7 @@ class CKA(Metric):
             for name in ("hsic_xy", "hsic_xx", "hsic_yy", "batches"):
                 self.add_state(name, default=_f64_zero(), dist_reduce_fx="sum")
 
+    @torch.no_grad()
     def update(self, x: Union[Tensor, _Gram], y: Union[Tensor, _Gram]) -> None:
         if self.mode == "exact":
             x4, y4 = _to_4d(x, "x"), _to_4d(y, "y")
