@@ -392,7 +392,7 @@ class Sweep(Command):
                 continue
             if args.list:
                 for i, cell in enumerate(runner.prepare()):
-                    print(f"{i:5d}  {'done   ' if runner.done(cell) else 'pending'}  {cell.key}")
+                    print(f"{i:5d}  {runner.status(cell):<7}  {cell.key}")
                 continue
             records = runner.run(args.cell, progress=not args.no_progress)
             left = runner.unfinished()

@@ -85,25 +85,32 @@ def _cell_files(root: Path) -> list[Path]:
     return [files[k] for k in sorted(files)]
 
 
-def collect(root: Path) -> dict[str, list[dict]]:
+def collect(root: Path, skipped: Optional[list[tuple[Path, str]]] = None) -> dict[str, list[dict]]:
     """Every cell result below ``root``, grouped by experiment: ``{experiment: [record, …]}``.
 
     A record is the cell file's content plus ``"file"`` (its path). Files that do not parse, or are not cell
-    results (no ``experiment``, no ``cell``/``result`` objects), are skipped with a warning.
+    results (no ``experiment``, no ``cell``/``result`` objects), are skipped with a warning, and listed with the
+    reason in ``skipped`` when given.
     """
     root = Path(root)
     found: dict[str, list[dict]] = {}
+
+    def skip(path: Path, why: str) -> None:
+        _warn(f"skipping {path}: {why}")
+        if skipped is not None:
+            skipped.append((path, why))
+
     for path in _cell_files(root):
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            _warn(f"skipping {path}: not readable JSON ({e})")
+            skip(path, f"not readable JSON ({e})")
             continue
         if not isinstance(record, dict) or not isinstance(record.get("experiment"), str):
-            _warn(f"skipping {path}: not a cell result (no \"experiment\")")
+            skip(path, "not a cell result (no \"experiment\")")
             continue
         if not isinstance(record.get("cell", {}), dict) or not isinstance(record.get("result"), dict):
-            _warn(f"skipping {path}: not a cell result (no \"result\" object)")
+            skip(path, "not a cell result (no \"result\" object)")
             continue
         record.setdefault("cell", {})
         record["file"] = str(path)
@@ -912,7 +919,8 @@ def _write(root: Path, out: Optional[Path], wandb: bool) -> tuple[Path, dict[str
     root = Path(root)
     out = Path(out) if out is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    found = collect(root)
+    skipped: list[tuple[Path, str]] = []
+    found = collect(root, skipped)
     counts = {e: len(found.get(e, [])) for e in EXPERIMENTS}
     others = {e: len(v) for e, v in found.items() if e not in EXPERIMENTS}
     lines = [f"# symstitch report: {root.resolve().name}", "",
@@ -922,6 +930,10 @@ def _write(root: Path, out: Optional[Path], wandb: bool) -> tuple[Path, dict[str
     lines += [f"| {e} (not reported) | {n} |" for e, n in others.items()]
     lines.append("")
     lines += _machines([r for records in found.values() for r in records])
+    if skipped:
+        lines += [f"Skipped {len(skipped)} file(s) among the cell records, which are not in any number below "
+                  "(a sweep moves a damaged record aside and runs its cell again):", ""]
+        lines += [f"- `{path}`: {why}" for path, why in skipped] + [""]
     if not any(counts.values()):
         lines += [f"No cell results (`cells/**/*.json`) under `{root}`.", ""]
 

@@ -50,6 +50,17 @@ class Cell:
     params: dict
 
 
+def damage(path: Path) -> Optional[str]:
+    """Why the file at ``path`` is not a readable cell record (None when it is one)."""
+    try:
+        CellRecord.read(path)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    except (KeyError, TypeError) as err:
+        return f"not a cell record ({type(err).__name__}: {err})"
+    return None
+
+
 @dataclass
 class CellRecord:
     """What a finished cell leaves, the same for every experiment (``cells/<key>.json``).
@@ -242,8 +253,29 @@ class Runner:
     def record_path(self, cell: Cell) -> Path:
         return self.out / "cells" / f"{cell.key}.json"
 
+    def status(self, cell: Cell) -> str:
+        """``done`` (a readable record), ``pending`` (none) or ``damaged`` (a file that is not a readable record:
+        cut short, edited, not JSON)."""
+        path = self.record_path(cell)
+        if not path.exists():
+            return "pending"
+        return "done" if damage(path) is None else "damaged"
+
     def done(self, cell: Cell) -> bool:
-        return self.record_path(cell).exists()
+        return self.status(cell) == "done"
+
+    def set_aside(self, cell: Cell) -> Optional[Path]:
+        """Move a damaged record out of the way (``<key>.json.damaged-<time>``, never deleted) so that its cell runs
+        again; says so on stderr. Returns where it went (None when the record is not damaged)."""
+        path = self.record_path(cell)
+        why = damage(path) if path.exists() else None
+        if why is None:
+            return None
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(aside)
+        print(f"{self.label}: warning: {path} is not a readable cell record ({why}); moved to {aside.name}, the "
+              "cell runs again", file=sys.stderr, flush=True)
+        return aside
 
     def select(self, only: Optional[str | Sequence[int]]) -> list[Cell]:
         """The cells at positions ``only`` (``"0-4,9"`` or a list), all when None."""
@@ -290,6 +322,8 @@ class Runner:
         self.prepare()
         chosen = self.select(only)
         self.claim()
+        for cell in chosen:
+            self.set_aside(cell)
         todo = [c for c in chosen if not self.done(c)]
         finished = len(self.cells()) - sum(not self.done(c) for c in self.cells())
         print(f"{self.label}: {len(self.cells())} cells, {finished} finished, running {len(todo)} → {self.out}", flush=True)

@@ -92,6 +92,31 @@ def test_several_sweeps_in_one_command(zoo, tmp_path, capsys):
     assert "go with one --config" in capsys.readouterr().err
 
 
+def test_a_damaged_record_is_named_set_aside_and_run_again(zoo, tmp_path, capsys):
+    """A finished cell's record cut short: `--list` says damaged, the report names the file it skipped, and the
+    sweep moves the record aside (never deleted) and runs the cell again."""
+    from symstitch.commands import main
+
+    config = _stitch_config(zoo, tmp_path, points=["layer1.act"], layers=["standard"])
+    assert main(["sweep", "--config", str(config), "--no-progress"]) == 0
+    (record,) = (tmp_path / "stitch" / "cells").rglob("*.json")
+    good = json.loads(record.read_text())
+    cut = record.read_text()[:200]
+    record.write_text(cut)
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(config), "--list"]) == 0
+    assert "damaged  mcnn/s0-s1/standard/layer1.act/r0" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "stitch")]) == 1  # no cell left to report
+    report = (tmp_path / "stitch" / "report" / "report.md").read_text()
+    assert f"`{record}`: not readable JSON" in report
+    assert main(["sweep", "--config", str(config), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"{record} is not a readable cell record" in err and "the cell runs again" in err
+    (aside,) = record.parent.glob(f"{record.name}.damaged-*")
+    assert aside.read_text() == cut  # kept, never deleted
+    assert json.loads(record.read_text())["result"]["penalty_pts"] == good["result"]["penalty_pts"]
+
+
 def test_layers_that_train_alike_run_side_by_side(zoo, tmp_path):
     """A pair, point and repeat's layers form one group when they train alike but for their layer; here the layers'
     own configs give them other learning rates and starts, until the sweep sets both."""
