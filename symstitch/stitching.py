@@ -51,6 +51,7 @@ import copy
 import json
 import math
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ from symstitch.graph import point_activation, point_channels
 from symstitch.inputs import Normalize
 from symstitch.library import ModelRef, architecture, check_same_data, load_model, load_pair, ref_identity, ref_text
 from symstitch.models import StagedNet
-from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
+from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, launched_rank, names
 from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, LayerChoice, LayerSpec, MonomialStitch,
                                      StitchLayer, build_stitch_layer, channels_last)
 from symstitch.symmetry import intertwiner_group
@@ -1043,6 +1044,10 @@ class StitchExperiment(PairExperiment):
         arch, pair, _, *point, repeat = first.key.split("/")  # the layer's part of the key names the folder
         folder = self.cell_dir(out, first) if len(cells) == 1 else \
             Path(out, "runs", arch, pair, "side_by_side", *point, repeat)
+        if folder.exists() and launched_rank() == 0:  # an attempt that never recorded (killed): kept, labelled
+            aside = folder.with_name(f"{folder.name}.abandoned-{time.strftime('%Y%m%dT%H%M%S')}")
+            folder.rename(aside)
+            print(f"stitch: the logs of an attempt that did not finish moved to {aside}", flush=True)
         args = self._args(first, folder)
         if len(cells) > 1:
             args += ["--model.init_args.layer", json.dumps([self._layer_entry(c) for c in cells]),
@@ -1050,12 +1055,13 @@ class StitchExperiment(PairExperiment):
         candidate = "select" in first.params
         SHARED_PREFIX.keep = True  # the next cells at this point reuse its prefix cache; after_run releases it
         cli = fit_in_process(args, validate=candidate)
+        run_dir = str(cli.trainer.log_dir or folder)  # the fit's own log folder (…/fit/version_0); every rank asks
         if not cli.trainer.is_global_zero:
             return None
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
         return {cell.key: {**stitch_result(cli.model, metrics, k),
                            **(validation_result(cli.model, cli.metrics, k) if candidate else {}),
-                           "run_dir": str(folder)} for k, cell in enumerate(cells)}
+                           "run_dir": run_dir} for k, cell in enumerate(cells)}
 
     def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
         SHARED_PREFIX.keep = False

@@ -94,7 +94,8 @@ def test_several_sweeps_in_one_command(zoo, tmp_path, capsys):
 
 def test_a_damaged_record_is_named_set_aside_and_run_again(zoo, tmp_path, capsys):
     """A finished cell's record cut short: `--list` says damaged, the report names the file it skipped, and the
-    sweep moves the record aside (never deleted) and runs the cell again."""
+    sweep moves the record aside (never deleted) and runs the cell again; the new record names its own run folder
+    and the logs of the attempt without a record are labelled, not mixed with the new ones."""
     from symstitch.commands import main
 
     config = _stitch_config(zoo, tmp_path, points=["layer1.act"], layers=["standard"])
@@ -114,7 +115,13 @@ def test_a_damaged_record_is_named_set_aside_and_run_again(zoo, tmp_path, capsys
     assert f"{record} is not a readable cell record" in err and "the cell runs again" in err
     (aside,) = record.parent.glob(f"{record.name}.damaged-*")
     assert aside.read_text() == cut  # kept, never deleted
-    assert json.loads(record.read_text())["result"]["penalty_pts"] == good["result"]["penalty_pts"]
+    again = json.loads(record.read_text())["result"]
+    assert again["penalty_pts"] == good["result"]["penalty_pts"]
+    # the record names its own log folder; the earlier attempt's logs (no record of theirs stands) are labelled
+    run_dir = Path(again["run_dir"])
+    assert run_dir.name == "version_0" and (run_dir / "metrics.csv").exists()
+    (abandoned,) = run_dir.parents[1].parent.glob(f"{run_dir.parents[1].name}.abandoned-*")
+    assert (abandoned / "fit" / "version_0" / "metrics.csv").exists()
 
 
 def test_layers_that_train_alike_run_side_by_side(zoo, tmp_path):
