@@ -151,6 +151,7 @@ class SymstitchCLI(LightningCLI):
             trainer_defaults=trainer_defaults(),
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            seed_everything_default=0,  # seeded unless told otherwise (Lightning would say "No seed found" each run)
             args=list(args) if args is not None else None,
             run=run,
             **kwargs,

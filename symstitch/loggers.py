@@ -8,7 +8,8 @@ still get a complete run, quickly. So:
   symstitch sets ``WANDB_MODE=offline``: runs land in ``<run dir>/wandb/offline-run-*`` and ``wandb sync``
   uploads them later;
 - when it was configured for online use, the W&B server is probed once per process with a TCP connection of at
-  most :data:`PROBE_SECONDS`; if it cannot be reached, the process switches to offline with a warning;
+  most :data:`PROBE_SECONDS`; if it cannot be reached, the process switches to offline with a warning, and so it
+  does, with the server's reason in one line, when the server refuses the credentials (a wrong key);
 - ``WANDB_INIT_TIMEOUT`` defaults to :data:`INIT_TIMEOUT` seconds (W&B's own default is 90).
 
 :func:`quiet` keeps the console to what a researcher needs: Lightning's own banners, tips and summaries (and a
@@ -24,6 +25,7 @@ import socket
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlparse
 
 #: Folder for runs when nothing else is said (``trainer.default_root_dir`` moves it).
@@ -75,6 +77,31 @@ def default_wandb_offline() -> None:
         os.environ["WANDB_MODE"] = "offline"
         print(f"symstitch: warning: the W&B server {url} cannot be reached (no network?); logging offline — "
               "upload later with `wandb sync <run dir>/wandb/offline-run-*`", file=sys.stderr, flush=True)
+        return
+    refused = wandb_credentials_refused(url)
+    if refused:
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"symstitch: warning: the W&B server {url} refused the credentials ({refused}); logging offline — "
+              "fix them with `wandb login --relogin`, then upload with `wandb sync <run dir>/wandb/offline-run-*`",
+              file=sys.stderr, flush=True)
+
+
+_verified: dict[str, Optional[str]] = {}
+
+
+def wandb_credentials_refused(url: str) -> Optional[str]:
+    """Why the W&B server at ``url`` refuses the configured credentials (``WANDB_API_KEY`` or a stored login), in
+    one line; None when it accepts them (asked once per process, within :data:`PROBE_SECONDS` … W&B's own timeout)."""
+    if url not in _verified:
+        import wandb  # only when W&B is configured for online use
+
+        try:
+            wandb.Api(api_key=os.environ.get("WANDB_API_KEY"), overrides={"base_url": url},
+                      timeout=int(max(PROBE_SECONDS, 5)))
+            _verified[url] = None
+        except Exception as err:  # noqa: BLE001 - any refusal (bad key, malformed key, server error) goes offline
+            _verified[url] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}"
+    return _verified[url]
 
 
 def default_loggers(name: str, project: str = "symstitch") -> list[dict]:

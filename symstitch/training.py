@@ -83,7 +83,12 @@ def configure_schedule(
         return optimizer
     sched = scheduler(optimizer)
     if getattr(sched, "total_steps", 0) is None:
-        sched.total_steps = int(module.trainer.estimated_stepping_batches)
+        steps = module.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):  # max_epochs -1 and no max_steps: Lightning trains without a limit
+            raise ValueError(f"{type(sched).__name__} spreads its schedule over the whole run, which has no end here "
+                             "(--trainer.max_epochs -1 and no --trainer.max_steps): give one of them, or train "
+                             "without a schedule (--model.init_args.scheduler null)")
+        sched.total_steps = int(steps)
     interval = getattr(sched, "interval", "epoch")
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 

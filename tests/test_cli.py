@@ -48,6 +48,31 @@ def test_bad_options_are_one_line_naming_the_option(capsys, extra, says):
     assert "usage:" not in err and len(err.strip().splitlines()) == 2  # the error, and how to see the traceback
 
 
+def test_shipped_configs_from_any_folder_as_the_command_reads_them(tmp_path, monkeypatch, capsys):
+    """`symstitch fit --config configs/zoo/resnet20.yaml` in a folder without configs/, the arguments read from the
+    command line itself (no -v): the shipped config is found."""
+    monkeypatch.setattr(sys, "argv", ["symstitch", "fit", "--config", "configs/zoo/resnet20.yaml",
+                                      "--data.dataset", "digits", "--print_config"])
+    assert not (tmp_path / "configs").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "arch: resnet20" in out and "dataset: digits" in out
+
+
+def test_max_epochs_minus_one_is_lightnings_no_limit(tmp_path, capsys):
+    """Lightning's -1: a schedule over the whole run cannot be laid out (one line saying what to do); without a
+    schedule, or with max_steps, the run trains as Lightning says."""
+    base = ["fit", *TINY, *QUIET, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.max_epochs", "-1"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "has no end here" in err and "--model.init_args.scheduler null" in err and "Traceback" not in err
+    assert main([*base, "--trainer.max_steps", "3"]) == 0
+    assert main([*base, "--model.init_args.scheduler", "null", "--trainer.max_steps", "2"]) == 0
+
+
 def test_a_yaml_error_names_the_file_line_and_column(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args: {a: [1, 2}\n")

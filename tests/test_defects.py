@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,55 @@ def test_wandb_key_without_network_goes_offline_at_once_and_logs_are_quiet(tmp_p
         assert any("GPU available" in r.getMessage() for r in caplog.records)
     finally:
         loggers.quiet(False)
+
+
+def test_a_refused_wandb_key_goes_offline_in_one_line(monkeypatch, capsys):
+    """A W&B server that answers but refuses the key (a loopback stand-in answering 401): one warning line with the
+    server's reason, and the process logs offline instead of ending in W&B's traceback."""
+    import http.server
+    import threading
+
+    from symstitch import loggers
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"errors": [{"message": "invalid api key"}]}')
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    try:
+        loggers.default_wandb_offline()
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert f"the W&B server {url} refused the credentials" in err and "invalid api key" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_fit_is_seeded_without_saying_so():
+    """`symstitch fit` is seeded (0) unless told otherwise, without Lightning's "No seed found" on every run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "--model.init_args.arch", "mcnn", "--model.init_args.arch_kwargs", "{width: 0.125}",
+                     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.logger", "false",
+                     "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]) == 0
+    assert not [w for w in caught if "seed" in str(w.message).lower()]
+    assert os.environ.get("PL_GLOBAL_SEED") == "0"
 
 
 def test_python_entry_points_are_quiet_and_raise_value_errors(tmp_path):
