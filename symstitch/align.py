@@ -1,4 +1,4 @@
-"""The alignment experiment (paper §5, SPEC §3): similarity of every feature-point pair of two networks.
+"""The alignment experiment (paper §5, docs/method.md §3): similarity of every feature-point pair of two networks.
 
     symstitch align --config configs/align/digits.yaml --source A --target B
 

@@ -267,7 +267,7 @@ class Projection(Command):
         parser.add_argument("--epochs", type=positive_int, default=8, help="retraining epochs per cell")
         parser.add_argument("--lr", type=positive_float, default=0.05, help="retraining learning rate (SGD, cosine)")
         parser.add_argument("--retrain", choices=["rest", "next"], default="rest",
-                            help="retrain every layer after l (rest, SPEC §4) or only the next one (next)")
+                            help="retrain every layer after l (rest, docs/method.md §4) or only the next one (next)")
         parser.add_argument("--train-fraction", type=fraction, default=1.0,
                             help="retrain on this class-stratified fraction of the training split (default 1)")
         parser.add_argument("--out", default=None, help="results folder (default runs/projection/<hash>)")

@@ -1,4 +1,4 @@
-"""The projection ("sanity test") experiment of SPEC §4 / paper §3.
+"""The projection ("sanity test") experiment of docs/method.md §4 / paper §3.
 
 Take a trained network, insert a fixed random matrix M on the pre-activation of layer l (after its
 convolution and BatchNorm, right before σ), freeze every layer up to l and retrain the rest:
@@ -10,12 +10,12 @@ convolution and BatchNorm, right before σ), freeze every layer up to l and retr
 - M Haar-random orthogonal: σ(M z) is in general not a linear function of σ(z), so nothing guarantees it;
 - M = I: the control, retraining alone.
 
-SPEC §4 says "after the convolution of layer l"; where BatchNorm sits between the convolution and σ, M goes
+docs/method.md §4 says "after the convolution of layer l"; where BatchNorm sits between the convolution and σ, M goes
 after the BatchNorm, so that it meets σ directly and the intertwiner identity applies exactly (inserted
 between the convolution and BatchNorm, M would be followed by a per-channel affine map first). For the
 networks without BatchNorm the two places coincide.
 
-What is retrained is chosen by name: ``rest`` (SPEC §4: every layer after l) or ``next`` (only the layer
+What is retrained is chosen by name: ``rest`` (docs/method.md §4: every layer after l) or ``next`` (only the layer
 right after l, W_{l+1}: the sharpest form of the test, since that single linear map can absorb a G_σ
 insertion exactly, W_{l+1} φ_σ(M)^{-1}, but not an orthogonal one).
 

@@ -222,7 +222,7 @@ def _penalty_pts(result: dict) -> float:
     return 100 * _float(result["penalty"])
 
 
-#: evaluation protocol → (penalty key, stitched-accuracy key) in a stitch record (SPEC §2: both are reported)
+#: evaluation protocol → (penalty key, stitched-accuracy key) in a stitch record (docs/method.md §2: both are reported)
 PROTOCOL_KEYS = {protocol: keys[:2] for protocol, keys in selection.RECORD_KEYS.items()}
 
 
@@ -435,7 +435,7 @@ def _stitch_section(rows: list[dict], out: Path, selections: Sequence[selection.
     lines += ["### Against the paper's findings", "",
               "Verdicts are computed from the numbers above, nothing else, for each evaluation protocol (frozen: "
               "B's own BatchNorm statistics; recalibrated: re-estimated after the stitch, the paper's). The paper's "
-              "claims (SPEC §2), G_ReLU meaning the layers " + ", ".join(f"`{g}`" for g in G_RELU_LAYERS) + ":", "",
+              "claims (docs/method.md §2), G_ReLU meaning the layers " + ", ".join(f"`{g}`" for g in G_RELU_LAYERS) + ":", "",
               f"(a) G_ReLU ≥ full: the constrained stitch never beats the unconstrained `{STANDARD_LAYER}` one (up to "
               f"{NOISE_POINTS:g} point of noise, ours). (b) At most points G_ReLU lies between the rank-1 and rank-4 "
               "stitches: tested as G_ReLU ≤ rank 1 at more than half of the points, with where it falls against "
@@ -831,7 +831,7 @@ def projection_files(records: list[dict], out: Path) -> dict[str, Path]:
 
     first = (CONTROL_KIND, GROUP_KIND, ORTHOGONAL_KIND)  # the control, then the two kinds the verdict compares
     kinds = sorted({s["matrix"] for s in summary}, key=lambda k: (first.index(k) if k in first else len(first), k))
-    lines = ["# Projection experiment (SPEC §4)", "",
+    lines = ["# Projection experiment (docs/method.md §4)", "",
              "A fixed matrix M is inserted before the activation of layer l and the network is retrained with",
              "layers ≤ l frozen: every later layer (retrain `rest`) or only layer l+1 (retrain `next`), starting",
              f"from their trained weights; budget: {_setting(records)}. Test accuracy in %, mean ± std over the",

@@ -1,4 +1,4 @@
-"""Stitching layers T (SPEC §2, paper §4): S(x) = B_{>p}( T( A_{≤p}(x) ) ), where only T trains.
+"""Stitching layers T (docs/method.md §2, paper §4): S(x) = B_{>p}( T( A_{≤p}(x) ) ), where only T trains.
 
 T acts on the channels: on (N, C, H, W) like a 1×1 convolution, on (N, L, C) tokens over the last dim, and on
 (N, C) vectors. For one channel vector x every layer computes
@@ -270,7 +270,7 @@ class UnitScales(Scales):
 
 class PositiveScales(Scales):
     """ReLU, LeakyReLU: d > 0, learned, init 1. After every step d ← max(d, ε) with ε = 1e-4: the ReLU
-    projection of SPEC §2, kept strictly positive so that T = P·D stays invertible and in G_ReLU."""
+    projection of docs/method.md §2, kept strictly positive so that T = P·D stays invertible and in G_ReLU."""
 
     min_scale: ClassVar[float] = 1e-4
 

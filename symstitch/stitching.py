@@ -1,4 +1,4 @@
-"""Model stitching (SPEC §2): S(x) = B_{>p}(T(A_{≤p}(x))), where only the stitching layer T trains.
+"""Model stitching (docs/method.md §2): S(x) = B_{>p}(T(A_{≤p}(x))), where only the stitching layer T trains.
 
 A (source) and B (target) are trained networks of the same architecture, cut at the stitch point p. They are
 frozen: no gradients, eval mode throughout (BatchNorm running statistics never change), parameters AND
@@ -18,7 +18,7 @@ The projection onto the constraint set runs in :meth:`StitchingModule.on_after_o
 exactly once after every real optimizer step by a torch optimizer step post-hook registered at fit start —
 so steps skipped by a mixed-precision GradScaler and micro-batches of gradient accumulation do not count.
 
-Two evaluation protocols (SPEC §2), chosen by ``protocols``; each has its own accuracy and penalty:
+Two evaluation protocols (docs/method.md §2), chosen by ``protocols``; each has its own accuracy and penalty:
 
 - ``frozen``: S uses B's own BatchNorm running statistics (``…/stitch/acc``, ``…/stitch/penalty_pts``);
 - ``recalibrated`` (the paper's): before each evaluation, a deep copy of B (and of T's own BatchNorm, if any)

@@ -1,4 +1,4 @@
-"""Intertwiner groups of activations and their action on the weights of a network (SPEC §1, paper §3).
+"""Intertwiner groups of activations and their action on the weights of a network (docs/method.md §1, paper §3).
 
 For an activation σ acting entrywise on R^n, the intertwiner group is
 
@@ -224,7 +224,7 @@ class IntertwinerGroup(abc.ABC):
 
     Args:
         nonlinearity: the activation σ (gives φ_σ and the readable name).
-        scale_spread: s of the log-normal positive scales exp(s·z)/exp(s²/2), z ~ N(0, 1) (SPEC §4).
+        scale_spread: s of the log-normal positive scales exp(s·z)/exp(s²/2), z ~ N(0, 1) (docs/method.md §4).
     """
 
     description: ClassVar[str]

@@ -1,4 +1,4 @@
-"""Similarity metrics (SPEC §3, §7): plain float64 references, invariances, streaming, edges, two networks."""
+"""Similarity metrics (docs/method.md §3, §7): plain float64 references, invariances, streaming, edges, two networks."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_mismatched_shapes_equal_explicitly_matched(name):
 
 def test_narrow_layer_against_wider_copy_is_capped():
     """H (C1 channels) against [H | C2 − C1 more channels] can not score 1: G_ReLU-Procrustes gives
-    1 − sqrt((C2 − C1)/(4 C2)), 0.646 for 32 against 64 (SPEC §7)."""
+    1 − sqrt((C2 − C1)/(4 C2)), 0.646 for 32 against 64 (docs/method.md §3)."""
     h = torch.relu(randn(40, 32, 2, 2, seed=8))
     wide = torch.cat([h, torch.relu(randn(40, 32, 2, 2, seed=9))], dim=1)
     capped = float(M.procrustes(h, wide, "relu"))

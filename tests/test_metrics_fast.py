@@ -55,7 +55,7 @@ def test_fast_equals_baseline_on_random_inputs(name, case):
     x0, y0 = x.clone(), y.clone()
     fast, base = float(M.similarity(name, x, y)), float(B.similarity(name, x, y))
     assert fast == pytest.approx(base, abs=1e-6)
-    # both against float64 features: the float32 path keeps float64 accuracy where SPEC §7 asks for it
+    # both against float64 features: the float32 path keeps float64 accuracy where docs/method.md §7 asks for it
     exact = float(M.similarity(name, x.double(), y.double()))
     assert exact == pytest.approx(float(B.similarity(name, x.double(), y.double())), abs=1e-12)
     assert fast == pytest.approx(exact, abs=2e-6)

@@ -162,7 +162,7 @@ def test_report_md_states_measured_numbers(built):
     # per layer: first, middle, last, max, Spearman
     assert "| birkhoff | 2 | 2.00 (conv) | 9.00 (block1) | 1.00 (avgpool) | 9.00 (block1) | -0.400 |" in text
     assert "| standard | 2 | 1.50 (conv) | 1.00 (block1) | 0.00 (avgpool) | 1.50 (conv) | -1.000 |" in text
-    # against the paper's claims (SPEC §2), every number shown
+    # against the paper's claims (docs/method.md §2), every number shown
     assert "**mcnn, frozen:**" in text and "**mcnn, recalibrated:**" not in text  # no recalibrated penalties here
     assert "(a) `birkhoff`: G_ReLU ≥ full − 1 pts at 4 of 4 points → **agrees**." in text
     assert ("(b) `birkhoff`: G_ReLU ≤ rank 1 at 4 of 4 points; G_ReLU ≤ rank 2 at 3 of 4 points; "

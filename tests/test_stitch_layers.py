@@ -1,4 +1,4 @@
-"""Stitching layers T (SPEC §2): shapes, the matrix they apply, projections, hardening, recovery of g ∈ G_σ."""
+"""Stitching layers T (docs/method.md §2): shapes, the matrix they apply, projections, hardening, recovery of g ∈ G_σ."""
 
 from __future__ import annotations
 

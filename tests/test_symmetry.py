@@ -1,4 +1,4 @@
-"""Intertwiner groups (SPEC §1 table) and the weight-space action g·A on the zoo."""
+"""Intertwiner groups (docs/method.md §1 table) and the weight-space action g·A on the zoo."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_haar_orthogonal_is_orthogonal_and_uniform_in_sign():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The table of SPEC §1, one row at a time
+# The table of docs/method.md §1, one row at a time
 
 TABLE = [
     ("relu", {}, S.PositiveScaledPermutations),

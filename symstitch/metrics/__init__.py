@@ -1,4 +1,4 @@
-"""Similarity metrics between representations (SPEC §3, paper §5), functional and streaming.
+"""Similarity metrics between representations (docs/method.md §3, paper §5), functional and streaming.
 
 * :mod:`symstitch.metrics.functional`: the formulas (module docstring) and the functions :func:`procrustes`,
   :func:`cka`, :func:`hsic1`, :func:`match_features`, :func:`similarity` (by name, from :data:`FUNCTIONS`),

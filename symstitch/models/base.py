@@ -1,7 +1,7 @@
 """The common shape of every model in the zoo: a chain of named stages.
 
 A classifier is written as f = head ∘ s_K ∘ … ∘ s_1. The output of each stage s_k is a *stitch point*
-(SPEC: a cut through which all information flows), so a network can be run split at any of them:
+(docs/method.md: a cut through which all information flows), so a network can be run split at any of them:
 
     h = net.forward_to(x, point)       # A_{≤p}(x)
     y = net.forward_from(h, point)     # B_{>p}(h)

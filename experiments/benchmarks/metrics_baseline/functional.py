@@ -1,4 +1,4 @@
-"""Similarity metrics between representations (SPEC §3, paper §5), functional and streaming.
+"""Similarity metrics between representations (docs/method.md §3, paper §5), functional and streaming.
 
 Features X ∈ R^{n×C1×h×w} and Y ∈ R^{n×C2×h'×w'} are taken at two feature points for the *same* n inputs.
 Accepted layouts: ``(n, C)`` (read as ``(n, C, 1, 1)``), token tensors ``(n, L, C)`` (channels last, read as
@@ -30,7 +30,7 @@ CKA (linear) and G_ReLU-CKA. Centre each channel (mean over n, h, w); then a sam
 Exact mode uses all n inputs at once; minibatch mode (Nguyen, Raghu & Kornblith 2021) centres and builds the
 kernels within each minibatch and reports mean HSIC1(K, L) / sqrt(mean HSIC1(K, K) · mean HSIC1(L, L)).
 
-Numerics (SPEC §7). Means, norms, cross-products of Procrustes and every HSIC sum are accumulated in float64;
+Numerics (docs/method.md §7). Means, norms, cross-products of Procrustes and every HSIC sum are accumulated in float64;
 the kernel GEMMs run in float32 for float32 features (they are the cost) and in float64 for float64 features.
 The argument of every square root is clamped at 0. The caller's tensors are never modified.
 
