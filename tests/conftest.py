@@ -65,3 +65,24 @@ def fit_briefly(net, dm, optimizer, epochs: int):
             F.cross_entropy(net(x), y).backward()
             optimizer.step()
     return net.eval()
+
+
+#: how :func:`mcnn_lib` trains: one epoch of eighth-width mCNNs on digits, CSV logs only
+LIB_FIT = ["--data.dataset", "digits", "--model.init_args.arch_kwargs", "{width: 0.125}", "--trainer.max_epochs", "1",
+           "--config", str(CONFIGS / "logger/csv.yaml"), "--trainer.enable_progress_bar", "false"]
+LIB_POINT = "layer1.act"
+
+
+@pytest.fixture(scope="session")
+def mcnn_lib(tmp_path_factory) -> Path:
+    """A model library of two 1-epoch eighth-width mCNNs on digits (seeds 0 and 1), trained once per session."""
+    from symstitch import zoo
+
+    root = tmp_path_factory.mktemp("mcnn_lib") / "lib"
+    zoo.train_zoo("mcnn", [0, 1], root, LIB_FIT)
+    return root
+
+
+def library_refs(lib: Path) -> tuple[str, str]:
+    """The library entries of :func:`mcnn_lib`'s two networks."""
+    return f"{lib}:mcnn/seed0", f"{lib}:mcnn/seed1"

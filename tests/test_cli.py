@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,16 @@ def test_acceptance_resnet20_digits_95(tmp_path):
           "--trainer.max_epochs", "6", "--data.batch_size", "64", "--config", str(CONFIGS / "logger/csv.yaml"), *QUIET])
     result = json.loads(Path("runs/fit/version_0/result.json").read_text())
     assert result["metrics"]["test/acc"] >= 0.95
+
+
+def test_fit_is_seeded_without_saying_so():
+    """`symstitch fit` is seeded (0) unless told otherwise, without Lightning's "No seed found" on every run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "--model.init_args.arch", "mcnn", "--model.init_args.arch_kwargs", "{width: 0.125}",
+                     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.logger", "false",
+                     "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]) == 0
+    assert not [w for w in caught if "seed" in str(w.message).lower()]
+    assert os.environ.get("PL_GLOBAL_SEED") == "0"

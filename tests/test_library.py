@@ -1,14 +1,19 @@
 """symstitch.library: model references, model libraries, loading any network."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
 from symstitch.checkpoints import CheckpointError
+from symstitch.commands import main
 from symstitch.library import (Manifest, ModelSpec, architecture, library_models, load_model, memory_ref, model_spec,
                                ref_identity, ref_text, resolve_model)
+from symstitch.stitching import stitch
+
+from .conftest import CONFIGS, LIB_POINT, library_refs
 
 RESNET = {"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 10}}
 
@@ -89,3 +94,34 @@ def test_a_manifest_adds_once_replaces_on_request_and_names_what_it_has(tmp_path
 def test_a_reference_that_names_nothing_says_what_it_should_be(tmp_path):
     with pytest.raises(CheckpointError, match="neither a checkpoint file nor a model-library entry"):
         resolve_model(tmp_path / "missing.ckpt")
+
+
+def _as_if_cifar10(mcnn_lib: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The two networks' checkpoints, saying they were trained on CIFAR-10 (kept in a folder with no CIFAR-10)."""
+    out = []
+    for seed in (0, 1):
+        ckpt = torch.load(mcnn_lib / f"mcnn/seed{seed}/model.ckpt", weights_only=True)
+        ckpt["datamodule_hyper_parameters"] = {**ckpt["datamodule_hyper_parameters"], "dataset": "cifar10",
+                                               "root": str(tmp_path / "no-cifar")}
+        torch.save(ckpt, tmp_path / f"cifar{seed}.ckpt")
+        out.append(tmp_path / f"cifar{seed}.ckpt")
+    return out[0], out[1]
+
+
+def test_the_data_of_a_stitch_is_the_networks_own(mcnn_lib, tmp_path, capsys):
+    a, b = _as_if_cifar10(mcnn_lib, tmp_path)
+    fit = ["fit", "--config", str(CONFIGS / "stitch/standard.yaml"), "--model.point", LIB_POINT,
+           "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    # networks trained on CIFAR-10 are stitched on CIFAR-10 (absent here: the error names it), never on digits
+    assert main([*fit, "--model.source", str(a), "--model.target", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-10" in err and str(tmp_path / "no-cifar") in err
+    # another dataset given explicitly is refused, from the command and from Python
+    source, target = library_refs(mcnn_lib)
+    assert main([*fit, "--model.source", source, "--model.target", target, "--data.dataset", "cifar100"]) == 2
+    assert "trained on 'digits'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="trained on 'digits'"):
+        stitch(source, target, LIB_POINT, layer="standard", epochs=1, data={"dataset": "cifar100"})
+    # two networks trained on different data are not a pair
+    with pytest.raises(ValueError, match="different datasets"):
+        stitch(source, str(b), LIB_POINT, layer="standard", epochs=1)

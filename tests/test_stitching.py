@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from symstitch.checkpoints import CheckpointError
+from symstitch.commands import main
 from symstitch.data import DataModule, normalize_batch
 from symstitch.library import load_model, load_pair
 from symstitch.stitching import StitchingModule, stitch
 from symstitch.symmetry import act, decompose, intertwiner_group, sample_action
 from symstitch.training import ClassifierModule, WarmupCosine
 
-from .conftest import CONFIGS, cli_env
+from .conftest import CONFIGS, LIB_POINT, cli_env, library_refs
 
 POINT = "layer2.act"
 
@@ -548,3 +549,48 @@ def test_the_record_names_dead_and_duplicate_source_channels(nets):
                enable_model_summary=False, limit_train_batches=1, limit_val_batches=0).fit(
         module, datamodule=DataModule(dataset="digits"))
     assert module.summary()["unidentifiable"] == {"dead": [0], "duplicates": [[1, 2]]}
+
+
+def test_python_entry_points_are_quiet_and_raise_value_errors(tmp_path):
+    """From Python, ``stitch()`` is as quiet as the commands (no banners, tips or loader notes), takes a DataModule
+    and the None its signature allows, and a bad option is a ValueError naming it — never SystemExit, which a
+    script's ``except Exception`` cannot catch. ``symstitch.verbose()`` brings Lightning's messages back (a verbose
+    fit shows them: tests/test_loggers.py::test_wandb_key_without_network_goes_offline_at_once_and_logs_are_quiet)."""
+    code = """
+import symstitch
+from symstitch import models
+from symstitch.data import DataModule
+a, b = (models.build("mcnn", width=0.125) for _ in range(2))
+r = symstitch.stitch(a, b, "layer1.act", layer="birkhoff", epochs=1, relaxed_epochs=None,
+                     data=DataModule(dataset="digits", flip=None))
+print("PENALTY", r.penalty_pts is not None)
+try:
+    symstitch.stitch(a, b, "layer1.act", epochs=1, fit_args=("--trainer.max_ep", "1"))
+except ValueError as err:
+    print("VALUEERROR", err)
+import logging
+symstitch.verbose()
+print("VERBOSE", logging.getLogger("lightning.pytorch").getEffectiveLevel() == logging.INFO)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PENALTY True" in proc.stdout
+    assert "VALUEERROR unrecognized arguments: --trainer.max_ep 1 (every option: symstitch fit --help)" in proc.stdout
+    for noise in ("GPU available", "Tip:", "Loading `train_dataloader`", "LeafSpec", "in eval mode", "usage:"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    assert "VERBOSE True" in proc.stdout  # Lightning's own messages on request
+
+
+def test_stitch_from_python_equals_the_command(mcnn_lib, tmp_path):
+    """Same defaults, same path, seeded: one stitch gives one number whichever way it is asked for."""
+    source, target = library_refs(mcnn_lib)
+    first = stitch(source, target, LIB_POINT, layer="standard", epochs=1)
+    again = stitch(source, target, LIB_POINT, layer="standard", epochs=1)
+    assert first.penalty_pts == again.penalty_pts and torch.equal(first.layer.matrix(), again.layer.matrix())
+    out = tmp_path / "cmd"
+    assert main(["stitch", "--source", source, "--target", target, "--points", LIB_POINT, "--layers", "standard",
+                 "--epochs", "1", "--out", str(out)]) == 0
+    (record,) = [json.loads(p.read_text()) for p in (out / "cells").rglob("*.json")]
+    assert record["result"]["penalty_pts"] == first.penalty_pts
+    assert record["result"]["stitched_acc"] == first.stitched_acc

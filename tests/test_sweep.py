@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from symstitch.io import Lock
 from symstitch.stitching import SHARED_PREFIX
 from symstitch.sweep import load_sweep
 
-from .conftest import REPO, cli_env
+from .conftest import CONFIGS, LIB_POINT, REPO, cli_env
 
 TINY = ["--model.init_args.arch_kwargs", "{width: 0.25}", "--trainer.max_epochs", "1",
         "--config", str(REPO / "configs/logger/csv.yaml"), "--trainer.enable_progress_bar", "false"]
@@ -310,3 +311,40 @@ def test_option_chosen_on_the_validation_split(zoo, tmp_path):
                 100 * ((result["val_source_acc"] + result["val_target_acc"]) / 2 - result[val_acc]), abs=1e-4)
     rows = (write_report(tmp_path / "stitch").parent / "stitch.csv").read_text().splitlines()
     assert sum(",birkhoff (cv alpha)," in row for row in rows) == 2 and len(rows) == 3  # the choices, per protocol
+
+
+def test_a_cell_another_process_runs_is_left_to_it(mcnn_lib, tmp_path, capsys):
+    config = tmp_path / "stitch.yaml"
+    config.write_text(yaml.safe_dump({
+        "experiment": "stitch", "out": str(tmp_path / "sw"), "zoo": str(mcnn_lib), "arch": "mcnn", "seeds": "0-1",
+        "points": ["layer1.act", "layer2.act"], "layers": ["standard"],
+        "fit_args": ["--trainer.max_epochs", "1", "--config", str(CONFIGS / "logger/csv.yaml"),
+                     "--trainer.enable_progress_bar", "false"]}))
+    runner = load_sweep(config)
+    busy = runner.cells()[0]
+    with Lock(runner.record_path(busy).with_suffix(".lock")):
+        records = runner.run(progress=False)
+    assert [r.key for r in records] == [runner.cells()[1].key]
+    assert "being run by another process" in capsys.readouterr().out
+    again = load_sweep(config).run(progress=False)  # released: the rerun computes it, and only it
+    assert [r.key for r in again] == [c.key for c in runner.cells()] and again[1] == records[0]
+
+
+@pytest.mark.slow
+def test_a_ddp_cell_in_a_sweep_is_locked_once_and_recorded_once(mcnn_lib, tmp_path):
+    """A stitch cell on 2 CPU processes (Lightning DDP relaunches the sweep command for rank 1): only rank 0 takes
+    the cell's lock and writes its record; rank 1 runs the same cell with it instead of skipping it (a hang)."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump({
+        "experiment": "stitch", "out": str(tmp_path / "sw"), "zoo": str(mcnn_lib), "arch": "mcnn", "seeds": "0-1",
+        "points": [LIB_POINT], "layers": ["standard"],
+        "fit_args": ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                     "--trainer.strategy", "ddp", "--config", str(CONFIGS / "logger/csv.yaml"),
+                     "--trainer.enable_progress_bar", "false"]}))
+    proc = subprocess.run([sys.executable, "-m", "symstitch", "sweep", "--config", str(config), "--no-progress"],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = (tmp_path / "sw/cells").rglob("*.json")
+    ranks = json.loads(next((tmp_path / "sw/runs").rglob("ranks.json")).read_text())
+    assert ranks["world_size"] == 2 and ranks["consistent"]
+    assert json.loads(record.read_text())["result"]["penalty_pts"] is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -13,11 +14,13 @@ import pytest
 import torch
 
 from symstitch import zoo
+from symstitch.callbacks import TrainingDiverged
 from symstitch.checkpoints import load_classifier
-from symstitch.io import parse_range
+from symstitch.commands import main
 from symstitch.data import DataModule, normalize_batch
+from symstitch.io import Lock, dumps, parse_range, write_json
 
-from .conftest import cli_env
+from .conftest import LIB_FIT, cli_env
 
 FIT = ["--data.dataset", "digits", "--model.init_args.arch_kwargs", "{width: 0.125}",
        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
@@ -110,3 +113,37 @@ def test_zoo_killed_mid_run_then_rerun_trains_each_seed_once(tmp_path):
 def killed_mid_seed_candidates(recorded: dict, lib: Path) -> list[str]:
     """Seeds with a folder but no manifest record: the run that the kill interrupted."""
     return [k for k in ("mcnn/seed1", "mcnn/seed2") if k not in recorded and (lib / k).exists()]
+
+
+def test_nan_training_stops_and_is_never_recorded(mcnn_lib, tmp_path, capsys):
+    huge = ["--model.init_args.optimizer.init_args.lr", "1e30"]
+    with pytest.raises(TrainingDiverged, match="training diverged: the loss is nan"):
+        zoo.train_zoo("mcnn", [0], tmp_path / "nan-lib", [*LIB_FIT, *huge])
+    assert not (tmp_path / "nan-lib/manifest.json").exists()
+    assert not list((tmp_path / "nan-lib").rglob("model.ckpt"))
+    code = main(["fit", *LIB_FIT, "--model.init_args.arch", "mcnn", *huge])
+    assert code == 2 and "training diverged" in capsys.readouterr().err
+    assert not list(Path("runs/fit").glob("version_*"))  # a failed fit leaves no empty run folder
+    # and JSON is always valid: a non-finite number is written as null
+    write_json(tmp_path / "x.json", {"loss": math.nan, "acc": [1.0, math.inf]})
+    strict = json.loads((tmp_path / "x.json").read_text(), parse_constant=lambda c: pytest.fail(f"invalid {c}"))
+    assert strict == {"loss": None, "acc": [1.0, None]} and "NaN" not in dumps({"x": float("nan")})
+
+
+def test_a_second_writer_leaves_a_live_seed_alone(mcnn_lib, tmp_path, capsys):
+    """The first writer of seed 5 holds its lock: a second zoo on the same library leaves the seed to it."""
+    live = mcnn_lib / "mcnn/seed5"
+    live.mkdir(parents=True)
+    (live / "metrics.csv").write_text("epoch,train/acc\n0,0.5\n")
+    with Lock(mcnn_lib / "mcnn/.seed5.lock"):
+        assert zoo.train_zoo("mcnn", [0, 5], mcnn_lib, LIB_FIT) == [json.loads((mcnn_lib / "manifest.json").read_text())["models"]
+                                                           ["mcnn/seed0"]]
+    assert (live / "metrics.csv").read_text() == "epoch,train/acc\n0,0.5\n"  # never deleted or written
+    assert "mcnn/seed5" not in json.loads((mcnn_lib / "manifest.json").read_text())["models"]
+    assert "being written by another process" in capsys.readouterr().out
+
+
+def test_zoo_rerun_with_other_settings_is_refused_not_answered_with_old_models(mcnn_lib):
+    other = [a if a != "{width: 0.125}" else "{width: 0.25}" for a in LIB_FIT]
+    with pytest.raises(ValueError, match="another configuration"):
+        zoo.train_zoo("mcnn", [0], mcnn_lib, other)  # seed 0 exists, but not with these settings
