@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from symstitch.data import TensorImageDataset, batch_loader, normalize_batch
+from symstitch.defaults import PAPER_METRICS
 from symstitch.library import architecture, check_same_data, datamodule_for, load_model
 from symstitch.metrics import METRICS, similarity_matrix
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
 
-PAPER_METRICS = ("procrustes_relu", "procrustes_orthogonal", "cka_linear", "cka_relu")
 SPLITS = ("test", "val", "train")
 
 

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from symstitch import configs
 from symstitch.configs import OptionError
+from symstitch.defaults import LIGHTNING_COMMANDS
 from symstitch.callbacks import DDPConsistency, FiniteLoss
 from symstitch.checkpoints import read_checkpoint
 from symstitch.data import DataModule, LoaderData, dataset_info
@@ -42,7 +43,6 @@ from symstitch.library import check_same_data, datamodule_settings
 from symstitch.loggers import (DEFAULT_RUN_DIR, default_loggers, default_wandb_offline, finish_wandb, quiet_by_default,
                                verbose)
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: options whose value is a config file
 CONFIG_OPTIONS = ("--config", "-c", "--data", "--model", "--trainer")
 

@@ -23,10 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import yaml
 
 from symstitch import __version__
-from symstitch.configs import STITCH_DEFAULTS
-
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-PAPER_METRICS = "procrustes_relu,procrustes_orthogonal,cka_linear,cka_relu"
+from symstitch.defaults import LIGHTNING_COMMANDS, PAPER_METRICS, PROJECTION_ARCHS, STITCH_DEFAULTS
 
 USAGE = """usage: symstitch [-v] COMMAND [options]
 
@@ -205,7 +202,7 @@ class Align(Command):
         parser.add_argument("--config", default=None, help="YAML with any of the options below (configs/align/)")
         parser.add_argument("--source", help="network A: checkpoint or <zoo>:<arch>/seed<k>")
         parser.add_argument("--target", help="network B, likewise")
-        parser.add_argument("--metrics", type=name_list, default=None, help=f"comma-separated (default {PAPER_METRICS})")
+        parser.add_argument("--metrics", type=name_list, default=None, help=f"comma-separated (default {','.join(PAPER_METRICS)})")
         parser.add_argument("--cka-mode", choices=["exact", "minibatch"], default=None)
         parser.add_argument("--images", type=positive_int, default=None, help="only the first N evaluation images")
         parser.add_argument("--out", default=None, help="results folder (default runs/align/<pair>-<hash>)")
@@ -213,7 +210,7 @@ class Align(Command):
                             help="log tables and figures to Weights & Biases (default; offline unless configured)")
 
     def settings(self, args: argparse.Namespace) -> dict:
-        settings: dict[str, Any] = {"metrics": PAPER_METRICS.split(","), "cka_mode": "exact", "points": "all",
+        settings: dict[str, Any] = {"metrics": list(PAPER_METRICS), "cka_mode": "exact", "points": "all",
                                     "data": {}, "split": "test", "images": None, "batch_size": 500, "out": None,
                                     "wandb": True}
         if args.config:
@@ -257,7 +254,7 @@ class Projection(Command):
 
     def build(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--zoo", default="runs/projection/zoo", help="model library folder")
-        parser.add_argument("--models", type=name_list, default=["mcnn", "mcnn_sigmoid"],
+        parser.add_argument("--models", type=name_list, default=list(PROJECTION_ARCHS),
                             help="architectures (default mcnn,mcnn_sigmoid: a ReLU and a sigmoid net)")
         parser.add_argument("--seed", type=non_negative_int, default=0, help="which seed of each architecture")
         parser.add_argument("--kinds", type=name_list, default=["identity", "group", "orthogonal"],

@@ -44,6 +44,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from symstitch.checkpoints import classifier_spec, load_classifier, read_checkpoint
 from symstitch.data import DataModule, TensorImageDataset
+from symstitch.defaults import PROJECTION_ARCHS
 from symstitch.io import parse_range, read_json, write_json
 from symstitch.library import datamodule_settings, library_models, load_model, resolve_model
 from symstitch.loggers import quiet_by_default
@@ -291,7 +292,7 @@ class ProjectionExperiment(Experiment):
     the same training order), for ``epochs`` epochs of SGD at learning rate ``lr`` (cosine schedule)."""
 
     name = "projection"
-    options = {"zoo": None, "archs": ["mcnn", "mcnn_sigmoid"], "seed": 0, "models": None,
+    options = {"zoo": None, "archs": list(PROJECTION_ARCHS), "seed": 0, "models": None,
                "kinds": ["identity", "group", "orthogonal"], "points": "all", "repeats": 1, "epochs": 8,
                "lr": 0.05, "retrain": "rest", "train_fraction": 1.0}
 

@@ -41,7 +41,7 @@ its start from the run's seed apart from the random stream that orders the batch
 one pass of B's suffix per step instead of K, one set-up, one evaluation of A and B.
 
 :func:`stitch` (Python) and :class:`StitchExperiment` (``symstitch stitch``, stitch sweeps) run the same
-LightningCLI path with the same defaults (:data:`symstitch.configs.STITCH_DEFAULTS`, seeded), so one stitch gives
+LightningCLI path with the same defaults (:data:`symstitch.defaults.STITCH_DEFAULTS`, seeded), so one stitch gives
 one number whichever way it was asked for.
 """
 
@@ -68,7 +68,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
-from symstitch import configs
+from symstitch import configs, defaults
 from symstitch.cli import check_args, fit_in_process, option_value
 from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
 from symstitch.io import dumps
@@ -702,9 +702,9 @@ def _repeat(carry: Any, k: int) -> Any:
 # One stitch from Python, and the stitch experiment (``symstitch stitch``, stitch sweeps): one LightningCLI path
 
 
-def stitch_options(*, epochs: int = configs.STITCH_DEFAULTS["epochs"],
-                   relaxed_epochs: Optional[int] = configs.STITCH_DEFAULTS["relaxed_epochs"],
-                   lr: float = configs.STITCH_DEFAULTS["lr"], init: str = configs.STITCH_DEFAULTS["init"],
+def stitch_options(*, epochs: int = defaults.STITCH_DEFAULTS["epochs"],
+                   relaxed_epochs: Optional[int] = defaults.STITCH_DEFAULTS["relaxed_epochs"],
+                   lr: float = defaults.STITCH_DEFAULTS["lr"], init: str = defaults.STITCH_DEFAULTS["init"],
                    prefix_cache: Optional[str] = None) -> list[str]:
     """``symstitch fit`` options of one stitch, after its layer's config ``configs/stitch/<layer>.yaml`` (and
     before the networks, point, seed and folder): these settings, CSV logs only, no per-epoch validation (the
@@ -762,11 +762,11 @@ def stitch(
     point: str,
     layer: Union[str, Sequence[str]] = "birkhoff",
     *,
-    epochs: int = configs.STITCH_DEFAULTS["epochs"],
-    relaxed_epochs: Optional[int] = configs.STITCH_DEFAULTS["relaxed_epochs"],
-    lr: float = configs.STITCH_DEFAULTS["lr"],
-    init: str = configs.STITCH_DEFAULTS["init"],
-    seed: int = configs.STITCH_DEFAULTS["seed"],
+    epochs: int = defaults.STITCH_DEFAULTS["epochs"],
+    relaxed_epochs: Optional[int] = defaults.STITCH_DEFAULTS["relaxed_epochs"],
+    lr: float = defaults.STITCH_DEFAULTS["lr"],
+    init: str = defaults.STITCH_DEFAULTS["init"],
+    seed: int = defaults.STITCH_DEFAULTS["seed"],
     prefix_cache: Optional[str] = None,
     layer_kwargs: Optional[dict[str, Any]] = None,
     data: Optional[Union[DataModule, dict, LoaderData, tuple[Iterable[Any], Iterable[Any]]]] = None,

@@ -6,8 +6,11 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import symstitch
 
 from .conftest import REPO, cli_env
 
@@ -129,3 +132,23 @@ def test_bad_arguments_answer_in_one_line(tmp_path):
         assert says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
     version = subprocess.run([sys.executable, "-m", "symstitch", "--version"], capture_output=True, text=True, env=env)
     assert version.stdout.startswith("symstitch ") and version.returncode == 0
+
+
+def test_shared_names_are_declared_once_in_a_module_that_imports_nothing():
+    """The names both the command layer and the experiments need live in symstitch.defaults, which imports no
+    other module (so that the torch-free commands can read them), and nowhere else."""
+    package = Path(symstitch.__file__).parent
+    tree = ast.parse((package / "defaults.py").read_text())
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert [n.module for n in imports if isinstance(n, ast.ImportFrom)] == ["__future__"] and len(imports) == 1
+    shared = {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+              for t in (n.targets if isinstance(n, ast.Assign) else [n.target])}
+    assert {"LIGHTNING_COMMANDS", "PAPER_METRICS", "STITCH_DEFAULTS"} <= shared
+    for path in package.rglob("*.py"):
+        if path.name == "defaults.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                again = {t.id for t in targets if isinstance(t, ast.Name)} & shared
+                assert not again, f"{path.relative_to(package)} declares {again} again"

@@ -46,9 +46,3 @@ def resolve(ref: Union[str, Path], base: Optional[Path] = None) -> str:
         return str(shipped)
     return str(local) if base is not None else str(ref)
 
-
-#: the defaults of one stitch, shared by ``symstitch stitch``, stitch sweeps and :func:`symstitch.stitching.stitch`:
-#: 4 epochs (3 relaxed, then Hungarian hardening and 1 epoch of scale tuning for G stitches), a start from the
-#: data (least squares / channel matching), Adam with learning rate 0.005, seed 0
-STITCH_DEFAULTS = {"layers": ("standard", "birkhoff"), "epochs": 4, "relaxed_epochs": 3, "lr": 0.005,
-                   "init": "data", "seed": 0, "prefix_cache": None}
