@@ -42,6 +42,7 @@ from rich.table import Table
 
 from symstitch import plots, selection
 from symstitch.loggers import default_wandb_offline
+from symstitch.stitching.record import PROTOCOLS, as_number, penalty_of, record_key
 
 EXPERIMENTS = ("zoo", "stitch", "align", "projection")
 
@@ -116,16 +117,6 @@ def collect(root: Path, skipped: Optional[list[tuple[Path, str]]] = None) -> dic
         record["file"] = str(path)
         found.setdefault(record["experiment"], []).append(record)
     return found
-
-
-def _float(value: Any) -> float:
-    """A number from a cell file; None, strings and other non-numbers become NaN."""
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _csv_value(value: Any) -> Any:
@@ -215,15 +206,8 @@ def _sim(x: float) -> str:
 # Stitching
 
 
-def _penalty_pts(result: dict) -> float:
-    """The stitching penalty in points; records written before the unit was fixed held a fraction (``penalty``)."""
-    if "penalty_pts" in result:
-        return _float(result["penalty_pts"])
-    return 100 * _float(result["penalty"])
-
-
 #: evaluation protocol → (penalty key, stitched-accuracy key) in a stitch record (docs/method.md §2: both are reported)
-PROTOCOL_KEYS = {protocol: keys[:2] for protocol, keys in selection.RECORD_KEYS.items()}
+PROTOCOL_KEYS = {protocol: (record_key("penalty", protocol), record_key("stitched", protocol)) for protocol in PROTOCOLS}
 
 
 def series_name(layer: str, protocol: str) -> str:
@@ -252,17 +236,16 @@ def _stitch_rows(records: list[dict], selections: Optional[list[selection.Select
         try:
             base = {"arch": str(c["arch"]), "source": str(c["source"]), "target": str(c["target"]),
                     "layer": str(c["layer"]), "point": str(c["point"]), "point_index": c.get("point_index"),
-                    "repeat": c.get("repeat", 0), "source_acc": _float(r.get("source_acc")),
-                    "target_acc": _float(r.get("target_acc"))}
-            penalties = {"frozen": _penalty_pts(r) if "penalty_pts" in r or "penalty" in r else math.nan,
-                         "recalibrated": _float(r.get("penalty_recalibrated_pts"))}
+                    "repeat": c.get("repeat", 0), "source_acc": as_number(r.get("source_acc")),
+                    "target_acc": as_number(r.get("target_acc"))}
+            penalties = {protocol: penalty_of(r, protocol) for protocol in PROTOCOLS}
         except KeyError as e:
             _warn(f"skipping stitch cell {rec.get('file')}: missing {e}")
             continue
         for protocol, (_, acc_key) in PROTOCOL_KEYS.items():
             if math.isfinite(penalties[protocol]):
                 rows.append({**base, "protocol": protocol, "penalty_pts": penalties[protocol],
-                             "stitched_acc": _float(r.get(acc_key))})
+                             "stitched_acc": as_number(r.get(acc_key))})
     key = lambda r: (r["arch"], r["layer"], r["protocol"],  # noqa: E731
                      r["point_index"] if r["point_index"] is not None else 1 << 30, r["point"], r["source"],
                      r["target"], str(r["repeat"]))
@@ -511,7 +494,7 @@ def _selection_section(selections: list[selection.Selection]) -> list[str]:
                   f"| point | protocol | chosen {option} (times) | test penalty at the chosen {option} | "
                   f"per {option}: mean validation accuracy / mean test penalty |", "|---|---|---|---|---|"]
         for point in points:
-            for protocol in selection.RECORD_KEYS:
+            for protocol in PROTOCOLS:
                 here = [s for s in group if s.point == point and s.protocol == protocol]
                 if not here:
                     continue
@@ -563,7 +546,7 @@ def _align_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
         c, r = rec["cell"], rec["result"]
         try:
             pa, pb = [str(p) for p in r["points_a"]], [str(p) for p in r["points_b"]]
-            values = np.array([[_float(v) for v in row] for row in r["values"]], dtype=float).reshape(len(pa), len(pb))
+            values = np.array([[as_number(v) for v in row] for row in r["values"]], dtype=float).reshape(len(pa), len(pb))
             metric = str(c["metric"])
             arch, source, target = str(c.get("arch", "")), str(c["source"]), str(c["target"])
         except (KeyError, TypeError, ValueError) as e:
@@ -692,8 +675,8 @@ def _zoo_rows(records: list[dict]) -> list[dict]:
     for rec in records:
         c, r = rec["cell"], rec["result"]
         rows.append({"arch": r.get("arch", c.get("arch")), "seed": r.get("seed", c.get("seed")),
-                     "dataset": r.get("dataset"), "test_acc": _float(r.get("test_acc"))})
-    return sorted(rows, key=lambda r: (str(r["arch"]), str(r["dataset"]), _float(r["seed"]), str(r["seed"])))
+                     "dataset": r.get("dataset"), "test_acc": as_number(r.get("test_acc"))})
+    return sorted(rows, key=lambda r: (str(r["arch"]), str(r["dataset"]), as_number(r["seed"]), str(r["seed"])))
 
 
 def _zoo_section(rows: list[dict]) -> list[str]:
@@ -752,8 +735,8 @@ def projection_summary(records: list[dict]) -> list[dict]:
             summary.append({"family": family, "activation": rows[0]["activation"], "matrix": kind,
                             "retrain": retrain, "networks": sorted(clean), "clean": _stats(list(clean.values())),
                             "layers": layers,
-                            "inserted": [_stats([_float(r["inserted_acc"]) for r in by_layer[l]]) for l in layers],
-                            "recovered": [_stats([_float(r["recovered_acc"]) for r in by_layer[l]]) for l in layers]})
+                            "inserted": [_stats([as_number(r["inserted_acc"]) for r in by_layer[l]]) for l in layers],
+                            "recovered": [_stats([as_number(r["recovered_acc"]) for r in by_layer[l]]) for l in layers]})
     return summary
 
 
@@ -767,7 +750,7 @@ def projection_gaps(records: list[dict]) -> list[dict]:
     "std", "n", "ci"}``, mean and sample standard deviation of d over the n pairs and the two-sided
     :data:`GAP_CONFIDENCE` Student-t interval of the mean, mean ± t_{n−1} · std / √n (``ci`` is (NaN, NaN)
     when n < 2). Sorted by family, retrain, layer."""
-    cells = {(_family(r), r["retrain"], r["layer"], r["network"], r["repeat"], r["matrix"]): _float(r["recovered_acc"])
+    cells = {(_family(r), r["retrain"], r["layer"], r["network"], r["repeat"], r["matrix"]): as_number(r["recovered_acc"])
              for r in records}
     diffs: dict[tuple, list[float]] = {}
     for (family, retrain, layer, network, repeat, kind), acc in sorted(cells.items(), key=lambda kv: str(kv[0])):
@@ -1014,7 +997,7 @@ def print_penalties(records: Sequence[Any], layers: Sequence[str]) -> None:
     values: dict[tuple[str, str, str], list[float]] = {}
     for r in records:
         for protocol, (key, _) in PROTOCOL_KEYS.items():
-            value = _float(r.result.get(key))
+            value = as_number(r.result.get(key))
             if math.isfinite(value):
                 values.setdefault((r.cell["point"], r.cell["layer"], protocol), []).append(value)
 

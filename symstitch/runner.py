@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, ContextManager, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -159,6 +159,11 @@ class Experiment(abc.ABC):
 
     def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
         """What a kind does once its cells ran (e.g. a figure over all of them); nothing by default."""
+
+    def scope(self) -> ContextManager[Any]:
+        """The context the cells of one run share, entered by :meth:`Runner.run` around them (a stitch sweep's
+        prefix cache); nothing by default."""
+        return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- helpers for kinds
     def resolve(self, path: str) -> str:
@@ -333,7 +338,7 @@ class Runner:
         # redrawn when a cell starts or ends, not by a thread ten times a second (on 2 cores that thread cost the
         # training threads 15 % of the demo's time)
         with Progress(*columns, disable=not progress, console=Console(stderr=True), redirect_stdout=False,
-                      redirect_stderr=False, auto_refresh=False) as bar:
+                      redirect_stderr=False, auto_refresh=False) as bar, self.experiment.scope():
             task = bar.add_task(f"{self.experiment.name} cells", total=len(todo))
             for group in self.experiment.groups(todo):
                 shown = group[0].key + (f" (+{len(group) - 1} side by side)" if len(group) > 1 else "")

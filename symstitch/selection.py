@@ -3,7 +3,7 @@
 The original code chose the ``birkhoff`` (G_ReLU) stitch's α of the −α‖W‖_F term per stitch point by validation
 accuracy over α ∈ {0.001, 0.01, 0.1, 1, 10}, then reported the test accuracy at the chosen α. A stitch sweep
 names such a choice as a layer whose option lists candidate values,
-``birkhoff:alpha=0.001|0.01|0.1|1|10`` (:class:`~symstitch.stitch_layers.LayerChoice`), and runs one ordinary,
+``birkhoff:alpha=0.001|0.01|0.1|1|10`` (:class:`~symstitch.stitching.grammar.LayerChoice`), and runs one ordinary,
 resumable cell per candidate; each such cell also evaluates its final stitched network on the DataModule's
 held-out validation split (``val_split`` > 0, carved from the training set; a sweep without one is refused) and
 records the validation accuracies (``val_stitched_acc``, ``val_stitched_recalibrated_acc``, …) next to the
@@ -33,20 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from symstitch.stitching.record import PROTOCOLS, as_number, record_key
+
 #: evaluation protocol → (test penalty, test stitched accuracy, validation stitched accuracy): keys of a stitch
 #: cell's ``result`` (a protocol a cell did not run has none of them)
-RECORD_KEYS = {"frozen": ("penalty_pts", "stitched_acc", "val_stitched_acc"),
-               "recalibrated": ("penalty_recalibrated_pts", "stitched_recalibrated_acc",
-                                "val_stitched_recalibrated_acc")}
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+RECORD_KEYS = {protocol: (record_key("penalty", protocol), record_key("stitched", protocol),
+                          record_key("stitched", protocol, "val")) for protocol in PROTOCOLS}
 
 
 def is_candidate(record: dict) -> bool:
@@ -145,9 +137,9 @@ def select(records: Sequence[dict]) -> list[Selection]:
             for value in values:
                 cells = by_value.get(repr(value), [])
                 r = cells[0]["result"] if len(cells) == 1 else {}  # two cells of one value: ambiguous, missing
-                candidates.append(Candidate(value, _number(r.get(val_key)), _number(r.get(penalty_key)),
-                                            _number(r.get(acc_key)), _number(r.get("source_acc")),
-                                            _number(r.get("target_acc")), cells[0].get("file") if cells else None))
+                candidates.append(Candidate(value, as_number(r.get(val_key)), as_number(r.get(penalty_key)),
+                                            as_number(r.get(acc_key)), as_number(r.get("source_acc")),
+                                            as_number(r.get("target_acc")), cells[0].get("file") if cells else None))
             missing = [c.value for c in candidates if not (math.isfinite(c.val_acc) and math.isfinite(c.penalty_pts))]
             selections.append(Selection(
                 arch=arch, source=source, target=target, point=point, point_index=first.get("point_index"),

@@ -17,7 +17,7 @@ from symstitch.data import DataModule, TensorImageDataset, batch_loader
 from symstitch.graph import GraphNet
 from symstitch.library import load_model, load_pair, memory_ref
 from symstitch.metrics import similarity_matrix
-from symstitch.stitching import SHARED_PREFIX, StitchingModule
+from symstitch.stitching import PrefixCache, StitchingModule
 from symstitch.training import WarmupCosine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -250,7 +250,7 @@ def test_loaders_of_uint8_images_are_normalised_as_training_did():
     assert [r["value"] for r in given] == [r["value"] for r in ready]
 
 
-def test_prefix_cache_inside_a_block_trains_exactly_like_the_full_forward(monkeypatch):
+def test_prefix_cache_inside_a_block_trains_exactly_like_the_full_forward():
     """At a graph point that is not a cut, the prefix cache holds h and the carry (a tuple: the block input that
     the shortcut takes); training on it is the same computation as running A's prefix every step, also when a
     later fit reads the cache another one computed (a sweep's cells at one point)."""
@@ -260,9 +260,8 @@ def test_prefix_cache_inside_a_block_trains_exactly_like_the_full_forward(monkey
     assert not net.is_cut("relu")
     _, carry = net.split(torch.zeros(2, 3, 32, 32), "relu")
     assert isinstance(carry, tuple) and len(carry) == 1
-    monkeypatch.setattr(SHARED_PREFIX, "keep", True)  # the second cached fit reuses the first one's cache
     weights, starts, recalibrated = [], [], []
-    try:
+    with PrefixCache().scope():  # the second cached fit reuses the first one's cache
         for cache in (None, "float32", "float32"):
             pl.seed_everything(3, verbose=False)
             dm = DataModule(dataset="digits", crop_padding=0)
@@ -279,8 +278,6 @@ def test_prefix_cache_inside_a_block_trains_exactly_like_the_full_forward(monkey
             weights.append(module.stitch.matrix().detach())
             recalibrated.append(float(trainer.callback_metrics["stitch_recalibrated/acc"]))
             assert dm.train_set.x.dtype == torch.uint8  # the DataModule has its images back
-    finally:
-        SHARED_PREFIX.release()
     assert torch.equal(starts[0], starts[1]) and torch.equal(starts[0], starts[2])
     assert (weights[0] - starts[0]).abs().max() > 1e-3  # it trained
     for cached in weights[1:]:

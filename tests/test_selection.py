@@ -12,7 +12,7 @@ import pytest
 
 from symstitch import report
 from symstitch.selection import preference, select
-from symstitch.stitch_layers import LayerChoice, LayerSpec
+from symstitch.stitching.grammar import LayerChoice, LayerSpec
 
 GRID = "birkhoff:alpha=0.001|0.01|0.1|1|10"
 VALUES = [0.001, 0.01, 0.1, 1, 10]

@@ -497,7 +497,7 @@ def test_channel_match_finds_g_and_the_data_start_is_g(activation):
 
 
 def test_layer_spec_names_a_layer_with_options():
-    from symstitch.stitch_layers import LayerSpec
+    from symstitch.stitching.grammar import LayerSpec
 
     spec = LayerSpec.parse("lowrank:rank=4")
     assert (spec.label, spec.name, spec.options, spec.slug) == ("lowrank:rank=4", "lowrank", {"rank": 4},

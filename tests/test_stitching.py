@@ -447,9 +447,9 @@ def test_stitch_inside_a_block_with_and_without_the_prefix_cache(tmp_path):
 
 
 def test_cells_at_one_point_share_the_prefix_cache(nets, monkeypatch):
-    """While a sweep keeps it, consecutive stitches at one (source, point) compute A_{≤p}(x) once and get the
+    """Within a sweep's scope, consecutive stitches at one (source, point) compute A_{≤p}(x) once and get the
     same result from it; another source checkpoint computes it again; a single fit keeps nothing."""
-    from symstitch.stitching import SHARED_PREFIX
+    from symstitch.stitching import PrefixCache
 
     computed = []
     original = StitchingModule._compute_prefix
@@ -457,18 +457,16 @@ def test_cells_at_one_point_share_the_prefix_cache(nets, monkeypatch):
                         lambda self, dm, dtype: computed.append(self.point) or original(self, dm, dtype))
     run = functools.partial(stitch, epochs=1, relaxed_epochs=0, prefix_cache="float32", layer="standard")
     first = run(nets["A"], nets["C"], POINT)
-    assert computed == [POINT] and SHARED_PREFIX.entry is None  # not kept outside a sweep
-    monkeypatch.setattr(SHARED_PREFIX, "keep", True)
-    try:
+    assert computed == [POINT] and PrefixCache.scoped() is None  # its own cache, gone with the fit
+    with PrefixCache().scope() as cache:
         run(nets["A"], nets["C"], POINT)
         again = run(nets["A"], nets["C"], POINT)
         assert computed == [POINT, POINT] and again.penalty_pts == first.penalty_pts
         copy = nets["root"] / "A-copy.ckpt"  # other weights could be there: the key is the file, its size and time
         copy.write_bytes(nets["A"].read_bytes())
         run(copy, nets["C"], POINT)
-        assert computed == [POINT, POINT, POINT]
-    finally:
-        SHARED_PREFIX.release()
+        assert computed == [POINT, POINT, POINT] and cache.entry is not None
+    assert cache.entry is None and PrefixCache.scoped() is None  # released when the scope ends
 
 
 def test_point_lists_of_a_sweep():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from symstitch.io import Lock
-from symstitch.stitching import SHARED_PREFIX
+from symstitch.stitching import PrefixCache
 from symstitch.sweep import load_sweep
 
 from .conftest import CONFIGS, LIB_POINT, REPO, cli_env
@@ -273,7 +273,7 @@ def test_the_paper_family_by_name(zoo, tmp_path):
                                       str(REPO / "configs/logger/csv.yaml"), "--trainer.enable_progress_bar", "false"])
     records = load_sweep(config).run(progress=False)
     assert [r.key for r in records] == ["mcnn/s0-s1/lowrank_rank_2/layer2.act/r0", "mcnn/s0-s1/softsort/layer2.act/r0"]
-    assert not SHARED_PREFIX.keep and SHARED_PREFIX.entry is None  # the sweep's shared prefix cache is released
+    assert PrefixCache.scoped() is None  # the sweep's prefix cache went with its run
     low, soft = (r.result["model"] for r in records)
     assert low["rank"] == 2 and low["numerical_rank"] <= 2 and low["init"] == "data"
     assert soft["init"] == "random" and records[0].cell["layer"] == "lowrank:rank=2"

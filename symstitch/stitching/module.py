@@ -1,126 +1,64 @@
-"""Model stitching (docs/method.md §2): S(x) = B_{>p}(T(A_{≤p}(x))), where only the stitching layer T trains.
+"""The stitching LightningModule: S(x) = B_{>p}(T(A_{≤p}(x))), only T trains (docs/method.md §2).
 
-A (source) and B (target) are trained networks of the same architecture, cut at the stitch point p. They are
-frozen: no gradients, eval mode throughout (BatchNorm running statistics never change), parameters AND
-buffers bit-identical before and after stitching. The stitching penalty is
+A (source) and B (target) are frozen: no gradients, eval mode throughout (BatchNorm running statistics never
+change), parameters AND buffers bit-identical before and after stitching. G_σ stitches (``birkhoff``,
+``softsort``) train in phases: relaxed for ``relaxed_epochs`` epochs, then
+:meth:`~symstitch.stitch_layers.StitchLayer.harden` (Hungarian rounding: T becomes a true P·D), and the remaining
+epochs tune only the scales and bias; evaluation always uses the hardened form (during the relaxed phase a hardened
+copy of T is evaluated). The projection onto the constraint set runs in
+:meth:`StitchingModule.on_after_optimizer_step`, called exactly once after every real optimizer step by a torch
+optimizer step post-hook registered at fit start — so steps skipped by a mixed-precision GradScaler and
+micro-batches of gradient accumulation do not count.
 
-    penalty(p) = (acc(A) + acc(B)) / 2 − acc(S),
-
-all three measured on the same evaluation split with torchmetrics objects (exact under DDP), and reported in
-points of accuracy (×100) as ``…/stitch/penalty_pts`` everywhere (logs, result files, records, tables).
-
-G_σ stitches (``birkhoff``, ``softsort``) train in phases: relaxed for ``relaxed_epochs`` epochs, then
-:meth:`~symstitch.stitch_layers.StitchLayer.harden` (Hungarian rounding: T becomes a true P·D) and the
-remaining epochs fine-tune only the scales and bias. Evaluation always uses the hardened form: during the
-relaxed phase a hardened copy of T is evaluated.
-
-The projection onto the constraint set runs in :meth:`StitchingModule.on_after_optimizer_step`, called
-exactly once after every real optimizer step by a torch optimizer step post-hook registered at fit start —
-so steps skipped by a mixed-precision GradScaler and micro-batches of gradient accumulation do not count.
-
-Two evaluation protocols (docs/method.md §2), chosen by ``protocols``; each has its own accuracy and penalty:
-
-- ``frozen``: S uses B's own BatchNorm running statistics (``…/stitch/acc``, ``…/stitch/penalty_pts``);
-- ``recalibrated`` (the paper's): before each evaluation, a deep copy of B (and of T's own BatchNorm, if any)
-  gets the running statistics of every BatchNorm after the stitch re-estimated — reset, ``momentum=None`` (an
-  exact average), one no-grad pass of the stitched network over the un-augmented training images in train
-  mode with T in its evaluated (hardened) form — and S is evaluated with that copy
-  (``…/stitch_recalibrated/acc``, ``…/stitch_recalibrated/penalty_pts``). The stored networks never change.
-
-The networks run on their own data: their checkpoints carry the DataModule settings they were trained with
-(:func:`symstitch.library.datamodule_settings`); a DataModule of another dataset is refused at setup. Loaders a
-user has run the same stitch through :class:`~symstitch.data.LoaderData` (``stitch(…, data=(train, test))``):
-T trains on the training loader's batches as they come, the recalibration pass runs over that loader, and the
-accuracies are measured on the test loader.
+Evaluation under both protocols (:mod:`symstitch.stitching.record`): ``frozen`` uses B's own statistics;
+``recalibrated`` (the paper's) first gives a deep copy of B (and of T's own BatchNorm, if any) the statistics of
+every BatchNorm after the stitch, re-estimated in one no-grad pass of the stitched network over the
+un-augmented training images (reset, ``momentum=None``: an exact average). The stored networks never change.
 
 Several layers at one point train side by side (``layer`` a list): their outputs T_1(h) … T_K(h) stacked along
 the batch pass through B's frozen suffix once, the loss is the sum of their losses (no parameter is shared, so each
 layer gets exactly its own gradient), and each is hardened, recalibrated and evaluated on its own. Each layer draws
-its start from the run's seed apart from the random stream that orders the batches, so it trains as it would alone
-(bit for bit on the CPU path it was checked on). A stitch sweep trains the layers of each (pair, point, repeat) so:
-one pass of B's suffix per step instead of K, one set-up, one evaluation of A and B.
-
-:func:`stitch` (Python) and :class:`StitchExperiment` (``symstitch stitch``, stitch sweeps) run the same
-LightningCLI path with the same defaults (:data:`symstitch.defaults.STITCH_DEFAULTS`, seeded), so one stitch gives
-one number whichever way it was asked for.
+its start from the run's seed apart from the random stream that orders the batches, so it trains as it would alone.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import tempfile
-import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
-from symstitch import configs, defaults
-from symstitch.cli import check_args, fit_in_process, option_value
 from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
-from symstitch.io import dumps
 from symstitch.graph import point_activation, point_channels
-from symstitch.inputs import Normalize
-from symstitch.library import ModelRef, architecture, check_same_data, load_model, load_pair, ref_identity, ref_text
+from symstitch.library import check_same_data, load_pair, ref_identity, ref_text
 from symstitch.models import StagedNet
-from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, launched_rank, names
-from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, LayerChoice, LayerSpec, MonomialStitch,
-                                     StitchLayer, build_stitch_layer, channels_last)
+from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, MonomialStitch, StitchLayer, build_stitch_layer,
+                                     channels_last)
+from symstitch.stitching.grammar import LayerSpec
+from symstitch.stitching.prefix import PrefixCache
+from symstitch.stitching.record import PROTOCOLS
 from symstitch.symmetry import intertwiner_group
 from symstitch.training import configure_schedule
 
-
 #: training batches on which the data start and the trained relaxed form are compared before hardening
 KEEP_START_BATCHES = 4
+
+
 #: how much lower (relative) the loss of the relaxed phase's permutation must be to replace the data start's
 KEEP_START_MARGIN = 0.01
+
+
 #: source channels whose |cosine| over the training images is at least 1 − this are equal up to scale
 DUPLICATE_TOLERANCE = 1e-4
-
-#: evaluation protocol → the name its accuracy and penalty are logged under (``test/<name>/penalty_pts``)
-PROTOCOLS = {"frozen": "stitch", "recalibrated": "stitch_recalibrated"}
-
-class SharedPrefix:
-    """The last prefix cache built in this process: the cells of a stitch sweep at one (source, point) — one per
-    stitching layer and repeat, run one after the other — compute A_{≤p}(x) once.
-
-    One entry at most (host memory holds one point's activations, the old entry is dropped before the new one is
-    computed), and kept after a fit only while ``keep`` is set: a stitch sweep sets it for its cells and releases
-    the entry when they are done, so a single fit (``stitch()``, ``symstitch fit``) leaves nothing behind."""
-
-    def __init__(self) -> None:
-        self.key: Optional[tuple] = None
-        self.entry: Optional[tuple[tuple[list, bool], torch.Tensor]] = None
-        self.keep = False
-
-    def get(self, key: tuple, compute: Callable[[], tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tensor]:
-        if key != self.key:
-            self.release()
-            self.entry, self.key = compute(), key
-        return self.entry
-
-    def fit_done(self) -> None:
-        if not self.keep:
-            self.release()
-
-    def release(self) -> None:
-        self.key = self.entry = None
-
-
-SHARED_PREFIX = SharedPrefix()
 
 
 def _freeze(net: StagedNet) -> StagedNet:
@@ -143,7 +81,7 @@ class StitchingModule(pl.LightningModule):
             is not a cut, B continues from T(h) and A's carry). The G stitches (``birkhoff``, ``softsort``) take
             the group of the activation at the point and refuse a point without one.
         layer: stitching layer by registry name: ``standard``, ``birkhoff``, ``softsort``, ``lasso``, ``lowrank``
-            (also with options, ``lowrank:rank=4``: :class:`~symstitch.stitch_layers.LayerSpec`); or a list of
+            (also with options, ``lowrank:rank=4``: :class:`~symstitch.stitching.grammar.LayerSpec`); or a list of
             such names: several layers T_1 … T_K at the one point, trained side by side on the same batches in one
             pass of B's frozen suffix (their outputs stacked along the batch, the loss the sum of their losses),
             each evaluated, hardened and recalibrated on its own — what a sweep does with the layers of one point.
@@ -305,7 +243,6 @@ class StitchingModule(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         if self._uncached_train_set is not None:  # the DataModule gets its images back, also after an error
             self.trainer.datamodule.train_set, self._uncached_train_set = self._uncached_train_set, None
-            SHARED_PREFIX.fit_done()
 
     def on_fit_start(self) -> None:
         self.train()
@@ -460,7 +397,9 @@ class StitchingModule(pl.LightningModule):
                              "with other loaders, leave prefix_cache out")
         dm.setup()
         labels, key = dm.train_set.y, self._prefix_key(dm, dtype)
-        (layout, tuple_carry), rows = SHARED_PREFIX.get(key, lambda: self._compute_prefix(dm, dtype))
+        # the sweep's cache (its next cells at this point reuse the entry), else one of this fit's own
+        cache = PrefixCache.scoped() or PrefixCache()
+        (layout, tuple_carry), rows = cache.get(key, lambda: self._compute_prefix(dm, dtype))
         self.__dict__["_cache_layout"] = layout
         self.__dict__["_cache_tuple"] = tuple_carry  # from the entry: also when another fit computed it
         # kept for the module's own passes over the training images after the fit (the recalibration before the
@@ -696,374 +635,3 @@ def _repeat(carry: Any, k: int) -> Any:
     if isinstance(carry, tuple):
         return tuple(_repeat(c, k) for c in carry)
     return carry.repeat(k, *([1] * (carry.dim() - 1))) if isinstance(carry, torch.Tensor) else carry
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One stitch from Python, and the stitch experiment (``symstitch stitch``, stitch sweeps): one LightningCLI path
-
-
-def stitch_options(*, epochs: int = defaults.STITCH_DEFAULTS["epochs"],
-                   relaxed_epochs: Optional[int] = defaults.STITCH_DEFAULTS["relaxed_epochs"],
-                   lr: float = defaults.STITCH_DEFAULTS["lr"], init: str = defaults.STITCH_DEFAULTS["init"],
-                   prefix_cache: Optional[str] = None) -> list[str]:
-    """``symstitch fit`` options of one stitch, after its layer's config ``configs/stitch/<layer>.yaml`` (and
-    before the networks, point, seed and folder): these settings, CSV logs only, no per-epoch validation (the
-    result is the test split, measured once at the end), no checkpoint (the record keeps the learned layer)."""
-    return ["--config", str(configs.path("logger/csv.yaml")), "--trainer.max_epochs", option_value(epochs),
-            "--model.init_args.relaxed_epochs", option_value(relaxed_epochs), "--model.init_args.init", init,
-            "--model.init_args.optimizer.init_args.lr", option_value(lr),
-            *(["--model.init_args.prefix_cache", prefix_cache] if prefix_cache else []),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0"]
-
-
-def stitch_result(module: StitchingModule, metrics: dict[str, float], k: int = 0) -> dict[str, Any]:
-    """Layer ``k`` of a finished stitch as a record: the penalty in points and the stitched accuracy of each
-    protocol (``penalty_pts``/``stitched_acc`` frozen, ``penalty_recalibrated_pts``/``stitched_recalibrated_acc``
-    recalibrated; None for a protocol not run), the two networks' accuracies, the learned layer."""
-    summary = module.summary(k)
-    result: dict[str, Any] = {"penalty_pts": None, "stitched_acc": None}
-    for protocol, name in module.log_names[k].items():
-        suffix = "" if protocol == "frozen" else f"_{protocol}"
-        result[f"penalty{suffix}_pts"] = metrics[f"test/{name}/penalty_pts"]
-        result[f"stitched{suffix}_acc"] = metrics[f"test/{name}/acc"]
-    return {**result, "source_acc": metrics["test/source/acc"], "target_acc": metrics["test/target/acc"],
-            "permutation": summary.get("permutation"), "model": summary}
-
-
-@dataclass
-class StitchResult:
-    """What :func:`stitch` returns: penalties in points of accuracy, frozen (``penalty_pts``) and recalibrated
-    (``penalty_recalibrated_pts``) where that protocol ran; ``permutation`` where the layer has one, and
-    ``unidentifiable``, the source channels no stitch could place (``{"dead": [...], "duplicates": [[i, j], ...]}``,
-    G stitches)."""
-
-    point: str
-    layer_name: str
-    penalty_pts: Optional[float]
-    stitched_acc: Optional[float]
-    source_acc: float
-    target_acc: float
-    layer: StitchLayer = field(repr=False)
-    permutation: Optional[list[int]] = None
-    description: dict = field(default_factory=dict, repr=False)
-    run_dir: Optional[str] = None
-    penalty_recalibrated_pts: Optional[float] = None
-    stitched_recalibrated_acc: Optional[float] = None
-    unidentifiable: Optional[dict] = None
-
-    def to_json(self) -> str:
-        return dumps({k: v for k, v in asdict(self).items() if k != "layer"})
-
-
-def stitch(
-    source: ModelRef,
-    target: ModelRef,
-    point: str,
-    layer: Union[str, Sequence[str]] = "birkhoff",
-    *,
-    epochs: int = defaults.STITCH_DEFAULTS["epochs"],
-    relaxed_epochs: Optional[int] = defaults.STITCH_DEFAULTS["relaxed_epochs"],
-    lr: float = defaults.STITCH_DEFAULTS["lr"],
-    init: str = defaults.STITCH_DEFAULTS["init"],
-    seed: int = defaults.STITCH_DEFAULTS["seed"],
-    prefix_cache: Optional[str] = None,
-    layer_kwargs: Optional[dict[str, Any]] = None,
-    data: Optional[Union[DataModule, dict, LoaderData, tuple[Iterable[Any], Iterable[Any]]]] = None,
-    normalize: Optional[Normalize] = None,
-    run_dir: Optional[Union[str, Path]] = None,
-    fit_args: tuple[str, ...] = (),
-) -> Union[StitchResult, list[StitchResult]]:
-    """Stitch ``source`` into ``target`` at ``point`` and evaluate on the test split, from Python.
-
-    The same LightningCLI path and defaults as ``symstitch stitch`` (one cell of it), seeded: the same arguments
-    give the same number both ways. ``source``/``target``: checkpoints or library entries, ``nn.Module``\ s in
-    memory, or any other reference of :mod:`symstitch.library` (class path + state dict, ``timm:<name>``); a
-    network outside the zoo has no saved data settings, so its data is ``data`` (default: digits). ``layer_kwargs``: the
-    layer's options (replacing those of ``configs/stitch/<layer>.yaml``). ``data``: None (the
-    networks' own, from their checkpoints), a dict of DataModule settings, or a DataModule (its settings are
-    used); other data than the networks' is refused. ``run_dir``: where the CSV logs go (a temporary folder by
-    default). ``fit_args``: any further ``symstitch fit`` options, e.g. ``("--trainer.accelerator", "gpu")``.
-
-    ``layer`` may be a list (``["standard", "lowrank:rank=4", "birkhoff"]``): the layers train side by side in one
-    pass of B's suffix (:class:`StitchingModule`), as a sweep trains the layers of one point, each with its own
-    config's options (``layer_kwargs``, when given, replacing them for all), and a list of results comes back.
-    Their configs must agree on everything else (optimizer, schedule, protocols).
-
-    ``data`` may also be the loaders you have, ``(train_loader, test_loader)`` (or a
-    :class:`~symstitch.data.LoaderData`), of (image, label) batches: T trains on the training loader's batches as
-    they come (its batch size, its order — a shuffling loader draws it from the global random state, which
-    ``seed`` fixes — and its augmentation, if any), the recalibrated protocol re-estimates the statistics in one
-    no-grad pass over the training loader, and every accuracy is measured on the test loader. Float images are
-    taken as the networks' inputs, already normalised; uint8 images are normalised as
-    :func:`~symstitch.metrics.similarity_matrix` normalises them, ``(x / 255 − mean) / std`` per channel, by
-    ``normalize`` (a (mean, std) pair on the 0..1 scale, a :class:`~symstitch.inputs.Normalization` or any
-    callable), by default by the normalisation the loader's dataset carries (the DataModule's loaders carry
-    theirs), else an error at the first batch. A batch that is not (image, label) is an error naming what came.
-    Whether the loaders hold the networks' own data is not checked. Loaders stay in this process: a run on
-    several devices (DDP) is refused (use data settings there), and so is ``prefix_cache``.
-    """
-    loaders = _loader_data(data, normalize)
-    settings = {} if loaders is not None else dict(data.hparams) if isinstance(data, DataModule) else dict(data or {})
-    data_args = [a for k, v in settings.items() for a in (f"--data.{k}", option_value(v))]
-    specs = [LayerSpec.parse(name) for name in ([layer] if isinstance(layer, str) else layer)]  # unknown: the list
-    side_by_side = [] if isinstance(layer, str) else ["--model.init_args.layer", json.dumps(_side_by_side(specs, layer_kwargs)),
-                                                      "--model.init_args.layer_kwargs", "null"]
-    with tempfile.TemporaryDirectory(prefix="symstitch-stitch-") as tmp:
-        folder = Path(run_dir) if run_dir is not None else Path(tmp)
-        load_pair(source, target, point)  # an unknown point (the nearest names) or mismatched widths: one clear error
-        cli = fit_in_process(["--config", str(configs.path(f"stitch/{specs[0].name}.yaml")),
-                              *stitch_options(epochs=epochs, relaxed_epochs=relaxed_epochs, lr=lr, init=init,
-                                              prefix_cache=prefix_cache),
-                              *(["--model.init_args.layer", specs[0].label] if specs[0].options else []),
-                              *(["--model.init_args.layer_kwargs", json.dumps(layer_kwargs)] if layer_kwargs else []),
-                              *side_by_side, *data_args, *fit_args, "--model.source", ref_text(source),
-                              "--model.target", ref_text(target), "--model.point", point,
-                              "--seed_everything", str(seed), "--trainer.default_root_dir", str(folder)],
-                             datamodule=loaders)
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    results = []
-    for k, spec in enumerate(specs):
-        r = stitch_result(cli.model, metrics, k)
-        results.append(StitchResult(
-            point=point, layer_name=spec.label, penalty_pts=r["penalty_pts"], stitched_acc=r["stitched_acc"],
-            source_acc=r["source_acc"], target_acc=r["target_acc"], layer=cli.model.stitches[k],
-            permutation=r["permutation"], description=r["model"], run_dir=str(folder) if run_dir is not None else None,
-            penalty_recalibrated_pts=r.get("penalty_recalibrated_pts"),
-            stitched_recalibrated_acc=r.get("stitched_recalibrated_acc"), unidentifiable=r["model"].get("unidentifiable")))
-    return results[0] if isinstance(layer, str) else results
-
-
-def _side_by_side(specs: Sequence[LayerSpec], layer_kwargs: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``layer`` list of a side-by-side stitch from Python: each layer with the options of its config
-    (``layer_kwargs`` replacing them when given); refused when the configs differ in anything else."""
-    loaded = {spec.name: yaml.safe_load(configs.path(f"stitch/{spec.name}.yaml").read_text()) for spec in specs}
-    shared = {}
-    for name, config in loaded.items():  # what stitch() does not set itself
-        rest = copy.deepcopy(config)
-        init = rest.get("model", {}).get("init_args", {})
-        for key in ("layer", "layer_kwargs", "relaxed_epochs", "init"):
-            init.pop(key, None)
-        init.get("optimizer", {}).get("init_args", {}).pop("lr", None)
-        rest.get("trainer", {}).pop("max_epochs", None)
-        shared[name] = json.dumps(rest, sort_keys=True)
-    if len(set(shared.values())) > 1:
-        raise ValueError(f"layers trained side by side share one training setup, but the configs of "
-                         f"{', '.join(sorted(shared))} (configs/stitch/) differ in more than the layer's options: "
-                         "stitch them one at a time")
-    return [{"layer": spec.label,
-             "layer_kwargs": layer_kwargs if layer_kwargs is not None else
-             loaded[spec.name]["model"]["init_args"].get("layer_kwargs") or {}} for spec in specs]
-
-
-def _loader_data(data: Any, normalize: Optional[Normalize]) -> Optional[LoaderData]:
-    """``stitch()``'s ``data`` as a :class:`~symstitch.data.LoaderData` when it is loaders, else None (then
-    ``normalize``, which only concerns loaders, must not be given)."""
-    if isinstance(data, LoaderData):
-        if normalize is not None:
-            raise ValueError("normalize goes into the LoaderData (LoaderData(train, test, normalize=…)), not stitch()")
-        return data
-    if isinstance(data, (tuple, list)):
-        if len(data) != 2:
-            raise ValueError(f"data as loaders is a pair (train_loader, test_loader); got {len(data)} items")
-        return LoaderData(*data, normalize=normalize)
-    if normalize is not None:
-        raise ValueError("normalize applies to loaders (data=(train_loader, test_loader)); a DataModule and data "
-                         "settings normalise their images themselves")
-    return None
-
-
-#: point-list keywords → the points they stand for
-POINT_SETS: dict[str, Callable[[StagedNet], Sequence[str]]] = {
-    "all": lambda net: net.stitch_points,
-    "inner": lambda net: net.inner_points,
-}
-
-
-def point_list(net: StagedNet, points: Union[str, Sequence[str]]) -> list[str]:
-    """The stitch points a sweep names, in forward order: point names and the keywords of :data:`POINT_SETS`
-    (``all``: the cuts, ``inner``: the points inside ResNet blocks; ``[all, inner]``: the paper's 19 points of
-    ResNet-20)."""
-    order = net.split_points
-    chosen = set()
-    for name in names(points):
-        if name in POINT_SETS:
-            chosen.update(POINT_SETS[name](net))
-        elif name in order:
-            chosen.add(name)
-        else:
-            inner = f"; inner points: {', '.join(net.inner_points)}" if net.inner_points else ""
-            raise ValueError(f"{type(net).__name__} has no stitch point {name!r}; valid stitch points: "
-                             f"{', '.join(net.stitch_points)}{inner} (or {', '.join(POINT_SETS)})")
-    return [p for p in order if p in chosen]
-
-
-def validation_result(module: StitchingModule, metrics: dict[str, float], k: int = 0) -> dict[str, Any]:
-    """The final validation of layer ``k`` of a stitch (``val/…`` metrics of :func:`~symstitch.cli.fit_in_process`
-    with ``validate``) as record keys: ``val_<key>`` of each key :func:`stitch_result` gives a test number."""
-    result = {"val_source_acc": metrics["val/source/acc"], "val_target_acc": metrics["val/target/acc"]}
-    for protocol, name in module.log_names[k].items():
-        suffix = "" if protocol == "frozen" else f"_{protocol}"
-        if f"val/{name}/acc" in metrics:
-            result[f"val_penalty{suffix}_pts"] = metrics[f"val/{name}/penalty_pts"]
-            result[f"val_stitched{suffix}_acc"] = metrics[f"val/{name}/acc"]
-    return result
-
-
-@EXPERIMENTS.register("stitch")
-class StitchExperiment(PairExperiment):
-    """Paper §4 stitching: pairs × stitch points × stitch layers × repeats, each cell ``symstitch fit`` with
-    ``stitch_config`` (``{layer}`` replaced by the layer's name) plus ``fit_args``, seed = the repeat. The cells of
-    one pair, point and repeat that train alike but for their layer run side by side in one fit (:meth:`groups`);
-    each keeps its own record.
-
-    The networks come from a model library (``zoo``, ``arch``, ``seeds``, ``pairs``) or are one explicit pair
-    (``source``, ``target``: checkpoints or library entries), which is what ``symstitch stitch`` writes.
-
-    A layer whose option lists candidate values, ``birkhoff:alpha=0.001|0.01|0.1|1|10``
-    (:class:`~symstitch.stitch_layers.LayerChoice`), is chosen on the validation split: one cell per candidate
-    (key ``…/cv_<candidate>/…``, ``cell["select"]`` says which choice and value), each also evaluated on the
-    held-out validation split after its fit (``val_…`` in its record); :mod:`symstitch.selection` chooses from
-    the records. Such a sweep needs ``val_split`` > 0 in its data (in ``fit_args``: ``--data.val_split 0.1``, or
-    the networks' own); it is refused before any cell runs when validation would use the test split."""
-
-    name = "stitch"
-    multi_process_cells = True
-    options = {**PAIR_OPTIONS, "points": "all", "layers": ["standard", "birkhoff"], "repeats": 1,
-               "stitch_config": "configs/stitch/{layer}.yaml", "fit_args": []}
-
-    def cells(self) -> list[Cell]:
-        s = self.settings
-        # (spec, its part of the cell key, the choice it is a candidate of)
-        specs: list[tuple[LayerSpec, str, Optional[dict]]] = []
-        for layer in names(s["layers"]):
-            choice = LayerChoice.parse(layer)
-            if choice is None:
-                spec = LayerSpec.parse(layer)
-                specs.append((spec, spec.slug, None))
-                continue
-            values = list(choice.values)
-            specs += [(spec, f"cv_{spec.slug}", {"layer": choice.label, "series": choice.series,
-                                                 "option": choice.option, "value": value, "values": values})
-                      for spec, value in zip(choice.candidates, values)]
-        models, chosen, key = self.network_pairs()
-        if not chosen:
-            return []
-        first = models[chosen[0][0]]
-        net = load_model(first)
-        arch, order = architecture(first), list(net.split_points)
-        for a, b in chosen:
-            load_pair(models[a], models[b], order[0])  # same architecture, shapes and data, before any cell runs
-        points = point_list(net, s["points"])
-        cells = [
-            Cell(f"{arch}/{key.format(a=a, b=b)}/{slug}/{point}/r{r}",
-                 {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
-                  "point": point, "point_index": order.index(point), "layer": spec.label, "repeat": r,
-                  **({"select": select} if select else {})})
-            # a point's cells one after the other: they share its prefix cache (see SharedPrefix)
-            for a, b in chosen for point in points for spec, slug, select in specs for r in range(int(s["repeats"]))
-        ]
-        twice = sorted(k for k, n in Counter(c.key for c in cells).items() if n > 1)
-        if twice:
-            raise ValueError(f"these layers make the same cell twice: {twice[0]} (a layer listed twice, or two "
-                             "choices sharing a candidate)")
-        return cells
-
-    def _args(self, cell: Cell, cell_dir: Path) -> list[str]:
-        p, spec = cell.params, LayerSpec.parse(cell.params["layer"])
-        options = ["--model.init_args.layer_kwargs", json.dumps(spec.options)] if spec.options else []
-        return ["--config", self.resolve(self.settings["stitch_config"].replace("{layer}", spec.name)),
-                *self.fit_args(layer=spec.name), *options,
-                "--model.source", p["source"], "--model.target", p["target"], "--model.point", p["point"],
-                "--seed_everything", str(p["repeat"]), "--trainer.default_root_dir", str(cell_dir)]
-
-    @staticmethod
-    def _kind(cell: Cell) -> tuple[str, bool]:
-        return cell.params["layer"], "select" in cell.params
-
-    def check(self, cells: list[Cell]) -> None:
-        """The arguments of each layer parse (once per layer config: layers that differ only in their options share
-        the parse); a choice has a held-out validation split to choose on."""
-        self._configs: dict[tuple[str, bool], Any] = {}
-        self._layer_kwargs: dict[tuple[str, bool], dict] = {}
-        parsed: dict[tuple[str, bool], Any] = {}
-        for kind in dict.fromkeys(self._kind(c) for c in cells):
-            cell = next(c for c in cells if self._kind(c) == kind)
-            spec = LayerSpec.parse(cell.params["layer"])
-            if (spec.name, kind[1]) not in parsed:  # the layer's config with its own options
-                bare = Cell(cell.key, {**cell.params, "layer": spec.name})
-                parsed[spec.name, kind[1]] = check_args(["fit", *self._args(bare, Path("."))])
-            config = self._configs[kind] = parsed[spec.name, kind[1]]
-            if config is not None:  # a label's options replace the config's (as in a cell's arguments)
-                self._layer_kwargs[kind] = dict(spec.options or config.model.init_args.layer_kwargs or {})
-            select = cell.params.get("select")
-            if select and config is not None and not float(config.data.val_split or 0) > 0:
-                raise ValueError(f"{select['layer']}: choosing {select['option']} needs a held-out validation "
-                                 f"split, but the data validates on the test split (val_split "
-                                 f"{config.data.val_split}); add --data.val_split 0.1 (say) to fit_args")
-
-    def _training(self, kind: tuple[str, bool]) -> Optional[str]:
-        """What a cell of this kind trains with, its layer aside: its parsed settings without the layer, its
-        options, the networks, the point, the seed and the folder (None when they were not parsed)."""
-        config = getattr(self, "_configs", {}).get(kind)
-        if config is None:
-            return None
-        settings = config.clone().as_dict()
-        init = settings.get("model", {}).get("init_args", {})
-        for key in ("layer", "layer_kwargs", "source", "target", "point"):
-            init.pop(key, None)
-        for key in ("seed_everything", "config"):  # the config files named: their settings are compared instead
-            settings.pop(key, None)
-        settings.get("trainer", {}).pop("default_root_dir", None)
-        return json.dumps(settings, sort_keys=True, default=str)
-
-    def groups(self, cells: Sequence[Cell]) -> list[list[Cell]]:
-        """The layers of one pair, point and repeat train side by side, in one pass of B's frozen suffix (see
-        :class:`StitchingModule`), when everything else they train with is the same; each layer still has its own
-        cell and record. Cells whose settings differ otherwise, or were not parsed, run on their own."""
-        groups: dict[tuple, list[Cell]] = {}
-        for cell in cells:
-            p, training = cell.params, self._training(self._kind(cell))
-            key = ((p["source"], p["target"], p["point"], p["repeat"], "select" in p, training) if training is not None
-                   else (cell.key,))
-            groups.setdefault(key, []).append(cell)
-        # one source and point after another: their groups share the prefix cache (SharedPrefix holds one)
-        return sorted(groups.values(), key=lambda g: (g[0].params["source"], g[0].params["point_index"]))
-
-    def _layer_entry(self, cell: Cell) -> dict[str, Any]:
-        """A cell's layer as an entry of a side-by-side module's ``layer`` list: its label and the options its
-        config and its label give it."""
-        return {"layer": cell.params["layer"], "layer_kwargs": self._layer_kwargs[self._kind(cell)]}
-
-    def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
-        return (self.run_group([cell], out) or {}).get(cell.key)
-
-    def run_group(self, cells: Sequence[Cell], out: Path) -> Optional[dict[str, dict]]:
-        """One fit for the cells (one, or the layers of one point side by side): ``{key: record}``."""
-        first = cells[0]
-        arch, pair, _, *point, repeat = first.key.split("/")  # the layer's part of the key names the folder
-        folder = self.cell_dir(out, first) if len(cells) == 1 else \
-            Path(out, "runs", arch, pair, "side_by_side", *point, repeat)
-        if folder.exists() and launched_rank() == 0:  # an attempt that never recorded (killed): kept, labelled
-            aside = folder.with_name(f"{folder.name}.abandoned-{time.strftime('%Y%m%dT%H%M%S')}")
-            folder.rename(aside)
-            print(f"stitch: the logs of an attempt that did not finish moved to {aside}", flush=True)
-        args = self._args(first, folder)
-        if len(cells) > 1:
-            args += ["--model.init_args.layer", json.dumps([self._layer_entry(c) for c in cells]),
-                     "--model.init_args.layer_kwargs", "null"]
-        candidate = "select" in first.params
-        SHARED_PREFIX.keep = True  # the next cells at this point reuse its prefix cache; after_run releases it
-        cli = fit_in_process(args, validate=candidate)
-        run_dir = str(cli.trainer.log_dir or folder)  # the fit's own log folder (…/fit/version_0); every rank asks
-        if not cli.trainer.is_global_zero:
-            return None
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-        return {cell.key: {**stitch_result(cli.model, metrics, k),
-                           **(validation_result(cli.model, cli.metrics, k) if candidate else {}),
-                           "run_dir": run_dir} for k, cell in enumerate(cells)}
-
-    def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
-        SHARED_PREFIX.keep = False
-        SHARED_PREFIX.release()
-        super().after_run(out, records)
