@@ -122,12 +122,12 @@ def procrustes_parts(x: torch.Tensor, y: torch.Tensor, repeats: int, device: tor
     """What the Procrustes moments cannot avoid, timed alone (median of ``repeats``): the float64 conversion pass
     (both inputs copied into float64 chunk buffers in the grouped layout of the moments) and the float64 GEMMs
     (the batched group products on inputs already converted)."""
-    from symstitch.metrics import functional as MF
+    from symstitch.metrics.procrustes import _GROUP_WIDTH, _MOMENT_BUDGET
 
     n, c = x.shape[:2]
     p = x[0, 0].numel()
-    chunk = max(1, MF._MOMENT_BUDGET // (2 * c * p))
-    g = max(1, min(chunk, MF._GROUP_WIDTH // p))
+    chunk = max(1, _MOMENT_BUDGET // (2 * c * p))
+    g = max(1, min(chunk, _GROUP_WIDTH // p))
     chunk = max(g, chunk // g * g)
     z = torch.empty(chunk // g, 2 * c, g, p, dtype=torch.float64, device=device)
     whole = n // chunk * chunk  # whole chunks only (the remainder is a few inputs)
