@@ -1,7 +1,11 @@
-"""Similarity metrics (docs/method.md §3, §7): plain float64 references, invariances, streaming, edges, two networks."""
+"""Similarity metrics (docs/method.md §3, §7): plain float64 references, invariances, streaming, edges, two networks.
+
+The references (``ref_*``) are the one home of the written-out float64 forms of the metrics; the tests of the
+fused kernels (test_metrics_fast) compare with them too."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -11,10 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
 
 from symstitch import metrics as M
-from symstitch.metrics import functional as MF
+from symstitch.metrics import base as MB
 from symstitch.metrics import pairwise as MP
 from symstitch.models import build
 from symstitch.symmetry import act, actionable_points, compose, feature, intertwiner_group
+
+# the family modules (the package's names ``cka`` and ``procrustes`` are the functions)
+MC = importlib.import_module("symstitch.metrics.cka")
+MPR = importlib.import_module("symstitch.metrics.procrustes")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -33,15 +41,23 @@ def randn(*shape, seed: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ references
 
 
+def ref_layout(t: torch.Tensor) -> torch.Tensor:
+    """(n, C) → (n, C, 1, 1); tokens (n, L, C) → (n, C, L, 1)."""
+    if t.dim() == 2:
+        return t[:, :, None, None]
+    return t.transpose(1, 2)[..., None] if t.dim() == 3 else t
+
+
 def ref_match(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit nearest upsampling by whole factors (repeat each row / column) and zero channels."""
-    x = x[:, :, None, None] if x.dim() == 2 else x
-    y = y[:, :, None, None] if y.dim() == 2 else y
+    """Explicit nearest upsampling (output row i reads input row ⌊i·h/H⌋: by whole factors, each row / column
+    repeated) and zero channels."""
+    x, y = ref_layout(x), ref_layout(y)
     H, W = max(x.shape[2], y.shape[2]), max(x.shape[3], y.shape[3])
     C = max(x.shape[1], y.shape[1])
     out = []
     for t in (x, y):
-        t = t.repeat_interleave(H // t.shape[2], dim=2).repeat_interleave(W // t.shape[3], dim=3)
+        h, w = t.shape[2:]
+        t = t[:, :, [i * h // H for i in range(H)]][:, :, :, [j * w // W for j in range(W)]]
         padded = torch.zeros(t.shape[0], C, H, W, dtype=t.dtype)
         padded[:, : t.shape[1]] = t
         out.append(padded)
@@ -122,6 +138,27 @@ def ref_procrustes_orthogonal(x: torch.Tensor, y: torch.Tensor) -> float:
     U, _, Vh = torch.linalg.svd(X @ Y.T)
     Q = U @ Vh
     return 1 - float((X - Q @ Y).norm()) / 2, X, Y
+
+
+def ref_similarity(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The metric ``name`` (one of NAMES) of x and y by the references above, in float64."""
+    x, y = x.double(), y.double()
+    if name == "procrustes_relu":
+        return ref_procrustes_relu(x, y)
+    if name == "procrustes_orthogonal":
+        return ref_procrustes_orthogonal(x, y)[0]
+    mx, my = ref_match(x, y)
+    kernel = "linear" if name == "cka_linear" else "relu"
+    return ref_cka(ref_kernel(mx, kernel), ref_kernel(my, kernel))
+
+
+def ref_moments(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Procrustes moments on the matched grid, in float64: Σ X_a Y_b (C1×C2), ‖X_a‖² (C1), ‖Y_b‖² (C2)."""
+    c1, c2 = ref_layout(x).shape[1], ref_layout(y).shape[1]
+    mx, my = ref_match(x.double(), y.double())
+    X = mx[:, :c1].transpose(0, 1).reshape(c1, -1)
+    Y = my[:, :c2].transpose(0, 1).reshape(c2, -1)
+    return X @ Y.T, X.square().sum(1), Y.square().sum(1)
 
 
 def positive_scaled_permutation(x: torch.Tensor, seed: int, spread: float = 1.0) -> torch.Tensor:
@@ -233,8 +270,8 @@ def test_cka_on_vectors_uses_the_centring_matrix():
 def test_relu_kernel_in_small_channel_chunks(monkeypatch):
     x, y = randn(10, 6, 2, 2, seed=16), randn(10, 6, 2, 2, seed=17)
     whole = float(M.cka(x, y, "relu"))
-    monkeypatch.setattr(MF, "_BUDGET", 7)  # one channel per GEMM
-    monkeypatch.setattr(MF, "_MEDIAN_BUDGET", 7)  # one row per block for the median
+    monkeypatch.setattr(MC, "_BUDGET", 7)  # one channel per GEMM
+    monkeypatch.setattr(MC, "_MEDIAN_BUDGET", 7)  # one row per block for the median
     assert float(M.cka(x, y, "relu", block_size=3)) == pytest.approx(whole, abs=1e-12)
     assert float(M.cka(x, y, "relu", "median")) == pytest.approx(
         ref_cka(ref_kernel(x, "relu", "median"), ref_kernel(y, "relu", "median")), abs=1e-9)
@@ -245,10 +282,10 @@ def test_relu_kernel_tiles_give_the_reference_kernel(monkeypatch, tile, budget, 
     """Row blocks cut into column tiles (ragged last tiles, one or several channels per GEMM, all channels in one):
     every entry of the packed kernel is the written-out max over channels, with and without zero channels."""
     x = torch.relu(randn(13, 5, 2, 3, seed=60))
-    monkeypatch.setattr(MF, "_TILE_COLUMNS", tile)
-    monkeypatch.setattr(MF, "_BUDGET", budget)
+    monkeypatch.setattr(MC, "_TILE_COLUMNS", tile)
+    monkeypatch.setattr(MC, "_BUDGET", budget)
     for pad_to in (5, 7):
-        got = MF._relu_gram(MF._centre(x, "relu")[0], "max", pad_to, block).full()
+        got = MC._relu_gram(MC._centre(x, "relu")[0], "max", pad_to, block).full()
         padded = torch.cat([x, x.new_zeros(13, pad_to - 5, 2, 3)], 1)
         assert torch.allclose(got, ref_kernel(padded, "relu"), atol=1e-12, rtol=0)
 
@@ -592,12 +629,12 @@ def test_batched_moments_in_small_chunks_equal_pairwise():
     torch.manual_seed(2)
     net = Odd().double()
     x = torch.randn(10, 3, 6, 6, generator=gen(43), dtype=F64)
-    feats = {p: MF._to_4d(feature(net, p, x)) for p in Odd.feature_points}
+    feats = {p: MB._to_4d(feature(net, p, x)) for p in Odd.feature_points}
     points = list(Odd.feature_points)
     batched = MP._all_moments(feats, feats, points, points, budget=1)  # one input per chunk
     for a in points:
         for b in points:
-            want = MF._moments(feats[a], feats[b])
+            want = MPR._procrustes_update(feats[a], feats[b])
             for got, ref in zip((batched[(a, b)].cross, batched[(a, b)].sq_x, batched[(a, b)].sq_y),
                                 (want.cross, want.sq_x, want.sq_y)):
                 assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12), (a, b)

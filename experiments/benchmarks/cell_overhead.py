@@ -9,9 +9,9 @@ splits each cell's wall time into
   steps, timed by a callback around every batch;
 - overhead: everything else (argument parsing, checkpoints, data, Trainer, loops, records).
 
-With ``--compare REF`` it runs the same sweep, in the same run, with the code of git revision REF (a temporary
-worktree, a subprocess: that code as it was) and prints the ratio of the two median cell times; the work per
-cell is the same computation in both, so the difference is overhead.
+With ``--compare REF`` it runs the same sweep, in the same run, with the code of git revision REF (its files from
+git in a temporary folder, ``git_tree.source_tree``; a subprocess: that code as it was) and prints the ratio of
+the two median cell times; the work per cell is the same computation in both, so the difference is overhead.
 
     python experiments/benchmarks/cell_overhead.py [--compare 6d5f7c2] [--out runs/bench/cell_overhead]
 """
@@ -36,7 +36,8 @@ from symstitch.loggers import quiet
 from symstitch.stitching import StitchingModule
 from symstitch.sweep import load_sweep
 
-REPO = Path(__file__).resolve().parents[2]
+from git_tree import source_tree
+
 POINTS = ["stem.act", "layer1.0.act2", "layer2.0.act2", "layer3.0.act2"]
 
 
@@ -107,21 +108,15 @@ def main() -> None:
           f"which work {work:.2f} s (mean) → fixed overhead ≈ {statistics.median(walls) - work:.2f} s per cell")
 
     if args.compare:
-        with tempfile.TemporaryDirectory() as tmp:
-            tree = Path(tmp) / "tree"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tree), args.compare],
-                           check=True)
-            try:
-                cfg = Path(tmp) / "sweep.yaml"
-                cfg.write_text(yaml.safe_dump(sweep_config(Path(tmp) / "then", library, tree / "configs")))
-                env = {**os.environ, "PYTHONPATH": str(tree)}
-                start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "symstitch", "sweep", "--config", str(cfg), "--no-progress"],
-                               check=True, env=env, cwd=tmp, capture_output=True)
-                then_total = time.perf_counter() - start
-                then = seconds_of(Path(tmp) / "then" / "cells")
-            finally:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
+        with tempfile.TemporaryDirectory() as tmp, source_tree(args.compare) as tree:
+            cfg = Path(tmp) / "sweep.yaml"
+            cfg.write_text(yaml.safe_dump(sweep_config(Path(tmp) / "then", library, tree / "configs")))
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "symstitch", "sweep", "--config", str(cfg), "--no-progress"],
+                           check=True, env=env, cwd=tmp, capture_output=True)
+            then_total = time.perf_counter() - start
+            then = seconds_of(Path(tmp) / "then" / "cells")
         print(f"{args.compare}: {len(then)} cells in {then_total:.1f} s; per cell: median {statistics.median(then):.2f} s "
               f"→ overhead ≈ {statistics.median(then) - work:.2f} s per cell (same work)")
         print(f"median cell time, {args.compare} / this code: {statistics.median(then) / statistics.median(walls):.2f}×")

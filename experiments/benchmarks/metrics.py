@@ -1,5 +1,8 @@
-"""Cost of the similarity metrics, the current code path side by side with the kept baseline
-(``experiments/benchmarks/metrics_baseline``: the code path before the fused kernels), in one run.
+"""Cost of the similarity metrics, the working tree's code side by side with a baseline, the code of git revision
+``--baseline REV`` (default 60a6b45: the code path before the fused kernels), in one run. The baseline's files
+come from git into a temporary folder (``git_tree.source_tree``) and run in processes of their own, with that
+folder first on the path: in part 2 one process answers the calls one at a time, interleaved with ours; in part
+4 fresh children, as ours.
 
 1. GEMM rate of the device: ``torch.matmul`` of two 4096×4096 float32 matrices (median after a warm-up),
    GFLOP/s = 2·4096³ / t.
@@ -34,8 +37,8 @@ default OpenMP wait policy: ``OMP_WAIT_POLICY=PASSIVE`` (which the test suite us
 processes) puts idle threads to sleep, and on the 2-core machine every parallel operation then paid ~80 µs of
 wake-up (an ``amax`` over 64K floats took 83 µs instead of 13).
 
-    python experiments/benchmarks/metrics.py [--threads 2] [--n 2000] [--images 10000] [--repeats 3]
-        [--pair-repeats 3] [--skip-naive] [--skip-pairs] [--device cuda] [--quick]
+    python experiments/benchmarks/metrics.py [--baseline 60a6b45] [--threads 2] [--n 2000] [--images 10000]
+        [--repeats 3] [--pair-repeats 3] [--skip-naive] [--skip-pairs] [--device cuda] [--quick]
 """
 
 from __future__ import annotations
@@ -55,8 +58,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout this script belongs to, before any installed copy
-sys.path.insert(1, str(HERE))  # metrics_baseline
+sys.path.insert(1, str(HERE))  # git_tree
 
+from git_tree import source_tree  # noqa: E402
+
+#: the code path before the fused kernels
+BASELINE = "60a6b45"
 GEMM_N, BATCH, PAPER_IMAGES, MEMORY_TARGET_GB = 4096, 500, 10_000, 4.0
 SHAPES = ((16, 32, 32), (32, 16, 16), (64, 8, 8))
 METRIC_NAMES = ("cka_relu", "cka_linear", "procrustes_relu", "procrustes_orthogonal")
@@ -122,12 +129,12 @@ def procrustes_parts(x: torch.Tensor, y: torch.Tensor, repeats: int, device: tor
     """What the Procrustes moments cannot avoid, timed alone (median of ``repeats``): the float64 conversion pass
     (both inputs copied into float64 chunk buffers in the grouped layout of the moments) and the float64 GEMMs
     (the batched group products on inputs already converted)."""
-    from symstitch.metrics import functional as MF
+    from symstitch.metrics.procrustes import _GROUP_WIDTH, _MOMENT_BUDGET
 
     n, c = x.shape[:2]
     p = x[0, 0].numel()
-    chunk = max(1, MF._MOMENT_BUDGET // (2 * c * p))
-    g = max(1, min(chunk, MF._GROUP_WIDTH // p))
+    chunk = max(1, _MOMENT_BUDGET // (2 * c * p))
+    g = max(1, min(chunk, _GROUP_WIDTH // p))
     chunk = max(g, chunk // g * g)
     z = torch.empty(chunk // g, 2 * c, g, p, dtype=torch.float64, device=device)
     whole = n // chunk * chunk  # whole chunks only (the remainder is a few inputs)
@@ -152,8 +159,47 @@ def procrustes_parts(x: torch.Tensor, y: torch.Tensor, repeats: int, device: tor
             statistics.median(timed(gemm, device)[0] for _ in range(repeats)))
 
 
-def metric_table(n: int, repeats: int, gemm: float, device: torch.device) -> list[dict]:
-    import metrics_baseline as base
+class Baseline:
+    """The baseline's functional metrics in a process of their own (``--serve``, the revision's folder first on its
+    path): :meth:`call` runs one metric once on the seeded features of ``features`` and gives its time there
+    and its value. One call at a time, so its calls and ours interleave."""
+
+    def __init__(self, args: argparse.Namespace, tree: Path):
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--tree", str(tree), "--threads",
+               str(args.threads), "--device", args.device]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def call(self, name: str, n: int, shape: tuple[int, int, int]) -> tuple[float, float]:
+        self.process.stdin.write(json.dumps({"name": name, "n": n, "shape": shape}) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:  # the answer is the next JSON line
+            if line.startswith("{"):
+                answer = json.loads(line)
+                return answer["time"], answer["value"]
+        raise RuntimeError(f"the baseline process ended (exit status {self.process.wait()})")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve(device: torch.device) -> None:
+    """The baseline's side of :class:`Baseline`: one JSON request a line on stdin, one JSON answer on stdout."""
+    from symstitch import metrics
+
+    held: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        key = (request["n"], tuple(request["shape"]))
+        if key not in held:
+            held.clear()
+            held[key] = features(*key, 0, device), features(*key, 1, device)
+        x, y = held[key]
+        t, value = timed(lambda: metrics.similarity(request["name"], x, y), device)
+        print(json.dumps({"time": t, "value": value}), flush=True)
+
+
+def metric_table(n: int, repeats: int, gemm: float, device: torch.device, base: Baseline) -> list[dict]:
     from symstitch import metrics as ours
 
     print(f"   {'metric':22s} {'shape':12s} {'baseline':>9s} {'ours':>8s} {'ratio':>6s} {'|diff|':>8s} "
@@ -162,12 +208,11 @@ def metric_table(n: int, repeats: int, gemm: float, device: torch.device) -> lis
     for shape in SHAPES:
         x, y = features(n, shape, 0, device), features(n, shape, 1, device)
         for name in METRIC_NAMES:
-            run_base = lambda: base.similarity(name, x, y)  # noqa: E731
             run_ours = lambda: ours.similarity(name, x, y)  # noqa: E731
-            run_base(), run_ours()  # warm-up
+            base.call(name, n, shape), run_ours()  # warm-up
             tb, to = [], []
             for _ in range(repeats):  # interleaved: both see the same load
-                t, vb = timed(run_base, device)
+                t, vb = base.call(name, n, shape)
                 tb.append(t)
                 t, vo = timed(run_ours, device)
                 to.append(t)
@@ -271,9 +316,7 @@ def child_pairs(images: int, impl: str, metrics: list[str], device: str) -> dict
     nets, loader = _nets_and_loader(images, dev)
     if impl == "pytorch-cka":
         from cka import compute_cka
-    elif impl == "baseline":
-        from metrics_baseline import similarity_matrix
-    else:
+    else:  # ours, or the baseline's (its folder is first on the path)
         from symstitch.metrics import similarity_matrix
     points = list(nets[0].feature_points)
     try:
@@ -299,7 +342,8 @@ def child_pairs(images: int, impl: str, metrics: list[str], device: str) -> dict
 
 
 def run_child(args: argparse.Namespace, **params) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--threads", str(args.threads),
+    tree = ["--tree", str(args.tree)] if params["impl"] == "baseline" else []
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", *tree, "--threads", str(args.threads),
            "--params", json.dumps(params)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -368,6 +412,9 @@ def pairs_section(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default=BASELINE, metavar="REV",
+                        help=f"the git revision whose code is the baseline (default {BASELINE}: before the fused "
+                             "kernels)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--n", type=int, default=2000, help="inputs of the per-metric comparison (part 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each implementation (median)")
@@ -381,23 +428,41 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.n, args.images, args.repeats = 200, BATCH, 1
+    if args.images % BATCH:
+        parser.error(f"--images must be a multiple of {BATCH}")
     torch.set_num_threads(args.threads)
+    if args.tree:  # a baseline's process: that revision's symstitch
+        sys.path.insert(0, args.tree)
+        import symstitch
+
+        assert Path(symstitch.__file__).resolve().is_relative_to(Path(args.tree).resolve()), symstitch.__file__
+    if args.serve:
+        serve(torch.device(args.device))
+        return
     if args.child:
         params = json.loads(args.params)
         params.pop("task")
         print(json.dumps(child_pairs(**params)))
         return
-    if args.quick:
-        args.n, args.images, args.repeats = 200, BATCH, 1
-    if args.images % BATCH:
-        parser.error(f"--images must be a multiple of {BATCH}")
+    with source_tree(args.baseline) as tree:
+        args.tree = tree
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Parts 1 to 4, the baseline's code in ``args.tree``."""
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     policy = os.environ.get("OMP_WAIT_POLICY", "default")
     print(f"torch {torch.__version__}, {where}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}, load "
           f"average {os.getloadavg()[0]:.2f}" + (" [--quick: tiny sizes]" if args.quick else ""))
+    print(f"baseline: the code of {args.baseline} (git archive, in processes of its own); ours: {HERE.parents[1]}")
     if policy.upper() == "PASSIVE":
         print("   note: with PASSIVE, idle OpenMP threads sleep and every parallel operation pays their wake-up "
               "(tens of µs here): code made of many short operations looks slower than users will see it")
@@ -406,7 +471,11 @@ def main() -> None:
     print(f"\n1. float32 GEMM {GEMM_N}×{GEMM_N}: {gemm:.0f} GFLOP/s")
     print(f"\n2. per metric, n = {args.n}, float32 ReLU features, baseline vs ours (median of {args.repeats}, "
           "interleaved)")
-    metric_table(args.n, args.repeats, gemm, device)
+    base = Baseline(args, args.tree)
+    try:
+        metric_table(args.n, args.repeats, gemm, device, base)
+    finally:
+        base.close()
     if not args.skip_naive:
         shape = SHAPES[1]
         x = features(args.n, shape, 0, torch.device("cpu"))

@@ -6,8 +6,12 @@ one in place). Each kernel is built once per feature point (and matched variant)
 HSIC1 terms of all pairs of a minibatch come from one float64 GEMM of the stacked packed kernels, and the
 Procrustes moments of all pairs from a few stacked float64 GEMMs. The sums over batches live in one torchmetrics
 object per CKA metric and one for both Procrustes metrics (states summed under DDP), not one object per pair.
-Exact-mode CKA keeps the features on the CPU and builds the n×n kernels at the end. The metrics themselves are
-in :mod:`symstitch.metrics.functional` and :mod:`symstitch.metrics.streaming`.
+Exact-mode CKA keeps the features on the CPU and builds the n×n kernels at the end. The engines call the
+internal contract of each family — :func:`~symstitch.metrics.cka._cka_update` and
+:func:`~symstitch.metrics.cka._cka_compute`, :func:`~symstitch.metrics.procrustes._procrustes_update` (through
+:func:`_moment_blocks`, its batched form for all pairs) and :func:`~symstitch.metrics.procrustes._procrustes_compute`
+— as the streaming classes do; the formulas are in :mod:`symstitch.metrics.cka` and
+:mod:`symstitch.metrics.procrustes`.
 """
 
 from __future__ import annotations
@@ -20,25 +24,18 @@ from torch import nn
 from rich.progress import Progress
 from torchmetrics import Metric
 
-from symstitch.metrics.functional import (
-    BLOCK_ROWS,
+from symstitch.metrics.base import (
     MIN_INPUTS,
-    MODES,
     _check_n,
-    _cka_from_grams,
-    _cka_value,
-    _Gram,
-    _hsic_all,
-    _gram,
     _identical_inputs,
     _is_finite,
-    _moments,
-    _Moments,
-    _procrustes_value,
+    _Sums,
     _to_4d,
     _uniform_upsampling,
     _upsample,
 )
+from symstitch.metrics.cka import BLOCK_ROWS, MODES, _cka_compute, _cka_terms, _cka_update, _Gram, _gram
+from symstitch.metrics.procrustes import _Moments, _procrustes_compute, _procrustes_update
 from symstitch.graph import GraphNet, as_network, point_activation, point_features
 from symstitch.inputs import batch_images, loader_normalization
 from symstitch.metrics.streaming import METRICS
@@ -324,7 +321,7 @@ def _moment_blocks(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[
     sq_x = sq_a[:, None] * factor[rows_a.to(device), :, 0]  # (ΣC_a, |points_b|)
     sq_y = factor[:, cols_b.to(device), 1] * sq_b[None, :]  # (|points_a|, ΣC_b)
     for a, b in explicit:
-        m = _moments(fa[a], fb[b])
+        m = _procrustes_update(fa[a], fb[b])
         cross[slices_a[a], slices_b[b]] = m.cross
         sq_x[slices_a[a], index_b[b]] = m.sq_x
         sq_y[index_a[a], slices_b[b]] = m.sq_y
@@ -341,75 +338,50 @@ def _all_moments(fa: dict[str, Tensor], fb: dict[str, Tensor], points_a: list[st
             for a in points_a for b in points_b}
 
 
-def _hsic_tables(grams_a: list[_Gram], grams_b: list[_Gram], shared: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """HSIC1 of every kernel of ``grams_a`` with every kernel of ``grams_b`` (Va × Vb) and of each with itself
-    (Va, Vb), all float64, from one pass over the stacked kernels (:func:`_hsic_all`). ``shared``: the two
-    lists are one."""
-    h = _hsic_all(grams_a if shared else grams_a + grams_b)
-    va = len(grams_a)
-    own = h.diagonal()
-    if shared:
-        return h, own, own
-    return h[:va, va:], own[:va], own[va:]
-
-
-class _PairCKA(Metric):
+class _PairCKA(_Sums):
     """Minibatch CKA of every pair of feature points (the engine of :func:`similarity_matrix`): float64 sums over
     the minibatches of HSIC1(K_a, L_b), HSIC1(K_a, K_a) and HSIC1(L_b, L_b) as |points_a| × |points_b| matrices
     (the self terms per pair: a kernel depends on the pair it is matched for) and the number of minibatches, all
-    summed under DDP. ``update`` takes the three matrices of one minibatch; ``compute`` gives
-    ``{(a, b): (value, error)}`` with the value NaN and the reason when CKA is undefined for that pair."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
+    summed under DDP: the states of a minibatch :class:`~symstitch.metrics.cka.CKA` for every pair. ``update``
+    takes the three matrices of one minibatch (from :func:`_cka_update`); ``compute`` gives
+    ``{(a, b): (value, error)}`` (:func:`_cka_compute`) with the value NaN and the reason when CKA is undefined
+    for that pair."""
 
     def __init__(self, kernel: str, estimator: str, points_a: list[str], points_b: list[str], **kwargs: Any):
         super().__init__(**kwargs)
         self.kernel, self.estimator = kernel, estimator
         self.points_a, self.points_b = list(points_a), list(points_b)
-        shape = (len(self.points_a), len(self.points_b))
-        for name in ("hsic_xy", "hsic_xx", "hsic_yy"):
-            self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("batches", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self._add_sums("hsic_xy", "hsic_xx", "hsic_yy", shape=(len(self.points_a), len(self.points_b)))
+        self._add_sums("batches")
 
     def update(self, hxy: Tensor, hxx: Tensor, hyy: Tensor) -> None:
-        device = self.hsic_xy.device
-        self.hsic_xy = self.hsic_xy + hxy.to(device)
-        self.hsic_xx = self.hsic_xx + hxx.to(device)
-        self.hsic_yy = self.hsic_yy + hyy.to(device)
-        self.batches = self.batches + 1
+        self._accumulate(hsic_xy=hxy, hsic_xx=hxx, hsic_yy=hyy, batches=1)
 
     def compute(self) -> dict[tuple[str, str], tuple[float, Optional[str]]]:
-        k = self.batches
-        hxy, hxx, hyy = (t.cpu() / float(k) for t in (self.hsic_xy, self.hsic_xx, self.hsic_yy))
+        k = float(self.batches)
+        hxy, hxx, hyy = (t.cpu() for t in (self.hsic_xy, self.hsic_xx, self.hsic_yy))
         out = {}
         for i, a in enumerate(self.points_a):
             for j, b in enumerate(self.points_b):
                 try:
-                    out[(a, b)] = (float(_cka_value(hxy[i, j], hxx[i, j], hyy[i, j])), None)
+                    out[(a, b)] = (float(_cka_compute(hxy[i, j], hxx[i, j], hyy[i, j], k)), None)
                 except ValueError as err:
                     out[(a, b)] = (math.nan, f"{type(err).__name__}: {err}")
         return out
 
 
-class _PairMoments(Metric):
+class _PairMoments(_Sums):
     """Procrustes moments of every pair of feature points (the engine of :func:`similarity_matrix`; both groups
     share them): float64 states ``cross`` (ΣC_a × ΣC_b, a block per pair), ``sq_x`` (ΣC_a × |points_b|) and
     ``sq_y`` (|points_a| × ΣC_b) as built by :func:`_moment_blocks`, summed under DDP. ``compute`` gives
-    ``{(group, a, b): (value, error)}``."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
+    ``{(group, a, b): (value, error)}`` (:func:`_procrustes_compute` of each pair's moments)."""
 
     def __init__(self, groups: list[str], points_a: list[str], points_b: list[str], **kwargs: Any):
         super().__init__(**kwargs)
         self.groups, self.points_a, self.points_b = list(groups), list(points_a), list(points_b)
         self.slices_a: dict[str, slice] = {}
         self.slices_b: dict[str, slice] = {}
-        for name in ("cross", "sq_x", "sq_y"):
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self._add_sums("cross", "sq_x", "sq_y")
 
     def update(self, cross: Tensor, sq_x: Tensor, sq_y: Tensor, slices_a: dict[str, slice],
                slices_b: dict[str, slice]) -> None:
@@ -418,10 +390,7 @@ class _PairMoments(Metric):
             raise ValueError(f"feature shapes changed between batches: {tuple(self.cross.shape)} channels before, "
                              f"{tuple(cross.shape)} now")
         self.slices_a, self.slices_b = slices_a, slices_b
-        device = self.cross.device
-        self.cross = self.cross + cross.to(device)
-        self.sq_x = self.sq_x + sq_x.to(device)
-        self.sq_y = self.sq_y + sq_y.to(device)
+        self._accumulate(cross=cross, sq_x=sq_x, sq_y=sq_y)
 
     def compute(self) -> dict[tuple[str, str, str], tuple[float, Optional[str]]]:
         out = {}
@@ -431,7 +400,7 @@ class _PairMoments(Metric):
                 m = _Moments(self.cross[sa, sb], self.sq_x[sa, j], self.sq_y[i, sb])
                 for group in self.groups:
                     try:
-                        out[(group, a, b)] = (float(_procrustes_value(m, group)), None)
+                        out[(group, a, b)] = (float(_procrustes_compute(m, group)), None)
                     except ValueError as err:
                         out[(group, a, b)] = (math.nan, f"{type(err).__name__}: {err}")
         return out
@@ -550,7 +519,7 @@ class _Recorder:
 def _cka_batch(obj: _PairCKA, name: str, fa: _Features, fb: _Features,
                errors: dict[tuple[str, str, str], str]) -> None:
     """One minibatch into the CKA engine of metric ``name``: every kernel a pair needs is built once (per point
-    and matched variant) and the HSIC1 terms of all pairs come from :func:`_hsic_tables`. A pair that fails is
+    and matched variant) and the HSIC1 terms of all pairs come from one :func:`_cka_update`. A pair that fails is
     recorded in ``errors`` (its entries then hold NaN and are not read)."""
     shared = fa is fb
     index_a: dict[tuple, int] = {}
@@ -579,7 +548,7 @@ def _cka_batch(obj: _PairCKA, name: str, fa: _Features, fb: _Features,
         nan = torch.full(shape, math.nan, dtype=torch.float64)
         obj.update(nan, nan, nan)
         return
-    hab, haa, hbb = _hsic_tables(grams_a, grams_b, shared)
+    hab, haa, hbb = _cka_update(grams_a, grams_b)
     ia, ib = where[..., 0].to(hab.device), where[..., 1].to(hab.device)
     ok = (ia >= 0) & (ib >= 0)
     ia, ib = ia.clamp(min=0), ib.clamp(min=0)
@@ -780,8 +749,8 @@ def _exact_cka(cka_names: list[str], points_a: list[str], points_b: list[str],
                             raise ValueError(broken[where])
                     hw = (max(side_a.hw(a)[0], side_b.hw(b)[0]), max(side_a.hw(a)[1], side_b.hw(b)[1]))
                     c = max(side_a.channels(a), side_b.channels(b))
-                    out[key] = _cka_from_grams(side_a.gram(a, probe.kernel, probe.estimator, hw, c),
-                                               side_b.gram(b, probe.kernel, probe.estimator, hw, c))
+                    out[key] = _cka_compute(*_cka_terms(side_a.gram(a, probe.kernel, probe.estimator, hw, c),
+                                                        side_b.gram(b, probe.kernel, probe.estimator, hw, c)))
                 except ValueError as err:
                     errors[key] = f"{type(err).__name__}: {err}"
             if bar is not None:
