@@ -108,7 +108,7 @@ def default_loggers(name: str, project: str = "symstitch") -> list[dict]:
     """Trainer ``logger`` default: a CSV logger and a W&B logger, both under the run folder."""
     return [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": name}},
-        {"class_path": "symstitch.cli.WandbLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project}},
+        {"class_path": "symstitch.lightning_adapters.QuietWandbLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project}},
     ]
 
 
