@@ -1064,6 +1064,15 @@ class StitchExperiment(PairExperiment):
                            **(validation_result(cli.model, cli.metrics, k) if candidate else {}),
                            "run_dir": run_dir} for k, cell in enumerate(cells)}
 
+    def wandb_fields(self, record: CellRecord) -> tuple[dict, dict]:
+        """A stitch cell's W&B run: the pair, point, layer, repeat, the layer's name and options and the protocols
+        evaluated as config; each protocol's penalty and accuracies, as recorded, as summary."""
+        config, summary = super().wandb_fields(record)
+        spec = LayerSpec.parse(record.cell["layer"])
+        protocols = [p for p in PROTOCOLS  # the record's key of each protocol's penalty (see stitch_result)
+                     if summary.get("penalty_pts" if p == "frozen" else f"penalty_{p}_pts") is not None]
+        return {**config, "layer_name": spec.name, "layer_options": spec.options, "protocols": protocols}, summary
+
     def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
         SHARED_PREFIX.keep = False
         SHARED_PREFIX.release()
