@@ -416,7 +416,8 @@ class Report(Command):
                             help="a sweep's results folder (with cells/), or a folder holding several")
         parser.add_argument("--out", default=None, help="where to write the report (default: RESULTS_DIR/report)")
         parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
-                            help="also log the tables and figures to one W&B run (offline unless W&B is configured)")
+                            help="also log the tables and figures to one W&B run, in the group of the sweep's cells "
+                                 "(offline unless W&B is configured)")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
         root = Path(args.results_dir)
