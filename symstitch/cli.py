@@ -28,7 +28,6 @@ import torch.distributed as dist
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch import loggers as pl_loggers
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -45,16 +44,6 @@ from symstitch.loggers import (DEFAULT_RUN_DIR, default_loggers, default_wandb_o
 
 #: options whose value is a config file
 CONFIG_OPTIONS = ("--config", "-c", "--data", "--model", "--trainer")
-
-
-class WandbLogger(pl_loggers.WandbLogger):
-    """Lightning's W&B logger without the ``anonymous`` setting it always passes (W&B warns on every run that
-    the setting has no effect). Same arguments."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        if self._wandb_init.get("anonymous") is None:
-            self._wandb_init.pop("anonymous", None)
 
 
 def trainer_defaults() -> dict:
@@ -129,6 +118,16 @@ def _init_args(cfg: Namespace) -> Optional[Namespace]:
     return model.get("init_args") if isinstance(model, Namespace) else None
 
 
+class Parsed(Exception):
+    """How a parse-only :class:`SymstitchCLI` stops once its arguments are parsed and checked (``cli``: it, with its
+    ``config``): LightningCLI instantiates the classes and runs the subcommand next, and offers no other way to stop
+    there than ``run=False``, which parses without the subcommand."""
+
+    def __init__(self, cli: "SymstitchCLI"):
+        super().__init__("parsed")
+        self.cli = cli
+
+
 class SymstitchCLI(LightningCLI):
     """LightningCLI over symstitch modules and the DataModule (see ``symstitch fit --help``)."""
 
@@ -144,18 +143,24 @@ class SymstitchCLI(LightningCLI):
         self.metrics: dict[str, float] = {}
         strict = {"exit_on_error": False, "allow_abbrev": False}  # errors raise (one line); no option prefixes
         kwargs.setdefault("parser_kwargs", {**strict, **{c: dict(strict) for c in self.subcommands()}})
-        super().__init__(
-            model_class=pl.LightningModule,
-            subclass_mode_model=True,
-            datamodule_class=DataModule,
-            trainer_defaults=trainer_defaults(),
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            seed_everything_default=0,  # seeded unless told otherwise (Lightning would say "No seed found" each run)
-            args=list(args) if args is not None else None,
-            run=run,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                model_class=pl.LightningModule,
+                subclass_mode_model=True,
+                datamodule_class=DataModule,
+                trainer_defaults=trainer_defaults(),
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                seed_everything_default=0,  # seeded unless told otherwise (Lightning would say "No seed found")
+                args=list(args) if args is not None else None,
+                run=run,
+                **kwargs,
+            )
+        except Parsed:
+            raise
+        except BaseException:  # a run that failed (or was stopped) before it logged anything leaves no folder
+            self._discard_empty_log_dirs()
+            raise
 
     def subcommands(self) -> dict[str, set[str]]:
         """LightningCLI's commands; only the one asked for when the arguments are given (a sweep's cells,
@@ -200,26 +205,14 @@ class SymstitchCLI(LightningCLI):
                 args_.save_dir = root
             # absolute: W&B's long-lived service process resolves relative folders in its own cwd
             args_.save_dir = os.path.abspath(args_.save_dir)
+        if self.parse_only:
+            raise Parsed(self)
 
     def instantiate_classes(self) -> None:
-        if not self.parse_only:
-            super().instantiate_classes()
-            if self.given_datamodule is not None:
-                self.datamodule = self.given_datamodule
-                LoaderData.check_one_process(self.trainer)  # before a DDP launch, not in every rank after it
-
-    def after_instantiate_classes(self) -> None:
-        if not self.parse_only:
-            super().after_instantiate_classes()
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        if self.parse_only:
-            return
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            self._discard_empty_log_dirs()
-            raise
+        super().instantiate_classes()
+        if self.given_datamodule is not None:
+            self.datamodule = self.given_datamodule
+            LoaderData.check_one_process(self.trainer)  # before a DDP launch, not in every rank after it
 
     def _discard_empty_log_dirs(self) -> None:
         """A run that failed before it logged anything leaves no ``runs/fit/version_N`` behind (only its saved
@@ -302,6 +295,8 @@ def build_cli(args: Optional[Sequence[str]] = None, run: bool = True, parse_only
         try:
             return SymstitchCLI(args=args, run=run, parse_only=parse_only, announce=announce, validate=validate,
                                 datamodule=datamodule)
+        except Parsed as parsed:
+            return parsed.cli
         except ArgumentError as err:
             command = args[0] if args and args[0] in LIGHTNING_COMMANDS else "fit"
             raise OptionError(f"{_option_error(str(err))} (every option: symstitch {command} --help)") from None

@@ -375,6 +375,9 @@ class Sweep(Command):
         parser.add_argument("--emit", choices=["slurm"], default=None, help="write a job script instead of running")
         parser.add_argument("--list", action="store_true", help="print the cells and whether each has finished")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (batch jobs)")
+        parser.add_argument("--wandb", action="store_true",
+                            help="also log each finished cell (of --cell) as a W&B run, once, in the sweep's group "
+                                 "(the folder's name; offline unless W&B is configured)")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
         if len(args.config) > 1 and (args.out or args.cell or args.emit):
@@ -391,7 +394,7 @@ class Sweep(Command):
                 for i, cell in enumerate(runner.prepare()):
                     print(f"{i:5d}  {runner.status(cell):<7}  {cell.key}")
                 continue
-            records = runner.run(args.cell, progress=not args.no_progress)
+            records = runner.run(args.cell, progress=not args.no_progress, wandb=args.wandb)
             left = runner.unfinished()
             print(f"sweep: {len(records)} cells finished in {runner.out}" + (f", {left} left" if left else "")
                   + f"; report: symstitch report {runner.out}")
@@ -410,7 +413,8 @@ class Report(Command):
                             help="a sweep's results folder (with cells/), or a folder holding several")
         parser.add_argument("--out", default=None, help="where to write the report (default: RESULTS_DIR/report)")
         parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
-                            help="also log the tables and figures to one W&B run (offline unless W&B is configured)")
+                            help="also log the tables and figures to one W&B run, in the group of the sweep's cells "
+                                 "(offline unless W&B is configured)")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
         root = Path(args.results_dir)

@@ -10,7 +10,9 @@ still get a complete run, quickly. So:
 - when it was configured for online use, the W&B server is probed once per process with a TCP connection of at
   most :data:`PROBE_SECONDS`; if it cannot be reached, the process switches to offline with a warning, and so it
   does, with the server's reason in one line, when the server refuses the credentials (a wrong key);
-- ``WANDB_INIT_TIMEOUT`` defaults to :data:`INIT_TIMEOUT` seconds (W&B's own default is 90).
+- ``WANDB_INIT_TIMEOUT`` defaults to :data:`INIT_TIMEOUT` seconds (W&B's own default is 90);
+- the W&B runs of a sweep (its cells', its fits', its report's) share one group, the sweep folder's name
+  (:func:`wandb_group`, :func:`wandb_grouping`, :func:`wandb_run`).
 
 :func:`quiet` keeps the console to what a researcher needs: Lightning's own banners, tips and summaries (and a
 few known harmless warnings) only with ``-v``.
@@ -18,6 +20,7 @@ few known harmless warnings) only with ``-v``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
@@ -25,7 +28,7 @@ import socket
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
 #: Folder for runs when nothing else is said (``trainer.default_root_dir`` moves it).
@@ -34,6 +37,8 @@ DEFAULT_RUN_DIR = "runs"
 PROBE_SECONDS = 3.0
 #: W&B's own limit for ``wandb.init`` (seconds), unless the user set ``WANDB_INIT_TIMEOUT``
 INIT_TIMEOUT = "15"
+#: the W&B project of every symstitch run
+WANDB_PROJECT = "symstitch"
 
 _probed: dict[str, bool] = {}
 
@@ -104,12 +109,52 @@ def wandb_credentials_refused(url: str) -> Optional[str]:
     return _verified[url]
 
 
-def default_loggers(name: str, project: str = "symstitch") -> list[dict]:
+def default_loggers(name: str, project: str = WANDB_PROJECT) -> list[dict]:
     """Trainer ``logger`` default: a CSV logger and a W&B logger, both under the run folder."""
     return [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": name}},
-        {"class_path": "symstitch.cli.WandbLogger", "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project}},
+        {"class_path": "symstitch.lightning_adapters.QuietWandbLogger",
+         "init_args": {"save_dir": DEFAULT_RUN_DIR, "project": project}},
     ]
+
+
+def wandb_group(folder: Path | str) -> str:
+    """The W&B group of a sweep's runs, and of its report: the name of the sweep's folder."""
+    return Path(folder).resolve().name
+
+
+@contextlib.contextmanager
+def wandb_grouping(group: str, job_type: str) -> Iterator[None]:
+    """While the block runs, every W&B run started in it (e.g. by a sweep cell's fit, when its ``fit_args`` log to
+    W&B) joins ``group`` as ``job_type``, through W&B's own ``WANDB_RUN_GROUP``/``WANDB_JOB_TYPE``. The
+    environment is restored after."""
+    saved = {k: os.environ.get(k) for k in ("WANDB_RUN_GROUP", "WANDB_JOB_TYPE")}
+    os.environ.update({"WANDB_RUN_GROUP": group, "WANDB_JOB_TYPE": job_type})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def wandb_run(folder: Path | str, **init: Any) -> Iterator[Any]:
+    """One W&B run of the symstitch project in ``<folder>/wandb`` (offline unless configured: see
+    :func:`default_wandb_offline`), finished when the block ends; ``init``: more arguments of ``wandb.init``
+    (``name``, ``group``, ``job_type``, ``config``, ``id``)."""
+    default_wandb_offline()
+    import wandb  # only here: importing W&B takes seconds
+
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=WANDB_PROJECT, dir=str(folder), **init)
+    try:
+        yield run
+    finally:
+        run.finish()
 
 
 def finish_wandb() -> None:

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from symstitch import plots, selection
-from symstitch.loggers import default_wandb_offline
+from symstitch.loggers import wandb_group, wandb_run
 from symstitch.stitching.record import PROTOCOLS, as_number, penalty_of, record_key
 
 EXPERIMENTS = ("zoo", "stitch", "align", "projection")
@@ -869,24 +869,35 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     return (rows[0], rows[1:]) if rows else ([], [])
 
 
-def _log_wandb(root: Path, out: Path, csvs: dict[str, Path], figures: list[Path], stats: dict) -> None:
-    """One W&B run (offline unless configured) holding the tables and figures; failures only warn."""
-    try:
-        default_wandb_offline()
-        import wandb  # lazy on purpose: importing wandb takes ~2 s, and only --wandb needs it
-
-        run = wandb.init(project="symstitch", dir=str(out), job_type="report", name=f"report-{root.resolve().name}",
-                         config={"results_dir": str(root)})
+def _table_rows(data: list[list[str]]) -> list[list[Any]]:
+    """CSV rows as a W&B table holds them: a column whose every field is a number as numbers (so W&B can plot
+    it), the other columns as text; empty fields as None."""
+    def number(text: str) -> bool:
         try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    numeric = [all(number(v) for v in column if v != "") for column in zip(*data)]
+    return [[None if v == "" else float(v) if numeric[i] else v for i, v in enumerate(row)] for row in data]
+
+
+def _log_wandb(root: Path, out: Path, csvs: dict[str, Path], figures: list[Path], stats: dict) -> None:
+    """One W&B run (offline unless configured) holding the tables and figures, in the group of the sweep whose
+    folder ``root`` is (the group of its cells' runs: ``symstitch sweep --wandb``); failures only warn."""
+    try:
+        with wandb_run(out, job_type="report", name=f"report-{root.resolve().name}", group=wandb_group(root),
+                       config={"results_dir": str(root)}) as run:
+            import wandb  # loaded by wandb_run
+
             for name, path in csvs.items():
                 columns, data = _read_csv(path)
                 if columns:
-                    wandb.log({f"{name}_table": wandb.Table(columns=columns, data=data)})
+                    run.log({f"{name}_table": wandb.Table(columns=columns, data=_table_rows(data))})
             for png in figures:
-                wandb.log({f"figures/{png.stem}": wandb.Image(str(png))})
+                run.log({f"figures/{png.stem}": wandb.Image(str(png))})
             run.summary.update(stats)
-        finally:
-            wandb.finish()
     except Exception as e:  # noqa: BLE001 - W&B must never cost the files already written
         _warn(f"W&B logging failed ({type(e).__name__}: {e}); the report files are complete")
 

@@ -36,6 +36,7 @@ from symstitch import configs
 from symstitch.configs import OptionError
 from symstitch.io import Busy, Lock, parse_range, read_json, write_json, writable_folder
 from symstitch.library import library_models, ref_text
+from symstitch.loggers import wandb_group, wandb_grouping, wandb_run
 from symstitch.registry import Registry
 
 #: experiment kind → its :class:`Experiment` class
@@ -164,6 +165,12 @@ class Experiment(abc.ABC):
         """The context the cells of one run share, entered by :meth:`Runner.run` around them (a stitch sweep's
         prefix cache); nothing by default."""
         return contextlib.nullcontext()
+
+    def wandb_fields(self, record: CellRecord) -> tuple[dict, dict]:
+        """A finished cell as a W&B run: its config (the cell's settings and what computed it) and its summary
+        (the numbers of its result, as recorded)."""
+        numbers = {k: v for k, v in record.result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {**record.cell, "machine": record.machine}, {**numbers, "seconds": record.seconds}
 
     # ---------------------------------------------------------------- helpers for kinds
     def resolve(self, path: str) -> str:
@@ -322,8 +329,11 @@ class Runner:
             self._checked = True
         return self.cells()
 
-    def run(self, only: Optional[str | Sequence[int]] = None, progress: bool = True) -> list[CellRecord]:
-        """Run every unfinished cell (or those at positions ``only``); returns every finished record."""
+    def run(self, only: Optional[str | Sequence[int]] = None, progress: bool = True,
+            wandb: bool = False) -> list[CellRecord]:
+        """Run every unfinished cell (or those at positions ``only``); returns every finished record. A W&B run
+        a cell starts joins the sweep's group (:func:`~symstitch.loggers.wandb_grouping`); ``wandb``: each of these
+        cells, once finished, is also logged as a W&B run of its own (:meth:`log_wandb`)."""
         self.prepare()
         chosen = self.select(only)
         self.claim()
@@ -337,8 +347,9 @@ class Runner:
         # its own console on stderr, no stream redirection: cells print and may start W&B, which wraps stdout;
         # redrawn when a cell starts or ends, not by a thread ten times a second (on 2 cores that thread cost the
         # training threads 15 % of the demo's time)
-        with Progress(*columns, disable=not progress, console=Console(stderr=True), redirect_stdout=False,
-                      redirect_stderr=False, auto_refresh=False) as bar, self.experiment.scope():
+        with wandb_grouping(wandb_group(self.out), self.experiment.name), \
+                Progress(*columns, disable=not progress, console=Console(stderr=True), redirect_stdout=False,
+                         redirect_stderr=False, auto_refresh=False) as bar, self.experiment.scope():
             task = bar.add_task(f"{self.experiment.name} cells", total=len(todo))
             for group in self.experiment.groups(todo):
                 shown = group[0].key + (f" (+{len(group) - 1} side by side)" if len(group) > 1 else "")
@@ -351,7 +362,32 @@ class Runner:
                   f"{', '.join(busy[:5])}{' …' if len(busy) > 5 else ''}; rerun later to collect them", flush=True)
         records = self.records()
         self.experiment.after_run(self.out, records)
+        if wandb:
+            self.log_wandb([CellRecord.read(self.record_path(c)) for c in chosen if self.done(c)])
         return records
+
+    def log_wandb(self, records: Sequence[CellRecord]) -> None:
+        """Each record as one W&B run (offline unless W&B is configured) in ``<out>/wandb``: named by its cell key,
+        in the sweep's group (the folder's name) with the experiment as its job type, the cell's settings as its
+        config and its numbers as its summary (:meth:`Experiment.wandb_fields`), so that W&B's grouping, tables and
+        parallel coordinates show the whole grid. A record is logged once: its run's id is made from the folder,
+        the cell and when it finished. W&B failing only warns; the records stand."""
+        if launched_rank() > 0:
+            return
+        group = wandb_group(self.out)
+        try:
+            for record in records:
+                key = f"{self.out.resolve()}\n{record.key}\n{record.finished}"
+                run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+                if any((self.out / "wandb").glob(f"*run-*-{run_id}")):
+                    continue
+                config, summary = self.experiment.wandb_fields(record)
+                with wandb_run(self.out, id=run_id, name=record.key, group=group, job_type=self.experiment.name,
+                               config=config) as run:
+                    run.summary.update(summary)
+        except Exception as err:  # noqa: BLE001 - W&B must never cost the records already written
+            print(f"{self.label}: warning: W&B logging failed ({type(err).__name__}: {err}); the cell records are "
+                  "complete", file=sys.stderr, flush=True)
 
     def _run_group(self, group: Sequence[Cell]) -> list[str]:
         """Run a group of cells (one computation) and write a record per cell; the keys of the cells another

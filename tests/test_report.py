@@ -301,10 +301,10 @@ def test_main(tmp_path, capsys):
 
 
 def test_wandb_failure_keeps_files(tmp_path, monkeypatch, capsys):
-    def boom():
+    def boom(*args, **kwargs):
         raise RuntimeError("no W&B here")
 
-    monkeypatch.setattr(report, "default_wandb_offline", boom)
+    monkeypatch.setattr(report, "wandb_run", boom)
     root = _sweeps(tmp_path / "results", projection=False)
     md = report.write_report(root, tmp_path / "out", wandb=True)
     assert md.exists() and (tmp_path / "out" / "stitch.csv").exists()
@@ -312,10 +312,26 @@ def test_wandb_failure_keeps_files(tmp_path, monkeypatch, capsys):
 
 
 def test_wandb_offline_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    root = _sweeps(tmp_path / "results", projection=False)
+    """`report --wandb` of a sweep folder: one run in the sweep's group (its cells' runs, `sweep --wandb`) holding
+    the tables of the CSVs (numbers as numbers) and the figures, the grouped bars among them; read back from the
+    offline run's files."""
+    from .wandb_records import runs
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # no W&B configured: offline
+    root = _sweeps(tmp_path / "results", projection=False) / "stitch_sweep"
     out = tmp_path / "out"
     report.write_report(root, out, wandb=True)
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    assert list(runs[0].glob("files/media/images/figures/stitch_penalty*.png"))
+    (run,) = runs(out)
+    assert (run.name, run.group, run.job_type) == ("report-stitch_sweep", "stitch_sweep", "report")
+    assert run.summary["cells/stitch"] == 40
+    table = run.history["stitch_table"]
+    assert table["_type"] == "table-file" and table["ncols"] == len(report.STITCH_COLUMNS)
+    (path,) = (out / "wandb").glob(f"offline-run-*/files/{table['path']}")
+    written = json.loads(path.read_text())
+    rows = _csv(out / "stitch.csv")
+    assert written["columns"] == report.STITCH_COLUMNS and len(written["data"]) == len(rows) == table["nrows"]
+    penalty = report.STITCH_COLUMNS.index("penalty_pts")
+    assert [r[penalty] for r in written["data"]] == [float(r["penalty_pts"]) for r in rows]
+    for figure in ("stitch_bars", "stitch_penalty"):
+        assert run.history[f"figures/{figure}"]["_type"] == "image-file"
+        assert list((out / "wandb").glob(f"offline-run-*/files/media/images/figures/{figure}*.png"))

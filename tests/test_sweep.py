@@ -348,3 +348,42 @@ def test_a_ddp_cell_in_a_sweep_is_locked_once_and_recorded_once(mcnn_lib, tmp_pa
     ranks = json.loads(next((tmp_path / "sw/runs").rglob("ranks.json")).read_text())
     assert ranks["world_size"] == 2 and ranks["consistent"]
     assert json.loads(record.read_text())["result"]["penalty_pts"] is not None
+
+
+def test_sweep_cells_as_wandb_runs_grouped_by_the_sweep(zoo, tmp_path, monkeypatch):
+    """`sweep --wandb`: every cell a W&B run of its own, in the sweep's group (its folder's name) with the experiment
+    as job type, the cell's settings as config and its record's numbers as summary; a cell's fit that logs to W&B
+    through fit_args joins the same group. Read back from the offline run files; a rerun logs nothing twice."""
+    from symstitch.commands import main
+
+    from .wandb_records import runs
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # no W&B configured: offline
+    out = tmp_path / "grid_a"
+    config = _stitch_config(zoo, tmp_path, out=str(out), points=["layer1.act"], fit_args=[
+        "--trainer.max_epochs", "1", "--model.init_args.relaxed_epochs", "0", "--trainer.enable_progress_bar",
+        "false", "--config", str(REPO / "configs/logger/wandb.yaml")])
+    assert main(["sweep", "--config", str(config), "--wandb", "--no-progress"]) == 0
+    records = {r["key"]: r for r in (json.loads(p.read_text()) for p in (out / "cells").rglob("*.json"))}
+    cells = runs(out)
+    assert [run.name for run in cells] == sorted(records) and len(cells) == 2
+    for run in cells:
+        record = records[run.name]
+        assert (run.group, run.job_type) == ("grid_a", "stitch")
+        for key in ("source", "target", "source_seed", "target_seed", "point", "layer", "repeat"):
+            assert run.config[key] == record["cell"][key], key
+        assert run.config["layer_name"] == record["cell"]["layer"] and run.config["layer_options"] == {}
+        assert run.config["protocols"] == ["frozen", "recalibrated"]
+        for key in ("penalty_pts", "penalty_recalibrated_pts", "stitched_acc", "stitched_recalibrated_acc",
+                    "source_acc", "target_acc"):
+            assert run.summary[key] == record["result"][key], key
+    # the cells' own fits logged to W&B (fit_args): in the same group, with the same numbers
+    fits = [run for folder in (out / "runs").rglob("wandb") for run in runs(folder.parent)]
+    assert len(fits) == 2 and all((run.group, run.job_type) == ("grid_a", "stitch") for run in fits)
+    for run in fits:
+        (record,) = [r for r in records.values() if r["cell"]["layer"] == run.config["layer"]]
+        for name, key in (("stitch", "penalty_pts"), ("stitch_recalibrated", "penalty_recalibrated_pts")):
+            assert run.summary[f"test/{name}/penalty_pts"] == pytest.approx(record["result"][key], abs=1e-4)
+    assert "WANDB_RUN_GROUP" not in os.environ and "WANDB_JOB_TYPE" not in os.environ
+    assert main(["sweep", "--config", str(config), "--wandb", "--no-progress"]) == 0
+    assert len(runs(out)) == 2  # each record once

@@ -13,10 +13,10 @@ from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 from symstitch.cli import check_args, fit_in_process
 from symstitch.library import architecture, load_model, load_pair
 from symstitch.models import StagedNet
-from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, launched_rank, names
+from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, launched_rank, names
 from symstitch.stitching.grammar import LayerChoice, LayerSpec
 from symstitch.stitching.prefix import PrefixCache
-from symstitch.stitching.record import StitchRecord
+from symstitch.stitching.record import PROTOCOLS, StitchRecord, record_key
 
 #: point-list keywords → the points they stand for
 POINT_SETS: dict[str, Callable[[StagedNet], Sequence[str]]] = {
@@ -194,6 +194,14 @@ class StitchExperiment(PairExperiment):
         return {cell.key: StitchRecord.from_metrics(metrics, cli.model.log_names[k], cli.model.summary(k),
                                                     cli.metrics if candidate else None, run_dir).to_result()
                 for k, cell in enumerate(cells)}
+
+    def wandb_fields(self, record: CellRecord) -> tuple[dict, dict]:
+        """A stitch cell's W&B run: the pair, point, layer, repeat, the layer's name and options and the protocols
+        evaluated as config; each protocol's penalty and accuracies, as recorded, as summary."""
+        config, summary = super().wandb_fields(record)
+        spec = LayerSpec.parse(record.cell["layer"])
+        protocols = [p for p in PROTOCOLS if summary.get(record_key("penalty", p)) is not None]
+        return {**config, "layer_name": spec.name, "layer_options": spec.options, "protocols": protocols}, summary
 
     def scope(self) -> ContextManager[PrefixCache]:
         """One prefix cache for the sweep's run: the cells of one source and point, run one after another, compute

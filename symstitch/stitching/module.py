@@ -40,6 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
 from symstitch.graph import point_activation, point_channels
 from symstitch.library import check_same_data, load_pair, ref_identity, ref_text
+from symstitch.lightning_adapters import find_unused_parameters
 from symstitch.models import StagedNet
 from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, MonomialStitch, StitchLayer, build_stitch_layer,
                                      channels_last)
@@ -234,7 +235,7 @@ class StitchingModule(pl.LightningModule):
         if stage == "fit" and isinstance(strategy, DDPStrategy) and self.hparams.relaxed_epochs is not None:
             # harden() mid-fit stops the relaxed parameters (W, θ) from taking part in the loss; DDP wraps the
             # module after this hook and must then look for parameters without gradients
-            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+            find_unused_parameters(strategy)
         # before configure_optimizers, which may already ask the fit loop for its train loader (step counts)
         if stage == "fit" and self.hparams.prefix_cache and self._uncached_train_set is None:
             self.source_net.to(self.trainer.strategy.root_device)
