@@ -72,7 +72,6 @@ from symstitch import configs
 from symstitch.cli import check_args, fit_in_process, option_value
 from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
 from symstitch.io import dumps
-from symstitch.graph import point_activation, point_channels
 from symstitch.inputs import Normalize
 from symstitch.library import ModelRef, architecture, check_same_data, load_model, load_pair, ref_identity, ref_text
 from symstitch.models import StagedNet
@@ -202,9 +201,9 @@ class StitchingModule(pl.LightningModule):
         labels = [spec.label for spec in specs]
         if not specs or len(set(labels)) != len(labels):
             raise ValueError(f"layer is one stitching layer or a list of distinct ones; got {layer!r}")
-        channels = point_channels(self.source_net, point)
+        channels = self.source_net.point_channels(point)
         try:
-            activation = point_activation(self.source_net, point)
+            activation = self.source_net.point_activation(point)
         except ValueError:
             if any(issubclass(STITCH_LAYERS.get(spec.name), MonomialStitch) for spec in specs):
                 raise  # a G stitch needs the group at the point: the reason
