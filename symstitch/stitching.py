@@ -74,7 +74,7 @@ from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize
 from symstitch.io import dumps
 from symstitch.inputs import Normalize
 from symstitch.library import ModelRef, architecture, check_same_data, load_model, load_pair, ref_identity, ref_text
-from symstitch.models import StagedNet
+from symstitch.network import PointNetwork
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, launched_rank, names
 from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, LayerChoice, LayerSpec, MonomialStitch,
                                      StitchLayer, build_stitch_layer, channels_last)
@@ -122,7 +122,7 @@ class SharedPrefix:
 SHARED_PREFIX = SharedPrefix()
 
 
-def _freeze(net: StagedNet) -> StagedNet:
+def _freeze(net: PointNetwork) -> PointNetwork:
     net.requires_grad_(False)
     return net.eval()
 
@@ -547,7 +547,7 @@ class StitchingModule(pl.LightningModule):
                 self._recalibrated[k] = self.recalibrate(self._eval_layers[k])
 
     @torch.no_grad()
-    def recalibrate(self, layer: StitchLayer) -> tuple[StagedNet, StitchLayer]:
+    def recalibrate(self, layer: StitchLayer) -> tuple[PointNetwork, StitchLayer]:
         """Copies of B and of ``layer`` whose BatchNorm running statistics after the stitch are re-estimated on
         one pass of the un-augmented training images through the stitched network (the paper's protocol).
 
@@ -873,13 +873,13 @@ def _loader_data(data: Any, normalize: Optional[Normalize]) -> Optional[LoaderDa
 
 
 #: point-list keywords → the points they stand for
-POINT_SETS: dict[str, Callable[[StagedNet], Sequence[str]]] = {
+POINT_SETS: dict[str, Callable[[PointNetwork], Sequence[str]]] = {
     "all": lambda net: net.stitch_points,
     "inner": lambda net: net.inner_points,
 }
 
 
-def point_list(net: StagedNet, points: Union[str, Sequence[str]]) -> list[str]:
+def point_list(net: PointNetwork, points: Union[str, Sequence[str]]) -> list[str]:
     """The stitch points a sweep names, in forward order: point names and the keywords of :data:`POINT_SETS`
     (``all``: the cuts, ``inner``: the points inside ResNet blocks; ``[all, inner]``: the paper's 19 points of
     ResNet-20)."""

@@ -490,11 +490,11 @@ def act(model: PointNetwork, point: str, g: Tensor) -> PointNetwork:
     """``g·model``: a deep copy whose representation at ``point`` is φ_σ(g)·h and whose function is unchanged.
 
     Args:
-        model: a network of the zoo or a :class:`~symstitch.graph.GraphNet` (left untouched, including its
-            training mode); any other ``nn.Module`` is wrapped in a GraphNet and the edited copy of the module
-            itself is returned. In a traced graph the action is defined at activation points between two
-            Conv/Linear layers (:meth:`~symstitch.graph.GraphNet.linear_neighbours`); elsewhere the error says
-            why not.
+        model: a network (:class:`~symstitch.network.PointNetwork`: the zoo's, a GraphNet; left untouched,
+            including its training mode) acted on at its :meth:`~symstitch.network.PointNetwork.symmetry_sites`;
+            any other ``nn.Module`` is wrapped in a GraphNet and the edited copy of the module itself is returned.
+            In a traced graph the action is defined at activation points between two Conv/Linear layers
+            (:meth:`~symstitch.graph.TracedNet.linear_neighbours`); elsewhere the error says why not.
         point: a feature point listed by :func:`actionable_points`.
         g: an n×n element of ``intertwiner_group(model.activation)``, n the channels at ``point``
             (any float dtype; the edit runs in float64 and is cast back to the weights' dtype); on a residual

@@ -47,6 +47,10 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 
 
+#: the batch shape of the zoo's input (CIFAR-10 and the upscaled digits: 3×32×32)
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
 class StagedNet(nn.Module):
     """Base class of the zoo, a :class:`~symstitch.network.PointNetwork`. Subclasses build their modules, then
     call :meth:`set_stages`; a family with a weight-space action declares where it acts (:meth:`symmetry_sites`).
@@ -242,11 +246,12 @@ class StagedNet(nn.Module):
         3×32×32)."""
         from symstitch.graph import GraphNet  # the wrapper of any module; it knows nothing of the zoo
 
-        return GraphNet(self, input_shape=input_shape or (1, 3, 32, 32))
+        return GraphNet(self, input_shape=input_shape or INPUT_SHAPE)
 
     @torch.no_grad()
-    def feature_shapes(self, input_shape: Sequence[int] = (1, 3, 32, 32)) -> dict[str, tuple[int, ...]]:
-        """Shape (without the batch dimension) of every feature and stitch point, from one dummy forward."""
+    def feature_shapes(self, input_shape: Optional[Sequence[int]] = None) -> dict[str, tuple[int, ...]]:
+        """Shape (without the batch dimension) of every feature and stitch point, from one dummy forward (default
+        input: :data:`INPUT_SHAPE`)."""
         shapes: dict[str, tuple[int, ...]] = {}
         handles = []
 
@@ -262,7 +267,7 @@ class StagedNet(nn.Module):
         self.eval()
         try:
             p = next(self.parameters())
-            x = torch.zeros(*input_shape, device=p.device, dtype=p.dtype)
+            x = torch.zeros(*(input_shape or INPUT_SHAPE), device=p.device, dtype=p.dtype)
             for point, stage in self.stages():
                 x = stage(x)
                 shapes.setdefault(point, tuple(x.shape[1:]))
