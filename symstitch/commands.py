@@ -338,13 +338,8 @@ class Points(Command):
                             help="batch shape for the shapes, e.g. 1,3,224,224 (default: the model's own or 1,3,32,32)")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
-        library, graph = _load("library"), _load("graph")
-        net = library.load_model(args.model)
         shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
-        if not isinstance(net, graph.GraphNet):
-            net = graph.GraphNet(net, input_shape=shape or (1, 3, 32, 32))
-        elif shape:
-            net.input_shape = shape
+        net = _load("library").load_model(args.model).as_graph(input_shape=shape)
         rows = net.describe()
         if args.features:
             chosen = set(net.feature_points)
@@ -354,7 +349,7 @@ class Points(Command):
         for r in rows:
             shape_text = "×".join(map(str, r.shape)) if r.shape else "—"
             print(f"{r.name:<{width}}  {r.kind:<5}  {r.op[:20]:<20}  {shape_text:<18}  {r.note}")
-        mode = "" if net.mode == "fx" else f" (forward hooks: {net.trace_error or 'not traced'})"
+        mode = f" ({net.note})" if net.note else ""
         print(f"{len(rows)} points{mode}; stitch points (cuts after an activation): {', '.join(net.stitch_points)}")
         return 0
 

@@ -50,8 +50,9 @@ from torch import nn
 
 from symstitch.checkpoints import CheckpointError, classifier_spec, load_classifier, read_checkpoint
 from symstitch.data import DataModule
-from symstitch.graph import GraphNet, Network, as_network, point_shape
+from symstitch.graph import as_network
 from symstitch.io import Lock, read_json, write_json
+from symstitch.network import PointNetwork, is_network
 
 MANIFEST = "manifest.json"
 ModelRef = Union[str, Path, Mapping[str, Any], nn.Module]
@@ -218,7 +219,7 @@ def resolve_model(ref: ModelRef) -> Path:
     raise CheckpointError(f"{ref!r} is neither a checkpoint file nor a model-library entry '<library>:<arch>/seed<k>'")
 
 
-def load_model(ref: ModelRef) -> Network:
+def load_model(ref: ModelRef) -> PointNetwork:
     """The trained network a reference names, in eval mode: a zoo network, or any other in a
     :class:`~symstitch.graph.GraphNet` (a copy: never the caller's module itself)."""
     spec = model_spec(ref)
@@ -233,8 +234,6 @@ def load_model(ref: ModelRef) -> Network:
             model.load_state_dict(load_state(spec.state_dict), strict=True)
         except RuntimeError as err:
             raise CheckpointError(f"{spec.state_dict}: the weights do not fit {spec.label}: {err}") from None
-    if isinstance(model, GraphNet):
-        return model.eval()
     return as_network(model, **spec.graph).eval()
 
 
@@ -245,24 +244,25 @@ def architecture(ref: ModelRef) -> str:
     if spec is not None:
         if spec.kind == "memory":
             model = _MEMORY.get(spec.target)
-            inner = model.model if isinstance(model, GraphNet) else model
-            return type(inner).__name__ if inner is not None else spec.target
+            if model is None:
+                return spec.target
+            return model.label if is_network(model) else type(model).__name__
         return spec.label
     path = resolve_model(ref)
     return str(classifier_spec(read_checkpoint(path), path)["arch"])
 
 
-def check_point(nets: Sequence[Network], point: str) -> None:
+def check_point(nets: Sequence[PointNetwork], point: str) -> None:
     """``point`` exists in every network (else the nearest names) and has the same shape in all (else both)."""
     for net in nets:
         net.check_split_point(point)
-    shapes = [point_shape(n, point) for n in nets]
+    shapes = [n.point_shape(point) for n in nets]
     if len(set(shapes)) > 1:
         raise ValueError(f"representations at {point!r} differ in shape: source {shapes[0]}, target {shapes[1]}; "
                          "stitching needs the same width (channels) and size at the point")
 
 
-def load_pair(source: ModelRef, target: ModelRef, point: str) -> tuple[Network, Network]:
+def load_pair(source: ModelRef, target: ModelRef, point: str) -> tuple[PointNetwork, PointNetwork]:
     """Source and target networks, checked to be stitchable at ``point`` (before anything trains)."""
     if model_spec(source) is not None or model_spec(target) is not None:
         check_same_data([source, target])

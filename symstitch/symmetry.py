@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symstitch.graph import GraphNet, point_activation, point_features
-from symstitch.models.base import StagedNet
-from symstitch.models.resnet import BasicBlock
+from symstitch.graph import GraphNet, as_network
+from symstitch.network import PointNetwork, Site, is_network
 from symstitch.registry import Registry
 
 Tensor = torch.Tensor
@@ -350,231 +349,65 @@ def intertwiner_group(activation: ActivationLike, scale_spread: float = 0.5, **k
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Where the action is defined: one function per model family
+# Where the action is defined: each network declares its sites (symstitch.network.Site)
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A stretch of the network whose channels all move together, ``size`` of them.
-
-    Every ``producers`` pair ``(layer, norm)`` computes a pre-activation ``norm(layer(h))`` of this stretch
-    (``norm`` an optional BatchNorm): its output channels get g. Every module of ``consumers`` (a
-    convolution, or a Linear after global pooling) reads the stretch's activations on its input channels (dim
-    1): it absorbs φ_σ(g)^{-1}.
-    """
-
-    size: int
-    producers: tuple[tuple[nn.Module, Optional[nn.BatchNorm2d]], ...]
-    consumers: tuple[nn.Module, ...]
-
-
-@dataclass(frozen=True)
-class Site:
-    """Everything the action at one feature point edits.
-
-    ``segments[0]`` holds the point itself (``channels`` = its size). A plain layer is one segment:
-    ``h ↦ σ(norm(layer(h)))`` → ``between`` → ``next_layer``. A residual stream is several: the blocks
-    of a stage add their outputs to one stream, so g acts on all of them at once, and parameter-free
-    zero-padding shortcuts tie the stream to the previous stage's (which sees the top-left block of g) and
-    to the next stage's (which sees g ⊕ I). ``between`` are the modules after σ that must commute with
-    φ_σ(g) (pooling, flatten). g must be block diagonal with blocks ``blocks`` (their sum is
-    ``channels``), so that each segment's restriction of g is itself in the group.
-    """
-
-    segments: tuple[Segment, ...]
-    between: tuple[nn.Module, ...] = ()
-    blocks: tuple[int, ...] = ()
-
-    @property
-    def channels(self) -> int:
-        return self.segments[0].size
-
-
-def _plain_site(layer: nn.Module, norm: Optional[nn.BatchNorm2d], between: tuple[nn.Module, ...],
-                next_layer: nn.Module) -> Site:
-    size = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
-    return Site((Segment(size, ((layer, norm),), (next_layer,)),), between, (size,))
-
-
-#: model class name → function ``net → {feature point: Site}``
-FAMILIES: Registry[Callable[[StagedNet], dict[str, Site]]] = Registry("symmetry family")
-
-
-@FAMILIES.register("MCNN")
-def _mcnn_sites(net: StagedNet) -> dict[str, Site]:
-    """``layer{k}.act`` → next is ``layer{k+1}``: max-pool, conv; after the last: the classifier's
-    max-pool, global average pool, flatten, Linear ``fc``."""
-    layers = [net.get_submodule(point.rsplit(".", 1)[0]) for point in net.stitch_points]
-    head = net.classifier
-    following = [((nxt.pool,), nxt.conv) for nxt in layers[1:]]
-    following.append(((head.pool, head.gap, head.flatten), head.fc))
-    return {
-        point: _plain_site(layer.conv, getattr(layer, "bn", None), between, next_layer)
-        for point, layer, (between, next_layer) in zip(net.stitch_points, layers, following)
-    }
-
-
-def _stream_segments(net: StagedNet) -> list[tuple[list[str], Segment, int]]:
-    """The residual stream of a ResNet cut into segments: ``([stitch points], Segment, run)`` in forward
-    order; segments of one ``run`` are joined by zero-padding shortcuts (each is the previous one plus
-    channels).
-
-    The stream is the stem's output, then every block's output ``act2(bn2(conv2(·)) + shortcut(x))``. A block
-    whose shortcut is the identity, or an option-A zero-padding shortcut, continues the segment of its input
-    (the padding grows it: its first channels are the previous ones); a block with an option-B projection
-    shortcut (1×1 conv + BatchNorm) starts a new segment, its shortcut being one more producer, and consumes
-    the previous segment through that 1×1 conv as well as through its conv1.
-    """
-    stages = net.stages()  # stem, then every block
-    runs: list[list[int]] = []
-    for k, (_, module) in enumerate(stages):
-        projects = k == 0 or isinstance(module.shortcut, nn.Sequential)
-        if projects:
-            runs.append([k])
-        else:
-            runs[-1].append(k)
-    segments = []
-    for run in runs:
-        for k in run:
-            point, module = stages[k]
-            if k == 0:
-                producers = [(module.conv, module.bn)]
-            else:
-                producers = [(module.conv2, module.bn2)]
-                if isinstance(module.shortcut, nn.Sequential):
-                    producers.append((module.shortcut.conv, module.shortcut.bn))
-            if k + 1 < len(stages):
-                nxt = stages[k + 1][1]
-                consumers = [nxt.conv1] + ([nxt.shortcut.conv] if isinstance(nxt.shortcut, nn.Sequential) else [])
-            else:
-                consumers = [net.classifier.fc]  # after global average pooling and flatten: both linear
-            size = producers[0][0].out_channels
-            segments.append(([point], Segment(size, tuple(producers), tuple(consumers)), run[0]))
-    # merge the stages of one run that have the same size into one segment per size
-    merged: list[tuple[list[str], Segment, int]] = []
-    for points, segment, start in segments:
-        if merged and merged[-1][2] == start and merged[-1][1].size == segment.size:
-            last_points, last, _ = merged.pop()
-            segment = Segment(segment.size, last.producers + segment.producers, last.consumers + segment.consumers)
-            points = last_points + points
-        merged.append((points, segment, start))
-    return merged
-
-
-@FAMILIES.register("CifarResNet")
-def _resnet_sites(net: StagedNet) -> dict[str, Site]:
-    """Block-internal ``layerS.b.act1`` (conv1 → bn1 → act1 → conv2), and the residual stream ``stem.act``,
-    ``layerS.b.act2``: g acts on the whole segment of the point (every block output of the stage, the
-    next blocks' inputs), on the earlier segments joined to it by zero-padding shortcuts through its top-left
-    blocks, and on the later ones as g ⊕ I; option-B shortcuts end a segment and absorb it."""
-    sites = {
-        f"{name}.act1": _plain_site(block.conv1, block.bn1, (), block.conv2)
-        for name, block in net.named_modules()
-        if isinstance(block, BasicBlock)
-    }
-    segments = _stream_segments(net)
-    for points, segment, start in segments:
-        joined = [s for _, s, st in segments if st == start]  # the segments of this run, in order
-        earlier = [s.size for s in joined if s.size < segment.size]
-        blocks = tuple(b - a for a, b in zip([0] + earlier, earlier + [segment.size]))
-        others = tuple(s for s in joined if s is not segment)
-        for point in points:
-            sites[point] = Site((segment,) + others, (), blocks)
-    order = {point: i for i, point in enumerate(net.feature_points)}
-    return dict(sorted(sites.items(), key=lambda item: order[item[0]]))
-
-
-@FAMILIES.register("GraphNet")
-def _graph_sites(net: GraphNet) -> dict[str, Site]:
-    """Any traced network: every activation point ``σ(norm(layer(h)))`` → parameter-free channel-wise modules →
-    ``next_layer`` (Conv or Linear, each tensor on the way read once; :meth:`GraphNet.linear_neighbours`). A
-    residual stream, or an activation read by several layers, has no action here."""
-    sites = {}
-    for point in net.feature_points:
-        try:
-            sites[point] = _plain_site(*net.linear_neighbours(point))
-        except ValueError:
-            continue
-    return sites
-
-
-def _no_action(model: nn.Module, point: str, sites: dict[str, Site]) -> ValueError:
-    """The error for a point without a weight-space action, with the reason where the graph gives one."""
+def _no_action(model: PointNetwork, point: str, sites: dict[str, Site]) -> ValueError:
+    """The error for a point without a weight-space action, with the reason where the network gives one."""
     where = ", ".join(sites) or "(none)"
-    reason = ""
-    if isinstance(model, GraphNet):
-        try:
-            model.linear_neighbours(point)
-        except ValueError as err:
-            reason = f" ({err})"
-    name = type(model.model).__name__ if isinstance(model, GraphNet) else type(model).__name__
-    return ValueError(f"the weight-space action is not defined at {point!r} of {name}{reason}; it is defined at: "
-                      f"{where}")
+    reason = model.no_action_reason(point)
+    reason = f" ({reason})" if reason else ""
+    return ValueError(f"the weight-space action is not defined at {point!r} of {model.label}{reason}; it is defined "
+                      f"at: {where}")
 
 
-def _sites(model: StagedNet) -> dict[str, Site]:
-    for cls in type(model).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES.get(cls.__name__)(model)
-    return {}
-
-
-def next_layer(model: StagedNet, point: str) -> nn.Module:
+def next_layer(model: PointNetwork, point: str) -> nn.Module:
     """The layer holding W_{l+1}, the one that can absorb φ_σ(g)^{-1} for a g acting at ``point`` (points
     whose activation feeds one layer only; a residual stream feeds several)."""
-    sites = _sites(model)
+    sites = model.symmetry_sites()
     if point not in sites:
         raise _no_action(model, point, sites)
     segments = sites[point].segments
     if len(segments) > 1 or len(segments[0].consumers) > 1:
-        raise ValueError(f"{point!r} of {type(model).__name__} is on a residual stream: several layers read it")
+        raise ValueError(f"{point!r} of {model.label} is on a residual stream: several layers read it")
     return segments[0].consumers[0]
 
 
-def actionable_points(model: StagedNet) -> tuple[str, ...]:
+def actionable_points(model: PointNetwork) -> tuple[str, ...]:
     """The feature points of ``model`` where :func:`act` is defined, in forward order."""
-    return tuple(_sites(model))
+    return tuple(model.symmetry_sites())
 
 
-def action_blocks(model: StagedNet, point: str) -> tuple[int, ...]:
+def action_blocks(model: PointNetwork, point: str) -> tuple[int, ...]:
     """The block sizes g must respect at ``point``: g = g_1 ⊕ g_2 ⊕ … with g_i ∈ G_σ of size ``blocks[i]``.
 
     One block (every channel) except on the residual stream of a ResNet with zero-padding shortcuts, where
     the first channels of a stage are the previous stage's stream (ResNet-20 at ``layer3.*``: 16, 16, 32).
     """
-    sites = _sites(model)
+    sites = model.symmetry_sites()
     if point not in sites:
         raise _no_action(model, point, sites)
     return sites[point].blocks
 
 
-def sample_action(model: StagedNet, point: str, generator: Optional[torch.Generator] = None) -> Tensor:
+def sample_action(model: PointNetwork, point: str, generator: Optional[torch.Generator] = None) -> Tensor:
     """A random element of the group acting at ``point`` (float64): ⊕ of G_σ samples over
     :func:`action_blocks`."""
-    group = intertwiner_group(point_activation(model, point))
+    group = intertwiner_group(model.point_activation(point))
     return torch.block_diag(*[group.sample(n, generator=generator) for n in action_blocks(model, point)])
 
 
 def feature(model: nn.Module, point: str, x: Tensor) -> Tensor:
-    """The representation at feature ``point`` (an activation module's output) for input ``x``.
+    """The representation at feature ``point`` for input ``x`` (a copy; any module is read as a network,
+    :func:`~symstitch.graph.as_network`).
 
     Runs ``model(x)`` under ``torch.no_grad()`` in the model's current mode (call ``.eval()`` first for
-    BatchNorm running statistics) and returns the module's output from a forward hook.
+    BatchNorm running statistics).
     """
-    if isinstance(model, GraphNet):
-        with torch.no_grad():
-            return point_features(model, x, [point])[point]
-    if point not in getattr(model, "feature_points", ()):
-        raise ValueError(f"{type(model).__name__} has no feature point {point!r}; feature points: "
-                         + ", ".join(getattr(model, "feature_points", ())))
-    captured: list[Tensor] = []
-    handle = model.get_submodule(point).register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return captured[0]
+    net = as_network(model)
+    net.check_feature_point(point)
+    with torch.no_grad():
+        return net.features(x, [point])[point]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -653,28 +486,28 @@ def _check(site: Site, g: Tensor, phi_g: Tensor, point: str, group: IntertwinerG
                          "use an element with positive scales")
 
 
-def act(model: StagedNet, point: str, g: Tensor) -> StagedNet:
+def act(model: PointNetwork, point: str, g: Tensor) -> PointNetwork:
     """``g·model``: a deep copy whose representation at ``point`` is φ_σ(g)·h and whose function is unchanged.
 
     Args:
-        model: a network of the zoo or a :class:`~symstitch.graph.GraphNet` (left untouched, including its
-            training mode); any other ``nn.Module`` is wrapped in a GraphNet and the edited copy of the module
-            itself is returned. In a traced graph the action is defined at activation points between two
-            Conv/Linear layers (:meth:`~symstitch.graph.GraphNet.linear_neighbours`); elsewhere the error says
-            why not.
+        model: a network (:class:`~symstitch.network.PointNetwork`: the zoo's, a GraphNet; left untouched,
+            including its training mode) acted on at its :meth:`~symstitch.network.PointNetwork.symmetry_sites`;
+            any other ``nn.Module`` is wrapped in a GraphNet and the edited copy of the module itself is returned.
+            In a traced graph the action is defined at activation points between two Conv/Linear layers
+            (:meth:`~symstitch.graph.TracedNet.linear_neighbours`); elsewhere the error says why not.
         point: a feature point listed by :func:`actionable_points`.
         g: an n×n element of ``intertwiner_group(model.activation)``, n the channels at ``point``
             (any float dtype; the edit runs in float64 and is cast back to the weights' dtype); on a residual
             stream block diagonal with the blocks of :func:`action_blocks` (:func:`sample_action` draws one).
     """
-    if not isinstance(model, (StagedNet, GraphNet)):
+    if not is_network(model):
         if not isinstance(model, nn.Module):
             raise TypeError(f"act needs an nn.Module, got {type(model).__name__}")
         return act(GraphNet(model), point, g).model
-    sites = _sites(model)
+    sites = model.symmetry_sites()
     if point not in sites:
         raise _no_action(model, point, sites)
-    group = intertwiner_group(point_activation(model, point))
+    group = intertwiner_group(model.point_activation(point))
     n = sites[point].channels
     g = torch.as_tensor(g).detach().to("cpu", torch.float64)
     if g.shape != (n, n):
@@ -683,13 +516,12 @@ def act(model: StagedNet, point: str, g: Tensor) -> StagedNet:
         raise ValueError(f"g is not in {group.name}")
     _check(sites[point], g, group.phi(g), point, group)
     new = copy.deepcopy(model)
-    site = _sites(new)[point]
+    site = new.symmetry_sites()[point]
     _apply(site, g.to(site.segments[0].producers[0][0].weight.device), group)
     return new
 
 
 __all__ = [
-    "FAMILIES",
     "GROUPS",
     "NONLINEARITIES",
     "IntertwinerGroup",
@@ -698,8 +530,6 @@ __all__ = [
     "Permutations",
     "PositiveScaledPermutations",
     "SignedPermutations",
-    "Segment",
-    "Site",
     "act",
     "action_blocks",
     "act_on_features",

@@ -36,7 +36,7 @@ from symstitch.metrics.base import (
 )
 from symstitch.metrics.cka import BLOCK_ROWS, MODES, _cka_compute, _cka_terms, _cka_update, _Gram, _gram
 from symstitch.metrics.procrustes import _Moments, _procrustes_compute, _procrustes_update
-from symstitch.graph import GraphNet, as_network, point_activation, point_features
+from symstitch.graph import as_network
 from symstitch.inputs import batch_images, loader_normalization
 from symstitch.metrics.streaming import METRICS
 
@@ -58,7 +58,7 @@ def point_group(net: nn.Module, point: str) -> Optional[str]:
     from symstitch.symmetry import nonlinearity  # the activation → group table
 
     try:
-        return nonlinearity(point_activation(net, point)).group
+        return nonlinearity(net.point_activation(point)).group
     except (ValueError, KeyError):
         return None
 
@@ -73,12 +73,8 @@ def _resolve_points(model_a: nn.Module, model_b: nn.Module, points: Any) -> tupl
     def check(model: nn.Module, chosen: Iterable[str]) -> list[str]:
         chosen, ok = list(chosen), valid(model)
         for p in chosen:
-            if isinstance(model, GraphNet):
-                if p not in ok:  # any point of the graph: a node or module name (else the nearest names)
-                    model.check_split_point(p[: -len("[cls]")] if p.endswith("[cls]") else p)
-            elif p not in ok:
-                raise ValueError(f"{type(model).__name__} has no feature point {p!r}; valid feature points: "
-                                 + ", ".join(ok))
+            if p not in ok:
+                model.check_feature_point(p)  # a graph's features are at any of its points (else the nearest names)
         if not chosen:
             raise ValueError("no feature points chosen")
         return chosen
@@ -475,14 +471,15 @@ class _Recorder:
     def __enter__(self) -> "_Recorder":
         for side, p in dict.fromkeys((self.side_of(s), p) for s, p in self.wanted):
             model = self.model_a if side == "a" else self.model_b
-            if isinstance(model, GraphNet):
-                continue  # its features come from the graph (run)
+            module = model.point_module(p)
+            if module is None:
+                continue  # its features come from the network's own pass (run)
 
             def hook(_module, _inputs, out, key=(side, p)):
                 out = out.detach()
                 self.captured[key] = (out.clone() if self.copy else out, out._version)
 
-            self.handles.append(model.get_submodule(p).register_forward_hook(hook))
+            self.handles.append(module.register_forward_hook(hook))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -497,9 +494,9 @@ class _Recorder:
         metrics compute anyway."""
         self.captured.clear()
         for side, model in (("a", self.model_a), ("b", self.model_b))[: 1 if self.same else 2]:
-            if isinstance(model, GraphNet):  # any point of a graph: one pass of its own (its features are copies)
-                points = [p for s, p in self.wanted if self.side_of(s) == side]
-                for p, t in point_features(model, x, points).items():
+            points = [p for s, p in self.wanted if self.side_of(s) == side]
+            if any(model.point_module(p) is None for p in points):  # any point of a graph: one pass of its own
+                for p, t in model.features(x, points).items():  # (its features are copies)
                     self.captured[(side, p)] = (t, t._version)
             else:
                 model(x)

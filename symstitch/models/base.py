@@ -25,12 +25,16 @@ activation module), while block-internal activations of a ResNet are feature poi
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 
+from symstitch.network import Site
 from symstitch.registry import Registry
+
+if TYPE_CHECKING:
+    from symstitch.graph import GraphNet
 
 #: Modules whose outputs are feature points.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -43,8 +47,13 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 
 
+#: the batch shape of the zoo's input (CIFAR-10 and the upscaled digits: 3×32×32)
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
 class StagedNet(nn.Module):
-    """Base class of the zoo. Subclasses build their modules, then call :meth:`set_stages`.
+    """Base class of the zoo, a :class:`~symstitch.network.PointNetwork`. Subclasses build their modules, then
+    call :meth:`set_stages`; a family with a weight-space action declares where it acts (:meth:`symmetry_sites`).
 
     Attributes set by subclasses:
         activation: name of the network's nonlinearity at its feature points ("relu", "sigmoid", "gelu", …);
@@ -77,6 +86,11 @@ class StagedNet(nn.Module):
             if stage_point not in cuts:
                 raise ValueError(f"inner point {point!r}: no stage {stage_point!r}")
         self._inner: dict[str, int] = {point: cuts.index(stage_point) for point, stage_point in inner}
+
+    @property
+    def label(self) -> str:
+        """What messages call the network: its class name."""
+        return type(self).__name__
 
     # ------------------------------------------------------------------ points
     @property
@@ -119,6 +133,12 @@ class StagedNet(nn.Module):
                 f"{type(self).__name__} has no stitch point {point!r}; valid stitch points: "
                 + ", ".join(self.stitch_points)
             ) from None
+
+    def check_feature_point(self, point: str) -> None:
+        """A clear error listing the feature points unless ``point`` is one."""
+        if point not in self.feature_points:
+            raise ValueError(f"{type(self).__name__} has no feature point {point!r}; valid feature points: "
+                             + ", ".join(self.feature_points))
 
     # ----------------------------------------------------------------- forward
     def stages(self) -> list[tuple[str, nn.Module]]:
@@ -177,9 +197,61 @@ class StagedNet(nn.Module):
             h = stage(h)
         return self.head(h)
 
+    # ------------------------------------------------------------------ features, shapes and groups at points
+    def point_module(self, point: str) -> nn.Module:
+        """The activation module whose output is feature ``point`` (every feature point is one)."""
+        return self.get_submodule(point)
+
+    def features(self, x: torch.Tensor, points: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The outputs at feature ``points`` (cloned) from one forward pass, by forward hooks on their modules."""
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        for p in dict.fromkeys(points):
+            def hook(_module, _inputs, out, p=p):
+                captured.setdefault(p, out.detach().clone())  # later in-place ops must not change it
+            handles.append(self.point_module(p).register_forward_hook(hook))
+        try:
+            self(x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [p for p in points if p not in captured]
+        if missing:
+            raise RuntimeError(f"feature points not reached in the forward pass: {', '.join(missing)}")
+        return captured
+
+    def point_shape(self, point: str) -> tuple[int, ...]:
+        """The shape at ``point`` without the batch dimension (for a 3×32×32 input)."""
+        return self.feature_shapes()[point]
+
+    def point_channels(self, point: str) -> int:
+        """C at ``point``: (N, C, …) or the last dim of tokens (N, L, C)."""
+        shape = self.point_shape(point)
+        return shape[-1] if len(shape) == 2 else shape[0]
+
+    def point_activation(self, point: str) -> str:
+        """The network's activation: one kind at every point of the zoo."""
+        return self.activation
+
+    def symmetry_sites(self) -> dict[str, Site]:
+        """Where the weight-space action is defined (docs/method.md §1): none, unless the family declares its
+        sites."""
+        return {}
+
+    def no_action_reason(self, point: str) -> str:
+        return ""
+
+    def as_graph(self, input_shape: Optional[Sequence[int]] = None) -> GraphNet:
+        """The network traced as a graph of every node (:class:`~symstitch.graph.GraphNet`; default input
+        3×32×32)."""
+        from symstitch.graph import GraphNet  # the wrapper of any module; it knows nothing of the zoo
+
+        return GraphNet(self, input_shape=input_shape or INPUT_SHAPE)
+
     @torch.no_grad()
-    def feature_shapes(self, input_shape: Sequence[int] = (1, 3, 32, 32)) -> dict[str, tuple[int, ...]]:
-        """Shape (without the batch dimension) of every feature and stitch point, from one dummy forward."""
+    def feature_shapes(self, input_shape: Optional[Sequence[int]] = None) -> dict[str, tuple[int, ...]]:
+        """Shape (without the batch dimension) of every feature and stitch point, from one dummy forward (default
+        input: :data:`INPUT_SHAPE`)."""
         shapes: dict[str, tuple[int, ...]] = {}
         handles = []
 
@@ -195,7 +267,7 @@ class StagedNet(nn.Module):
         self.eval()
         try:
             p = next(self.parameters())
-            x = torch.zeros(*input_shape, device=p.device, dtype=p.dtype)
+            x = torch.zeros(*(input_shape or INPUT_SHAPE), device=p.device, dtype=p.dtype)
             for point, stage in self.stages():
                 x = stage(x)
                 shapes.setdefault(point, tuple(x.shape[1:]))

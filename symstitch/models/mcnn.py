@@ -28,6 +28,7 @@ from typing import Sequence
 from torch import nn
 
 from symstitch.models.base import StagedNet, register
+from symstitch.network import Site, plain_site
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -70,6 +71,18 @@ class MCNN(StagedNet):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.set_stages([(f"layer{k}.act", f"layer{k}") for k in range(1, len(widths) + 1)], head="classifier")
+
+    def symmetry_sites(self) -> dict[str, Site]:
+        """``layer{k}.act`` → next is ``layer{k+1}``: max-pool, conv; after the last: the classifier's
+        max-pool, global average pool, flatten, Linear ``fc`` (docs/method.md §1)."""
+        layers = [self.get_submodule(point.rsplit(".", 1)[0]) for point in self.stitch_points]
+        head = self.classifier
+        following = [((nxt.pool,), nxt.conv) for nxt in layers[1:]]
+        following.append(((head.pool, head.gap, head.flatten), head.fc))
+        return {
+            point: plain_site(layer.conv, getattr(layer, "bn", None), between, next_layer)
+            for point, layer, (between, next_layer) in zip(self.stitch_points, layers, following)
+        }
 
 
 def _widths(base: Sequence[int], width: float) -> list[int]:

@@ -33,6 +33,7 @@ from torch import nn
 
 from symstitch.models.base import StagedNet, register
 from symstitch.models.mcnn import scaled
+from symstitch.network import Segment, Site, plain_site
 
 
 class ShortcutA(nn.Module):
@@ -126,6 +127,72 @@ class CifarResNet(StagedNet):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.set_stages(stages, head="classifier", inner=inner)
+
+    def symmetry_sites(self) -> dict[str, Site]:
+        """Block-internal ``layerS.b.act1`` (conv1 → bn1 → act1 → conv2), and the residual stream ``stem.act``,
+        ``layerS.b.act2``: g acts on the whole segment of the point (every block output of the stage, the
+        next blocks' inputs), on the earlier segments joined to it by zero-padding shortcuts through its top-left
+        blocks, and on the later ones as g ⊕ I; option-B shortcuts end a segment and absorb it (docs/method.md §1)."""
+        stages = self.stages()
+        sites = {}
+        for point in self.inner_points:
+            block = stages[self._inner[point]][1]
+            sites[point] = plain_site(block.conv1, block.bn1, (), block.conv2)
+        segments = self._stream_segments()
+        for points, segment, start in segments:
+            joined = [s for _, s, st in segments if st == start]  # the segments of this run, in order
+            earlier = [s.size for s in joined if s.size < segment.size]
+            blocks = tuple(b - a for a, b in zip([0] + earlier, earlier + [segment.size]))
+            others = tuple(s for s in joined if s is not segment)
+            for point in points:
+                sites[point] = Site((segment,) + others, (), blocks)
+        order = {point: i for i, point in enumerate(self.feature_points)}
+        return dict(sorted(sites.items(), key=lambda item: order[item[0]]))
+
+    def _stream_segments(self) -> list[tuple[list[str], Segment, int]]:
+        """The residual stream cut into segments: ``([stitch points], Segment, run)`` in forward order; segments
+        of one ``run`` are joined by zero-padding shortcuts (each is the previous one plus channels).
+
+        The stream is the stem's output, then every block's output ``act2(bn2(conv2(·)) + shortcut(x))``. A block
+        whose shortcut is the identity, or an option-A zero-padding shortcut, continues the segment of its input
+        (the padding grows it: its first channels are the previous ones); a block with an option-B projection
+        shortcut (1×1 conv + BatchNorm) starts a new segment, its shortcut being one more producer, and consumes
+        the previous segment through that 1×1 conv as well as through its conv1.
+        """
+        stages = self.stages()  # stem, then every block
+        runs: list[list[int]] = []
+        for k, (_, module) in enumerate(stages):
+            projects = k == 0 or isinstance(module.shortcut, nn.Sequential)
+            if projects:
+                runs.append([k])
+            else:
+                runs[-1].append(k)
+        segments = []
+        for run in runs:
+            for k in run:
+                point, module = stages[k]
+                if k == 0:
+                    producers = [(module.conv, module.bn)]
+                else:
+                    producers = [(module.conv2, module.bn2)]
+                    if isinstance(module.shortcut, nn.Sequential):
+                        producers.append((module.shortcut.conv, module.shortcut.bn))
+                if k + 1 < len(stages):
+                    nxt = stages[k + 1][1]
+                    consumers = [nxt.conv1] + ([nxt.shortcut.conv] if isinstance(nxt.shortcut, nn.Sequential) else [])
+                else:
+                    consumers = [self.classifier.fc]  # after global average pooling and flatten: both linear
+                size = producers[0][0].out_channels
+                segments.append(([point], Segment(size, tuple(producers), tuple(consumers)), run[0]))
+        # merge the stages of one run that have the same size into one segment per size
+        merged: list[tuple[list[str], Segment, int]] = []
+        for points, segment, start in segments:
+            if merged and merged[-1][2] == start and merged[-1][1].size == segment.size:
+                last_points, last, _ = merged.pop()
+                segment = Segment(segment.size, last.producers + segment.producers, last.consumers + segment.consumers)
+                points = last_points + points
+            merged.append((points, segment, start))
+        return merged
 
 
 def _cifar_resnet(depth: int, num_classes: int, width: float) -> CifarResNet:

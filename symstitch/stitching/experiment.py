@@ -12,20 +12,20 @@ from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 from symstitch.cli import check_args, fit_in_process
 from symstitch.library import architecture, load_model, load_pair
-from symstitch.models import StagedNet
+from symstitch.network import PointNetwork
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, launched_rank, names
 from symstitch.stitching.grammar import LayerChoice, LayerSpec
 from symstitch.stitching.prefix import PrefixCache
 from symstitch.stitching.record import PROTOCOLS, StitchRecord, record_key
 
 #: point-list keywords → the points they stand for
-POINT_SETS: dict[str, Callable[[StagedNet], Sequence[str]]] = {
+POINT_SETS: dict[str, Callable[[PointNetwork], Sequence[str]]] = {
     "all": lambda net: net.stitch_points,
     "inner": lambda net: net.inner_points,
 }
 
 
-def point_list(net: StagedNet, points: Union[str, Sequence[str]]) -> list[str]:
+def point_list(net: PointNetwork, points: Union[str, Sequence[str]]) -> list[str]:
     """The stitch points a sweep names, in forward order: point names and the keywords of :data:`POINT_SETS`
     (``all``: the cuts, ``inner``: the points inside ResNet blocks; ``[all, inner]``: the paper's 19 points of
     ResNet-20)."""

@@ -38,10 +38,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
 from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
-from symstitch.graph import point_activation, point_channels
 from symstitch.library import check_same_data, load_pair, ref_identity, ref_text
 from symstitch.lightning_adapters import find_unused_parameters
-from symstitch.models import StagedNet
+from symstitch.network import PointNetwork
 from symstitch.stitch_layers import (STITCH_LAYERS, ChannelMatch, MonomialStitch, StitchLayer, build_stitch_layer,
                                      channels_last)
 from symstitch.stitching.grammar import LayerSpec
@@ -62,7 +61,7 @@ KEEP_START_MARGIN = 0.01
 DUPLICATE_TOLERANCE = 1e-4
 
 
-def _freeze(net: StagedNet) -> StagedNet:
+def _freeze(net: PointNetwork) -> PointNetwork:
     net.requires_grad_(False)
     return net.eval()
 
@@ -141,9 +140,9 @@ class StitchingModule(pl.LightningModule):
         labels = [spec.label for spec in specs]
         if not specs or len(set(labels)) != len(labels):
             raise ValueError(f"layer is one stitching layer or a list of distinct ones; got {layer!r}")
-        channels = point_channels(self.source_net, point)
+        channels = self.source_net.point_channels(point)
         try:
-            activation = point_activation(self.source_net, point)
+            activation = self.source_net.point_activation(point)
         except ValueError:
             if any(issubclass(STITCH_LAYERS.get(spec.name), MonomialStitch) for spec in specs):
                 raise  # a G stitch needs the group at the point: the reason
@@ -488,7 +487,7 @@ class StitchingModule(pl.LightningModule):
                 self._recalibrated[k] = self.recalibrate(self._eval_layers[k])
 
     @torch.no_grad()
-    def recalibrate(self, layer: StitchLayer) -> tuple[StagedNet, StitchLayer]:
+    def recalibrate(self, layer: StitchLayer) -> tuple[PointNetwork, StitchLayer]:
         """Copies of B and of ``layer`` whose BatchNorm running statistics after the stitch are re-estimated on
         one pass of the un-augmented training images through the stitched network (the paper's protocol).
 
