@@ -18,12 +18,20 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
+from symstitch.loggers import current_wandb_grouping
+
 
 class QuietWandbLogger(WandbLogger):
     """Lightning's W&B logger without the ``anonymous`` setting it always passes to ``wandb.init`` unless it was
-    asked for. Same arguments."""
+    asked for. Same arguments; inside a sweep's run it joins the sweep's group
+    (:func:`symstitch.loggers.wandb_grouping`) unless given a ``group`` or ``job_type`` of its own."""
 
     def __init__(self, *args: Any, **kwargs: Any):
+        grouping = current_wandb_grouping()
+        if grouping is not None:  # LightningCLI passes every wandb.init argument, unset ones as None
+            for key, value in zip(("group", "job_type"), grouping):
+                if kwargs.get(key) is None:
+                    kwargs[key] = value
         super().__init__(*args, **kwargs)
         if self._wandb_init.get("anonymous") is None:  # the arguments Lightning gives wandb.init
             self._wandb_init.pop("anonymous", None)

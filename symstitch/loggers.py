@@ -21,6 +21,7 @@ few known harmless warnings) only with ``-v``.
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 import logging
 import netrc
 import os
@@ -125,19 +126,23 @@ def wandb_group(folder: Path | str) -> str:
 
 @contextlib.contextmanager
 def wandb_grouping(group: str, job_type: str) -> Iterator[None]:
-    """While the block runs, every W&B run started in it (e.g. by a sweep cell's fit, when its ``fit_args`` log to
-    W&B) joins ``group`` as ``job_type``, through W&B's own ``WANDB_RUN_GROUP``/``WANDB_JOB_TYPE``. The
-    environment is restored after."""
-    saved = {k: os.environ.get(k) for k in ("WANDB_RUN_GROUP", "WANDB_JOB_TYPE")}
-    os.environ.update({"WANDB_RUN_GROUP": group, "WANDB_JOB_TYPE": job_type})
+    """While the block runs, every W&B logger built in it (e.g. by a sweep cell's fit, when its ``fit_args`` log to
+    W&B) joins ``group`` as ``job_type`` unless it names its own (:func:`current_wandb_grouping`). Passed to
+    ``wandb.init`` as arguments, not through W&B's ``WANDB_RUN_GROUP``, which W&B reads once per process: a
+    second sweep in the same process would keep the first one's group."""
+    token = _GROUPING.set((group, job_type))
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _GROUPING.reset(token)
+
+
+def current_wandb_grouping() -> Optional[tuple[str, str]]:
+    """``(group, job_type)`` of the enclosing :func:`wandb_grouping`, None outside any."""
+    return _GROUPING.get()
+
+
+_GROUPING: ContextVar[Optional[tuple[str, str]]] = ContextVar("symstitch_wandb_grouping", default=None)
 
 
 @contextlib.contextmanager

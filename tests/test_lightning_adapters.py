@@ -54,3 +54,15 @@ def test_the_anonymous_warning_is_what_the_quiet_logger_avoids(tmp_path, logger,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("anonymous" in proc.stderr) == (logger is WandbLogger)
     assert os.path.isdir(tmp_path / "wandb")
+
+
+def test_the_w_and_b_logger_joins_a_sweep_s_group_unless_given_its_own(tmp_path):
+    from symstitch.lightning_adapters import QuietWandbLogger
+    from symstitch.loggers import wandb_grouping
+
+    assert QuietWandbLogger(save_dir=str(tmp_path), offline=True)._wandb_init.get("group") is None
+    with wandb_grouping("grid", "stitch"):
+        joined = QuietWandbLogger(save_dir=str(tmp_path), offline=True, group=None)  # as LightningCLI passes it
+        own = QuietWandbLogger(save_dir=str(tmp_path), offline=True, group="mine", job_type="mine")
+    assert (joined._wandb_init["group"], joined._wandb_init["job_type"]) == ("grid", "stitch")
+    assert (own._wandb_init["group"], own._wandb_init["job_type"]) == ("mine", "mine")

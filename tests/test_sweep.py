@@ -358,7 +358,11 @@ def test_sweep_cells_as_wandb_runs_grouped_by_the_sweep(zoo, tmp_path, monkeypat
 
     from .wandb_records import runs
 
+    from symstitch.loggers import wandb_run
+
     monkeypatch.delenv("WANDB_MODE", raising=False)  # no W&B configured: offline
+    with wandb_run(tmp_path / "earlier", name="earlier"):  # W&B used before in this process: the group still holds
+        pass
     out = tmp_path / "grid_a"
     config = _stitch_config(zoo, tmp_path, out=str(out), points=["layer1.act"], fit_args=[
         "--trainer.max_epochs", "1", "--model.init_args.relaxed_epochs", "0", "--trainer.enable_progress_bar",
