@@ -37,6 +37,8 @@ def test_wandb_init_arguments_without_anonymous(tmp_path, monkeypatch):
     assert QuietWandbLogger(anonymous=True, **kwargs)._wandb_init["anonymous"] == "allow"
 
 
+# slow (two W&B runs, 15 s): the name it depends on is pinned by test_wandb_init_arguments_without_anonymous
+@pytest.mark.slow
 @pytest.mark.parametrize("logger", [WandbLogger, QuietWandbLogger])
 def test_the_anonymous_warning_is_what_the_quiet_logger_avoids(tmp_path, logger, capfd):
     """Lightning's logger makes W&B warn about `anonymous` (the reason for the adapter); the quiet one does not."""

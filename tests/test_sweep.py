@@ -392,13 +392,3 @@ def test_sweep_cells_as_wandb_runs_grouped_by_the_sweep(zoo, tmp_path, monkeypat
     assert main(["sweep", "--config", str(config), "--wandb", "--no-progress"]) == 0
     assert len(runs(out)) == 2  # each record once
 
-
-def test_every_experiment_kind_is_known_to_a_fresh_sweep(tmp_path):
-    """A new process that loads sweeps knows every kind, whatever else it imported first (the stitching package
-    loads its experiment on first use; the sweep module imports it)."""
-    code = ("import symstitch.sweep\nfrom symstitch.runner import EXPERIMENTS\n"
-            "print(sorted(EXPERIMENTS.available()))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[0] == "['align', 'projection', 'stitch', 'zoo']"
