@@ -372,7 +372,8 @@ class Sweep(Command):
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (batch jobs)")
         parser.add_argument("--wandb", action="store_true",
                             help="also log each finished cell (of --cell) as a W&B run, once, in the sweep's group "
-                                 "(the folder's name; offline unless W&B is configured)")
+                                 "(the folder's name; offline unless W&B is configured); with --emit slurm, every "
+                                 "array task does")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
         if len(args.config) > 1 and (args.out or args.cell or args.emit):
@@ -382,7 +383,7 @@ class Sweep(Command):
         for config in args.config:  # in order: a later sweep may read what an earlier one made (a model library)
             runner = _load("sweep").load_sweep(config, args.out)
             if args.emit == "slurm":
-                path = runner.emit_slurm(Path(config))
+                path = runner.emit_slurm(Path(config), wandb=args.wandb)
                 print(f"sweep: {len(runner.cells())} cells; submit with `sbatch {path}`")
                 continue
             if args.list:

@@ -427,8 +427,9 @@ class Runner:
         return sum(not self.done(c) for c in self.cells())
 
     # ---------------------------------------------------------------- SLURM
-    def emit_slurm(self, config_path: Path) -> Path:
-        """``<out>/slurm.sh``: a SLURM array over the cells, each task running ``symstitch sweep --cell``.
+    def emit_slurm(self, config_path: Path, wandb: bool = False) -> Path:
+        """``<out>/slurm.sh``: a SLURM array over the cells, each task running ``symstitch sweep --cell`` (with
+        ``--wandb`` when ``wandb``: each task logs its finished cells as W&B runs in the sweep's group).
 
         ``slurm:`` in the config sets resources: ``gpus`` per cell (several, for stitch cells: one task per GPU,
         Lightning DDP inside the cell, Lightning reads the SLURM environment), ``cpus``, ``time``, ``partition``,
@@ -463,7 +464,8 @@ class Runner:
         lines += [f"FIRST=$((SLURM_ARRAY_TASK_ID * {per_task}))",
                   f"LAST=$((FIRST + {per_task - 1} < {len(cells) - 1} ? FIRST + {per_task - 1} : {len(cells) - 1}))"]
         command = [sys.executable, "-m", "symstitch", "sweep", "--config", str(Path(config_path).resolve()),
-                   "--out", str(self.out.resolve()), "--cell", "${FIRST}-${LAST}", "--no-progress"]
+                   "--out", str(self.out.resolve()), "--cell", "${FIRST}-${LAST}", "--no-progress",
+                   *(["--wandb"] if wandb else [])]
         lines.append("srun " + " ".join(c if c.startswith("$") else shlex.quote(c) for c in command))
         self.claim()
         path = self.out / "slurm.sh"

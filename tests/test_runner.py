@@ -138,3 +138,6 @@ def test_a_slurm_array_gives_each_task_a_range_when_the_grid_is_larger_than_the_
     assert "FIRST=$((SLURM_ARRAY_TASK_ID * 3))" in script and "#SBATCH --partition=p" in script
     assert "--gres" not in script and "--cell ${FIRST}-${LAST}" in script
     assert (tmp_path / "sweep.json").exists() and not (tmp_path / "cells").exists()
+    assert "--wandb" not in script
+    logged = runner.emit_slurm(tmp_path / "squares.yaml", wandb=True).read_text()  # every task logs its cells to W&B
+    assert logged.rstrip().endswith("--cell ${FIRST}-${LAST} --no-progress --wandb")
