@@ -453,8 +453,9 @@ class _ManualProgress(Progress):
 
 class _Recorder:
     """Forward hooks on the feature-point modules of both models (a context manager): ``run(x)`` gives the
-    features of one batch as ``{"a": {point: (n, C, H, W)}, "b": {…}}`` (a network outside the zoo,
-    a :class:`~symstitch.graph.GraphNet`, gives its points' features from its graph instead)."""
+    features of one batch as ``{"a": {point: (n, C, H, W)}, "b": {…}}`` (a network with a point that no module
+    outputs, ``point_module(point)`` None — a graph node of a traced network — gives its points' features from a
+    pass of its own, :meth:`~symstitch.network.PointNetwork.features`)."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, points_a: list[str], points_b: list[str]):
         self.model_a, self.model_b = model_a, model_b
