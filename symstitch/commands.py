@@ -136,9 +136,9 @@ class Zoo(Command):
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
         seeds = _load("io").parse_range(args.seeds, "seed")
-        zoo, report = _load("zoo"), _load("report")
+        zoo = _load("zoo")
         entries = zoo.train_zoo(args.arch, seeds, args.out, extra)
-        report.print_library(entries, Path(args.out) / "manifest.json")
+        print_library(entries, Path(args.out) / "manifest.json")
         figure = zoo.plot_library(Path(args.out), args.arch)
         if figure:
             print(f"zoo: training curves in {figure}")
@@ -186,7 +186,7 @@ class Stitch(Command):
         out = Path(args.out) if args.out else default_folder("stitch", config, args.source, args.target)
         records = sweep.run_generated(config, out, "symstitch stitch")
         md = report.write_report(out)
-        report.print_penalties(records, args.layers)
+        print_penalties(records, args.layers)
         print(f"stitch: {md.parent / 'stitch.csv'}, {md.parent / 'stitch_penalty.png'}, {md}")
         return 0
 
@@ -430,6 +430,55 @@ def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, (KeyError, ValueError, OSError)):
         return True
     return type(err).__module__.startswith("symstitch.") and isinstance(err, RuntimeError)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables on the console (rich, loaded when a command prints one)
+
+
+def print_penalties(records: Sequence[Any], layers: Sequence[str]) -> None:
+    """The stitching penalty of every stitch point × layer of one pair's records (mean over repeats), in points:
+    frozen / recalibrated."""
+    import math
+    from statistics import fmean
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from symstitch.stitching.record import PROTOCOLS, as_number, record_key
+
+    table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points: frozen / recalibrated")
+    table.add_column("stitch point", no_wrap=True)
+    for layer in layers:
+        table.add_column(layer, justify="right")
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        for protocol in PROTOCOLS:
+            value = as_number(r.result.get(record_key("penalty", protocol)))
+            if math.isfinite(value):
+                values.setdefault((r.cell["point"], r.cell["layer"], protocol), []).append(value)
+
+    def shown(point: str, layer: str) -> str:
+        return " / ".join(f"{fmean(values[point, layer, p]):+.2f}" if (point, layer, p) in values else "–"
+                          for p in PROTOCOLS)
+
+    for point in dict.fromkeys(r.cell["point"] for r in records):
+        table.add_row(point, *[shown(point, layer) for layer in layers])
+    Console().print(table)
+
+
+def print_library(entries: Sequence[dict], manifest_path: Path) -> None:
+    """The models of a library: key, dataset, test accuracy, epochs, checkpoint."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"model library {manifest_path}")
+    for col in ("model", "dataset", "test acc", "epochs", "checkpoint"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(f"{e['arch']}/seed{e['seed']}", e["dataset"], f"{e['test_acc']:.4f}", str(e["epochs"]),
+                      e["checkpoint"])
+    Console().print(table)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

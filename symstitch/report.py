@@ -37,9 +37,6 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from rich.console import Console
-from rich.table import Table
-
 from symstitch import plots, selection
 from symstitch.loggers import wandb_group, wandb_run
 from symstitch.stitching.record import PROTOCOLS, as_number, penalty_of, record_key
@@ -993,40 +990,3 @@ def main_report(root: Path, out: Optional[Path] = None, wandb: bool = False) -> 
             _, arch, *series, kind = key.split("/")
             print(f"stitch {arch} {'/'.join(series)} {kind.removesuffix('_verdict')}: {value}")
     return 0 if cells else 1
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tables on the console
-
-
-def print_penalties(records: Sequence[Any], layers: Sequence[str]) -> None:
-    """The stitching penalty of every stitch point × layer of one pair's records (mean over repeats), in points."""
-    table = Table(title="stitching penalty = (acc A + acc B)/2 − acc stitched, in points: frozen / recalibrated")
-    table.add_column("stitch point", no_wrap=True)
-    for layer in layers:
-        table.add_column(layer, justify="right")
-    values: dict[tuple[str, str, str], list[float]] = {}
-    for r in records:
-        for protocol, (key, _) in PROTOCOL_KEYS.items():
-            value = as_number(r.result.get(key))
-            if math.isfinite(value):
-                values.setdefault((r.cell["point"], r.cell["layer"], protocol), []).append(value)
-
-    def shown(point: str, layer: str) -> str:
-        return " / ".join(f"{np.mean(values[point, layer, p]):+.2f}" if (point, layer, p) in values else "–"
-                          for p in PROTOCOL_KEYS)
-
-    for point in dict.fromkeys(r.cell["point"] for r in records):
-        table.add_row(point, *[shown(point, layer) for layer in layers])
-    Console().print(table)
-
-
-def print_library(entries: Sequence[dict], manifest_path: Path) -> None:
-    """The models of a library: key, dataset, test accuracy, epochs, checkpoint."""
-    table = Table(title=f"model library {manifest_path}")
-    for col in ("model", "dataset", "test acc", "epochs", "checkpoint"):
-        table.add_column(col)
-    for e in entries:
-        table.add_row(f"{e['arch']}/seed{e['seed']}", e["dataset"], f"{e['test_acc']:.4f}", str(e["epochs"]),
-                      e["checkpoint"])
-    Console().print(table)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from symstitch import report
+from symstitch.commands import print_penalties
 from symstitch.runner import CellRecord
 
 ARCH = "mcnn"
@@ -237,7 +238,7 @@ def test_both_protocols_are_reported_and_judged_apart(tmp_path, capsys):
     assert "**mcnn, frozen:**" in text and "**mcnn, recalibrated:**" in text
     assert "(c) `birkhoff`: last point avgpool: 30.00 pts" in text and "(c) `birkhoff`: last point avgpool: 5.00 pts" in text
     records = [CellRecord("stitch", rec["key"], rec["cell"], rec["result"]) for rec in report.collect(root)["stitch"]]
-    report.print_penalties(records, ["birkhoff", "standard"])
+    print_penalties(records, ["birkhoff", "standard"])  # the table symstitch stitch prints
     assert "+30.00 / +5.00" in capsys.readouterr().out
 
 
