@@ -50,6 +50,7 @@ the class token included.
 
 from __future__ import annotations
 
+import abc
 import copy
 import difflib
 import re
@@ -167,7 +168,7 @@ class PointInfo:
     note: str  # which group it uses and why, or why none
 
 
-class _PicksTheKind(type):
+class _PicksTheKind(abc.ABCMeta):
     """``GraphNet(model, …)`` builds the kind that runs ``model``: a :class:`TracedNet` when torch.fx traces it,
     else a :class:`HookedNet` (as ``pathlib.Path(…)`` builds a ``PosixPath`` or a ``WindowsPath``)."""
 
@@ -247,8 +248,9 @@ class GraphNet(nn.Module, metaclass=_PicksTheKind):
 
     # ------------------------------------------------------------------ names (each kind: its own points)
     @property
+    @abc.abstractmethod
     def points(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """Every point's name, in forward order (each kind lists its own)."""
 
     @property
     def split_points(self) -> tuple[str, ...]:
@@ -272,9 +274,9 @@ class GraphNet(nn.Module, metaclass=_PicksTheKind):
         if point not in self.feature_points:
             self.check_split_point(point[: -len(CLS_SUFFIX)] if point.endswith(CLS_SUFFIX) else point)
 
+    @abc.abstractmethod
     def resolve(self, point: str) -> str:
         """The name a point stands for (traced: a module name gives its output node's name)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ running the model
     def forward(self, x: Tensor) -> Tensor:
@@ -283,13 +285,13 @@ class GraphNet(nn.Module, metaclass=_PicksTheKind):
     def forward_to(self, x: Tensor, point: str) -> Tensor:
         return self.split(x, point)[0]
 
+    @abc.abstractmethod
     def _outputs(self, x: Tensor, points: Sequence[str]) -> dict[str, Tensor]:
         """The raw (cloned) outputs at ``points``, from one forward pass."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _all_outputs(self, x: Tensor) -> dict[str, Any]:
         """The output of every point reached, from one forward pass."""
-        raise NotImplementedError
 
     def point_module(self, point: str) -> None:
         """None: a graph's features come from :meth:`features` (a point may be a node inside a module)."""
@@ -366,9 +368,9 @@ class GraphNet(nn.Module, metaclass=_PicksTheKind):
         return linears[-1].out_features
 
     # ------------------------------------------------------------------ groups
+    @abc.abstractmethod
     def _group_source(self, point: str) -> tuple[Optional[str], str, list[str]]:
         """``(activation, op, [channel-wise ops after it])`` or ``(None, op, reason)`` for a point."""
-        raise NotImplementedError
 
     def point_activation(self, point: str) -> str:
         """The activation whose intertwiner group acts at ``point``; ValueError with the reason where none does."""
@@ -398,9 +400,9 @@ class GraphNet(nn.Module, metaclass=_PicksTheKind):
                              "(point_activation)")
         return kinds.pop()
 
+    @abc.abstractmethod
     def point_kind(self, point: str) -> str:
         """``"cut"``, ``"inner"`` (splits with a carry), or ``"point"`` where the kind is not known."""
-        raise NotImplementedError
 
     @property
     def note(self) -> str:
@@ -424,10 +426,10 @@ class GraphNet(nn.Module, metaclass=_PicksTheKind):
         return rows
 
     # ------------------------------------------------------------------ the weight-space action
+    @abc.abstractmethod
     def linear_neighbours(self, point: str) -> tuple[nn.Module, Optional[nn.Module], tuple[nn.Module, ...], nn.Module]:
         """``(layer, norm, between, next_layer)`` around an activation point (:meth:`TracedNet.linear_neighbours`);
         ValueError with the reason where the point is not of that form."""
-        raise NotImplementedError
 
     def symmetry_sites(self) -> dict[str, Site]:
         """Every activation point ``σ(norm(layer(h)))`` → parameter-free channel-wise modules → ``next_layer``
