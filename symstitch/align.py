@@ -5,8 +5,8 @@
 A and B are checkpoints or model-library entries ``<zoo>:<arch>/seed<k>``. One pass of the evaluation images
 through each network (:func:`symstitch.metrics.similarity_matrix`) gives every metric for every pair
 (point of A, point of B). A cell of :class:`AlignExperiment` is one pair of networks with all its metrics;
-``symstitch align`` is such an experiment over one pair, and :mod:`symstitch.report` turns the records into
-``align.csv`` (tidy: point_a, point_b, metric, value), heatmaps and the diagonal bar chart.
+``symstitch align`` is such an experiment over one pair, and its report section (:mod:`symstitch.reports.align`)
+turns the records into ``align.csv`` (tidy: point_a, point_b, metric, value), heatmaps and the diagonal bar chart.
 """
 
 from __future__ import annotations

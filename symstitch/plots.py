@@ -1,7 +1,7 @@
 """Figures. Every function writes a PNG and returns its path; matplotlib runs headless (Agg).
 
-The numbers come ready from the caller (:mod:`symstitch.report` computes the summaries and names the files);
-the functions here only draw them.
+The numbers come ready from the caller (the sections of :mod:`symstitch.reports` compute the summaries and
+name the files); the functions here only draw them.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _footnote(fig: Any, note: str) -> None:
 def stitch_penalty_plot(summary: dict[str, dict], path: Path, note: str = "") -> Path:
     """Penalty (points) against stitch point, one line per layer; error bars = std over pairs and repeats.
 
-    ``summary``: :func:`symstitch.report.stitch_summary`; ``note``: a line at the bottom (the machine)."""
+    ``summary``: :func:`symstitch.reports.stitch.stitch_summary`; ``note``: a line at the bottom (the machine)."""
     archs = list(summary)
     width = max(5.5, 0.55 * max(len(summary[a]["points"]) for a in archs) + 2.5)
     fig, axes = plt.subplots(len(archs), 1, figsize=(width, 3.8 * len(archs)), squeeze=False)
@@ -105,7 +105,7 @@ def stitch_penalty_bars(summary: dict[str, dict], path: Path, note: str = "") ->
     pairs × repeats, error bars: sample standard deviation where n > 1); one panel per architecture and
     evaluation protocol (``frozen``, ``recalibrated``).
 
-    ``summary``: :func:`symstitch.report.stitch_summary`, whose series are ``layer`` or ``layer/protocol``;
+    ``summary``: :func:`symstitch.reports.stitch.stitch_summary`, whose series are ``layer`` or ``layer/protocol``;
     ``note``: a line at the bottom (the machine)."""
     panels = []
     for arch, s in summary.items():
@@ -143,7 +143,7 @@ def stitch_penalty_bars(summary: dict[str, dict], path: Path, note: str = "") ->
 
 def align_heatmap(metric: str, entries: list[tuple[str, dict]], path: Path) -> Path:
     """One heatmap of ``metric`` per architecture (``entries``: ``[(arch, summary)]`` from
-    :func:`symstitch.report.align_summary`); NaN (never computed) in grey."""
+    :func:`symstitch.reports.align.align_summary`); NaN (never computed) in grey."""
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     fig, axes = plt.subplots(1, len(entries), squeeze=False,
                              figsize=(max(4.8, 0.4 * max(len(s["points_b"]) for _, s in entries) + 2.8) * len(entries),
@@ -171,7 +171,7 @@ def align_heatmap(metric: str, entries: list[tuple[str, dict]], path: Path) -> P
 def align_diagonal_plot(diagonal: dict[str, dict], path: Path) -> Path:
     """Similarity of point p of A with point p of B, one panel per architecture, a group of bars per metric.
 
-    ``diagonal``: :func:`symstitch.report.align_diagonal` (not empty)."""
+    ``diagonal``: :func:`symstitch.reports.align.align_diagonal` (not empty)."""
     fig, axes = plt.subplots(len(diagonal), 1, squeeze=False, figsize=(9, 3.9 * len(diagonal)))
     for ax, (arch, d) in zip(axes[:, 0], diagonal.items()):
         points = d["points"]
@@ -201,7 +201,7 @@ def projection_accuracy(summary: Sequence[dict], gaps: Sequence[dict], path: Pat
     faint) and the clean networks (dotted, mean). Bottom: orthogonal − G_σ in points per layer, the mean of the
     paired differences with its confidence interval, and 0 (no difference) for reference.
 
-    ``summary``: :func:`symstitch.report.projection_summary`; ``gaps``: :func:`symstitch.report.projection_gaps`."""
+    ``summary``: :func:`symstitch.reports.projection.projection_summary`; ``gaps``: :func:`symstitch.reports.projection.projection_gaps`."""
     families = list(dict.fromkeys(s["family"] for s in summary))
     fig, axes = plt.subplots(2, len(families), figsize=(4.8 * len(families), 6.4), squeeze=False,
                              gridspec_kw={"height_ratios": [2, 1]}, sharex="col")

@@ -26,7 +26,7 @@ outcome (on a task as easy as digits, the full split and enough epochs relearn e
 
 :class:`ProjectionModule` is one cell (usable with ``symstitch fit``); :class:`ProjectionExperiment` is the grid
 (networks × layers × matrix kinds × repeats), which ``symstitch projection`` writes and runs;
-:func:`symstitch.report.projection_files` makes its tidy CSV, plot and markdown summary.
+:func:`symstitch.reports.projection.projection_files` makes its tidy CSV, plot and markdown summary.
 """
 
 from __future__ import annotations

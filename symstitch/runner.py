@@ -38,6 +38,7 @@ from symstitch.io import Busy, Lock, parse_range, read_json, write_json, writabl
 from symstitch.library import library_models, ref_text
 from symstitch.loggers import wandb_group, wandb_grouping, wandb_run
 from symstitch.registry import Registry
+from symstitch.reports import Section, section
 
 #: experiment kind → its :class:`Experiment` class
 EXPERIMENTS: Registry[type["Experiment"]] = Registry("experiment")
@@ -160,6 +161,13 @@ class Experiment(abc.ABC):
 
     def after_run(self, out: Path, records: Sequence[CellRecord]) -> None:
         """What a kind does once its cells ran (e.g. a figure over all of them); nothing by default."""
+
+    @classmethod
+    def report(cls, records: Sequence[dict], out: Path) -> Section:
+        """This kind's part of a report over its cell records (the dicts of :func:`symstitch.report.collect`):
+        tables, figures and verdicts, its files written into ``out``. The section lives in the light module
+        :mod:`symstitch.reports.<kind>`, so that ``symstitch report`` loads no torch."""
+        return section(cls.name, records, out)
 
     def scope(self) -> ContextManager[Any]:
         """The context the cells of one run share, entered by :meth:`Runner.run` around them (a stitch sweep's

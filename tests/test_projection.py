@@ -11,7 +11,8 @@ import torch
 from symstitch.data import DataModule
 from symstitch.projection import (ProjectionExperiment, ProjectionModule, TrainingSubset, projection_points,
                                   stratified_subset)
-from symstitch.report import PROJECTION_COLUMNS, projection_files
+from symstitch.reports.projection import COLUMNS as PROJECTION_COLUMNS
+from symstitch.reports.projection import projection_files
 from symstitch.symmetry import feature, intertwiner_group, monomial_inverse, next_layer
 from symstitch.training import ClassifierModule
 
@@ -186,7 +187,7 @@ def test_gaps_and_verdicts_on_synthetic_cells(tmp_path):
     5 ± t_{0.975,2}·2/√3 = 5 ± 4.968); layer 2 pairs d = −1, +1 (CI contains 0); layer 3 a single pair."""
     from scipy.stats import t
 
-    from symstitch.report import gap_verdict, projection_gaps, projection_summary
+    from symstitch.reports.projection import gap_verdict, projection_gaps, projection_summary
 
     records = []
     for (network, repeat), d in {("a-seed0", 0): 3, ("a-seed0", 1): 5, ("a-seed1", 0): 7}.items():

@@ -11,6 +11,9 @@ import pytest
 
 from symstitch import report
 from symstitch.commands import print_penalties
+from symstitch.reports import align as align_report
+from symstitch.reports import common
+from symstitch.reports import stitch as stitch_report
 from symstitch.runner import CellRecord
 
 ARCH = "mcnn"
@@ -131,7 +134,7 @@ def test_collect_groups_and_skips_junk(tmp_path, capsys):
 def test_stitch_csv(built):
     root, md = built
     rows = _csv(md.parent / "stitch.csv")
-    assert list(rows[0]) == report.STITCH_COLUMNS
+    assert list(rows[0]) == stitch_report.COLUMNS
     assert len(rows) == 40  # 5 layers × 2 pairs × 4 points, one protocol
     birkhoff = [r for r in rows if r["layer"] == "birkhoff" and r["target"] == "mcnn/seed1"]
     assert [r["point"] for r in birkhoff] == POINTS  # depth order, not alphabetical
@@ -141,8 +144,8 @@ def test_stitch_csv(built):
 
 
 def test_stitch_summary_numbers(built):
-    rows = report._stitch_rows(report.collect(built[0])["stitch"])
-    s = report.stitch_summary(rows)[ARCH]
+    rows = stitch_report.stitch_rows(report.collect(built[0])["stitch"])
+    s = stitch_report.stitch_summary(rows)[ARCH]
     assert s["points"] == POINTS
     b = s["layers"]["birkhoff"]
     assert b["mean"] == pytest.approx([2, 9, 5, 1])
@@ -150,9 +153,9 @@ def test_stitch_summary_numbers(built):
     assert list(s["layers"]) == ["standard", "lowrank:rank=4", "lowrank:rank=2", "lowrank:rank=1", "birkhoff"]
     assert b["std"] == pytest.approx([math.sqrt(2)] * 4)
     assert b["n"] == [2, 2, 2, 2]
-    assert report._spearman(b["mean"]) == pytest.approx(-0.4)
+    assert common.spearman(b["mean"]) == pytest.approx(-0.4)
     assert s["layers"]["standard"]["mean"] == pytest.approx([1.5, 1.0, 0.5, 0.0])
-    assert report._spearman([1.0, 1.0, 1.0]) is None and report._spearman([1.0, 2.0]) is None
+    assert common.spearman([1.0, 1.0, 1.0]) is None and common.spearman([1.0, 2.0]) is None
 
 
 def test_report_md_states_measured_numbers(built):
@@ -181,7 +184,7 @@ def test_report_md_states_measured_numbers(built):
     assert "cka_linear (mcnn): 1 of 18 similarities were not computed (NaN)" in text
     # model library
     assert "| mcnn | 0 | digits | 98.12 % |" in text and "| mcnn | 1 | digits | 97.55 % |" in text
-    # projection, through report.projection_files
+    # projection, through its section's projection_files
     assert "| mcnn-seed0 | relu | next | 1 | 98.0 (n=1) | 97.0 (n=1) | 60.0 (n=1) | +37.00 ± n/a (n=1) |" in text
     assert "orthogonal costs +37.00 ± n/a points more than G_relu at layer 1 (retrain next; mean ± std over 1 paired " \
            "run(s)): a single pair, no error bar, nothing resolved" in text
@@ -200,19 +203,19 @@ def test_opposite_data_gives_opposite_verdicts(tmp_path):
 
 def test_verdict_edge_cases():
     g = {"a": 3.0, "b": 5.0}
-    assert report.g_relu_vs_full(g, {"c": 1.0})[0] == "cannot be tested"
-    assert report.g_relu_vs_full(g, {"a": 3.9, "b": 5.0})[0] == "agrees"  # within the 1-point noise
-    assert report.g_relu_vs_full(g, {"a": 4.01, "b": 5.0})[0] == "does not agree"
-    assert report.g_relu_vs_ranks(g, {2: {"a": 9.0, "b": 9.0}}) == (
+    assert stitch_report.g_relu_vs_full(g, {"c": 1.0})[0] == "cannot be tested"
+    assert stitch_report.g_relu_vs_full(g, {"a": 3.9, "b": 5.0})[0] == "agrees"  # within the 1-point noise
+    assert stitch_report.g_relu_vs_full(g, {"a": 4.01, "b": 5.0})[0] == "does not agree"
+    assert stitch_report.g_relu_vs_ranks(g, {2: {"a": 9.0, "b": 9.0}}) == (
         "cannot be tested", "no rank-1 stitch (lowrank:rank=1) in these results")
-    assert report.g_relu_vs_ranks(g, {1: {"a": 3.0, "b": 4.0}})[0] == "does not agree"  # 1 of 2 is not most
-    assert report.g_relu_vs_ranks(g, {1: {"a": 3.0, "b": 5.0}})[0] == "agrees"  # ties count as ≤
-    assert report.g_relu_last([1.0], ["a"])[0] == "cannot be tested"
-    assert report.g_relu_last([4.0, 4.0], ["a", "b"])[0] == "does not agree"  # not below the rest
-    assert report.g_relu_last([20.0, 10.0], ["a", "b"])[0] == "agrees"
-    assert report.g_relu_last([30.0, 10.5], ["a", "b"])[0] == "does not agree"  # above our line
-    assert report.standard_verdict([0.0, 2.0])[0] == "agrees"
-    assert report.standard_verdict([0.0, 2.01])[0] == "does not agree"
+    assert stitch_report.g_relu_vs_ranks(g, {1: {"a": 3.0, "b": 4.0}})[0] == "does not agree"  # 1 of 2 is not most
+    assert stitch_report.g_relu_vs_ranks(g, {1: {"a": 3.0, "b": 5.0}})[0] == "agrees"  # ties count as ≤
+    assert stitch_report.g_relu_last([1.0], ["a"])[0] == "cannot be tested"
+    assert stitch_report.g_relu_last([4.0, 4.0], ["a", "b"])[0] == "does not agree"  # not below the rest
+    assert stitch_report.g_relu_last([20.0, 10.0], ["a", "b"])[0] == "agrees"
+    assert stitch_report.g_relu_last([30.0, 10.5], ["a", "b"])[0] == "does not agree"  # above our line
+    assert stitch_report.standard_verdict([0.0, 2.0])[0] == "agrees"
+    assert stitch_report.standard_verdict([0.0, 2.01])[0] == "does not agree"
 
 
 def test_both_protocols_are_reported_and_judged_apart(tmp_path, capsys):
@@ -251,7 +254,7 @@ def test_align_csv_keeps_nan_empty(built):
     assert by_key[("mcnn/seed1", "a", "c")] == "0.2"
     assert sum(r["value"] == "" for r in rows) == 1
     assert all(float(r["value"]) != 1.0 for r in rows if r["value"])
-    summary = report.align_summary(report._align_rows(report.collect(built[0])["align"])[1])
+    summary = align_report.align_summary(align_report.align_rows(report.collect(built[0])["align"])[1])
     mean = summary[("cka_linear", ARCH)]["mean"]
     assert mean[0, 2] == pytest.approx(0.2)  # the mean over the pairs where it was computed
     assert summary[("cka_linear", ARCH)]["nan_raw"] == 1
@@ -262,8 +265,8 @@ def test_all_nan_entry_stays_nan():
              "points_b": ["a", "b"], "values": [[1.0, None], [0.3, 0.8]], "errors": {}}]
     records = [{"experiment": "align", "cell": {k: m[k] for k in ("arch", "source", "target", "metric")},
                 "result": {k: m[k] for k in ("points_a", "points_b", "values", "errors")}} for m in mats]
-    rows, parsed = report._align_rows(records)
-    s = report.align_summary(parsed)[("cka_relu", "m")]
+    rows, parsed = align_report.align_rows(records)
+    s = align_report.align_summary(parsed)[("cka_relu", "m")]
     assert math.isnan(s["mean"][0, 1]) and s["nan_mean"] == 1
     assert [r["value"] for r in rows if (r["point_a"], r["point_b"]) == ("a", "b")][0] != 1.0
 
@@ -326,13 +329,42 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert (run.name, run.group, run.job_type) == ("report-stitch_sweep", "stitch_sweep", "report")
     assert run.summary["cells/stitch"] == 40
     table = run.history["stitch_table"]
-    assert table["_type"] == "table-file" and table["ncols"] == len(report.STITCH_COLUMNS)
+    assert table["_type"] == "table-file" and table["ncols"] == len(stitch_report.COLUMNS)
     (path,) = (out / "wandb").glob(f"offline-run-*/files/{table['path']}")
     written = json.loads(path.read_text())
     rows = _csv(out / "stitch.csv")
-    assert written["columns"] == report.STITCH_COLUMNS and len(written["data"]) == len(rows) == table["nrows"]
-    penalty = report.STITCH_COLUMNS.index("penalty_pts")
+    assert written["columns"] == stitch_report.COLUMNS and len(written["data"]) == len(rows) == table["nrows"]
+    penalty = stitch_report.COLUMNS.index("penalty_pts")
     assert [r[penalty] for r in written["data"]] == [float(r["penalty_pts"]) for r in rows]
     for figure in ("stitch_bars", "stitch_penalty"):
         assert run.history[f"figures/{figure}"]["_type"] == "image-file"
         assert list((out / "wandb").glob(f"offline-run-*/files/media/images/figures/{figure}*.png"))
+
+
+def test_each_experiment_kind_owns_its_section(built, tmp_path):
+    """Every experiment kind has a report section and every section a kind; ``Experiment.report`` is that
+    section over the kind's records, the same lines and files ``report.md`` holds."""
+    import symstitch.sweep  # noqa: F401 - registers every kind
+    from symstitch.reports import SECTIONS
+    from symstitch.runner import EXPERIMENTS
+
+    assert set(EXPERIMENTS) == set(SECTIONS)
+    root, md = built
+    text = md.read_text()
+    found = report.collect(root)
+    for kind in SECTIONS:
+        part = EXPERIMENTS.get(kind).report(found[kind], tmp_path / kind)
+        assert part.lines and "\n".join(part.lines).strip() in text
+        assert all(p.exists() and p.is_relative_to(tmp_path / kind) for p in [*part.csvs.values(), *part.figures])
+    with pytest.raises(KeyError, match="no report section for experiment 'merge'; known: zoo, stitch"):
+        report.section("merge", [], tmp_path)
+
+
+def test_a_section_that_cannot_read_its_cells_costs_only_itself(tmp_path, capsys):
+    root = _sweeps(tmp_path / "results", projection=False)
+    bad = {"experiment": "projection", "key": "p", "cell": {}, "result": {"network": "mcnn-seed0"}}
+    (root / "zoo_sweep" / "cells" / "bad.json").write_text(json.dumps(bad))
+    text = report.write_report(root, tmp_path / "out").read_text()
+    assert "The projection cells could not be reported: KeyError" in text
+    assert "## Stitching" in text and "## Alignment" in text and "## Model library" in text
+    assert "projection cells could not be reported (KeyError" in capsys.readouterr().err

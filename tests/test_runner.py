@@ -1,7 +1,6 @@
 """symstitch.runner: the one record and the one runner of every experiment, on a toy experiment (no torch work)."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from symstitch import report
+from symstitch.reports import stitch as stitch_report
 from symstitch.selection import preference, select
 from symstitch.stitching.grammar import LayerChoice, LayerSpec
 
@@ -130,7 +131,7 @@ def test_report_lists_the_choices_and_judges_only_the_selected_records(tmp_path)
     assert [(r["point"], r["repeat"], r["selected"], float(r["penalty_pts"])) for r in chosen] == [
         ("p1", "0", "alpha=0.1", 7.0), ("p1", "1", "alpha=0.001", 3.0), ("p2", "0", "alpha=10", 6.0)]
     assert len(_csv(md.parent / "stitch_selection.csv")) == 3 * 2 * 5  # choices × protocols × candidates
-    summary = report.stitch_summary(report._stitch_rows(report.collect(tmp_path / "sweep")["stitch"]))["mcnn"]
+    summary = stitch_report.stitch_summary(stitch_report.stitch_rows(report.collect(tmp_path / "sweep")["stitch"]))["mcnn"]
     assert summary["layers"][SERIES]["mean"] == pytest.approx([5.0, 6.0])  # (7 + 3) / 2 and 6: chosen ones only
     assert summary["layers"][SERIES]["std"][0] == pytest.approx(math.sqrt(8))
     assert summary["layers"][f"{SERIES}/recalibrated"]["mean"] == pytest.approx([3.0, 2.0])

@@ -1,0 +1,188 @@
+"""The projection experiment's report (docs/method.md §4): accuracy before and after retraining with a fixed
+M inserted at layer l, per family, layer and matrix kind (mean ± std over networks × repeats), and the
+orthogonal − G_σ gap per layer with its Student-t interval, paired by network, layer and repeat.
+
+:func:`projection_files` writes the experiment's own page (``projection.csv``, ``projection.png``,
+``projection.md``); :func:`report` puts that page into a sweep's report.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+from symstitch import plots
+from symstitch.reports import Section
+from symstitch.reports.common import CONFIDENCE, interval_half_width, mean_std, points_text, write_csv
+from symstitch.stitching.record import as_number
+
+COLUMNS = ["network", "family", "arch", "activation", "point", "layer", "matrix", "retrain", "repeat",
+                      "clean_acc", "inserted_acc", "recovered_acc", "epochs", "lr", "train_fraction"]
+
+
+
+#: the two matrix kinds the projection verdict compares, and the control (names of projection.MATRICES)
+GROUP_KIND, ORTHOGONAL_KIND, CONTROL_KIND = "group", "orthogonal", "identity"
+#: confidence level of the interval on the orthogonal − G_σ gap
+GAP_CONFIDENCE = CONFIDENCE
+
+
+def _family(record: dict) -> str:
+    """What the projection report pools over seeds and repeats: the record's ``family`` (the architecture of a
+    zoo's seeds), or its network for records that do not name one."""
+    return str(record.get("family") or record["network"])
+
+
+def _stats(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "n"}`` of the finite values (std: sample standard deviation, NaN when n < 2)."""
+    mean, std, n = mean_std(values)
+    return {"mean": mean, "std": std, "n": n}
+
+
+def projection_summary(records: list[dict]) -> list[dict]:
+    """One series per family (:func:`_family`) and (matrix kind, retrain), in sorted order: ``{"family",
+    "activation", "matrix", "retrain", "networks", "clean", "layers", "inserted", "recovered"}``.
+
+    ``inserted`` and ``recovered`` hold, per layer, ``{"mean", "std", "n"}`` of the test accuracy over every
+    cell of the series at that layer (the family's networks × repeats); ``clean`` is the same over the family's
+    networks (each network once); ``activation`` comes from the family's first record."""
+    series_keys = sorted({(r["matrix"], r["retrain"]) for r in records})
+    summary = []
+    for family in sorted({_family(r) for r in records}):
+        rows = [r for r in records if _family(r) == family]
+        clean = {r["network"]: r["clean_acc"] for r in rows}
+        for kind, retrain in series_keys:
+            by_layer: dict[int, list[dict]] = {}
+            for r in rows:
+                if (r["matrix"], r["retrain"]) == (kind, retrain):
+                    by_layer.setdefault(r["layer"], []).append(r)
+            if not by_layer:
+                continue
+            layers = sorted(by_layer)
+            summary.append({"family": family, "activation": rows[0]["activation"], "matrix": kind,
+                            "retrain": retrain, "networks": sorted(clean), "clean": _stats(list(clean.values())),
+                            "layers": layers,
+                            "inserted": [_stats([as_number(r["inserted_acc"]) for r in by_layer[l]]) for l in layers],
+                            "recovered": [_stats([as_number(r["recovered_acc"]) for r in by_layer[l]]) for l in layers]})
+    return summary
+
+
+def projection_gaps(records: list[dict]) -> list[dict]:
+    """How many points more an orthogonal insertion costs than a G_σ one, per family, retrain and layer.
+
+    Cells are paired when they share network, layer, retrain and repeat (the same subset, matrix seed and
+    training order, see :class:`symstitch.projection.ProjectionExperiment`); each pair gives
+    d = 100 · (acc_G − acc_orth), the recovered accuracy of the G_σ cell minus that of the orthogonal one, in
+    points. Per (family, retrain, layer) with at least one pair: ``{"family", "retrain", "layer", "mean",
+    "std", "n", "ci"}``, mean and sample standard deviation of d over the n pairs and the two-sided
+    :data:`GAP_CONFIDENCE` Student-t interval of the mean, mean ± t_{n−1} · std / √n (``ci`` is (NaN, NaN)
+    when n < 2). Sorted by family, retrain, layer."""
+    cells = {(_family(r), r["retrain"], r["layer"], r["network"], r["repeat"], r["matrix"]): as_number(r["recovered_acc"])
+             for r in records}
+    diffs: dict[tuple, list[float]] = {}
+    for (family, retrain, layer, network, repeat, kind), acc in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        other = cells.get((family, retrain, layer, network, repeat, ORTHOGONAL_KIND))
+        if kind == GROUP_KIND and other is not None and math.isfinite(acc) and math.isfinite(other):
+            diffs.setdefault((family, retrain, layer), []).append(100.0 * (acc - other))
+    gaps = []
+    for (family, retrain, layer), d in sorted(diffs.items()):
+        mean, std, n = mean_std(d)
+        half = interval_half_width(std, n, GAP_CONFIDENCE)
+        gaps.append({"family": family, "retrain": retrain, "layer": layer, "mean": mean, "std": std, "n": n,
+                     "ci": (mean - half, mean + half)})
+    return gaps
+
+
+def gap_verdict(gap: dict, activation: str) -> str:
+    """One sentence from a :func:`projection_gaps` entry: "orthogonal costs X ± Y points more than G_σ at layer
+    l", with n, the interval and what it resolves: a cost (interval above 0), the opposite (below 0), or no
+    difference (interval contains 0, or a single pair: no interval)."""
+    head = (f"orthogonal costs {gap['mean']:+.2f} ± {points_text(gap['std'])} points more than G_{activation} at layer "
+            f"{gap['layer']} (retrain {gap['retrain']}; mean ± std over {gap['n']} paired run(s)")
+    lo, hi = gap["ci"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return head + "): a single pair, no error bar, nothing resolved"
+    ci = f"{100 * GAP_CONFIDENCE:.0f} % CI [{lo:+.2f}, {hi:+.2f}]"
+    outcome = ("orthogonal insertions cost more: resolved" if lo > 0 else
+               "G_σ insertions cost more: resolved, against the theory's expectation" if hi < 0 else
+               "no difference resolved (the interval contains 0)")
+    return f"{head}, {ci}): {outcome}"
+
+
+def _acc(stat: dict) -> str:
+    """An accuracy summary in percent: mean ± std (n)."""
+    if not stat["n"]:
+        return "n/a"
+    std = f" ± {100 * stat['std']:.1f}" if math.isfinite(stat["std"]) else ""
+    return f"{100 * stat['mean']:.1f}{std} (n={stat['n']})"
+
+
+def _setting(records: list[dict]) -> str:
+    """The retraining budget(s) of the records: epochs, learning rate, training fraction."""
+    budgets = sorted({(r.get("epochs"), r.get("lr"), r.get("train_fraction", 1.0)) for r in records}, key=str)
+    return "; ".join(f"{e} epoch(s) at lr {lr} on {100 * float(f):g} % of the training split" for e, lr, f in budgets)
+
+
+def projection_files(records: list[dict], out: Path) -> dict[str, Path]:
+    """The projection experiment's own report in ``out``: ``projection.csv`` (one row per cell),
+    ``projection.png`` (accuracy per layer with error bars, and the orthogonal − G_σ gap with its interval)
+    and ``projection.md`` (per family and layer the recovered accuracy of each kind, mean ± std over networks
+    × repeats, and the verdicts of :func:`gap_verdict`); ``records`` are the cells' results.
+    Returns ``{"csv", "png", "md"}``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "projection.csv"
+    write_csv(csv_path, COLUMNS,
+               sorted(records, key=lambda r: (r["network"], r["retrain"], r["layer"], r["matrix"], r["repeat"])))
+
+    summary = projection_summary(records)
+    gaps = projection_gaps(records)
+    png = plots.projection_accuracy(summary, gaps, out / "projection.png")
+
+    first = (CONTROL_KIND, GROUP_KIND, ORTHOGONAL_KIND)  # the control, then the two kinds the verdict compares
+    kinds = sorted({s["matrix"] for s in summary}, key=lambda k: (first.index(k) if k in first else len(first), k))
+    lines = ["# Projection experiment (docs/method.md §4)", "",
+             "A fixed matrix M is inserted before the activation of layer l and the network is retrained with",
+             "layers ≤ l frozen: every later layer (retrain `rest`) or only layer l+1 (retrain `next`), starting",
+             f"from their trained weights; budget: {_setting(records)}. Test accuracy in %, mean ± std over the",
+             "family's networks × repeats (n cells); `identity` (M = I) is the control: what retraining alone does.",
+             "", "## After retraining", "",
+             "| family | σ | retrain | layer | clean | " + " | ".join(kinds) + " | orthogonal − G_σ (points) |",
+             "|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+    for family, retrain in dict.fromkeys((s["family"], s["retrain"]) for s in summary):
+        series = {s["matrix"]: s for s in summary if (s["family"], s["retrain"]) == (family, retrain)}
+        first = next(iter(series.values()))
+        for layer in sorted({l for s in series.values() for l in s["layers"]}):
+            accs = [_acc(series[k]["recovered"][series[k]["layers"].index(layer)])
+                    if k in series and layer in series[k]["layers"] else "–" for k in kinds]
+            gap = next((g for g in gaps if (g["family"], g["retrain"], g["layer"]) == (family, retrain, layer)), None)
+            gap_text = "–" if gap is None else f"{gap['mean']:+.2f} ± {points_text(gap['std'])} (n={gap['n']})"
+            lines.append(f"| {family} | {first['activation']} | {retrain} | {layer} | {_acc(first['clean'])} | "
+                         + " | ".join(accs) + f" | {gap_text} |")
+    lines += ["", "## Verdicts", ""]
+    activation = {s["family"]: s["activation"] for s in summary}
+    lines += [f"- {g['family']}: {gap_verdict(g, activation[g['family']])}." for g in gaps] or [
+        f"- No verdict: the cells hold no ({GROUP_KIND}, {ORTHOGONAL_KIND}) pairs of the same network, layer and repeat."]
+    lines += ["", "## Before retraining", "", "| family | σ | M | accuracy per layer |", "|---|---|---|---|"]
+    before = {(s["family"], s["matrix"]): s for s in reversed(summary)}  # M's effect does not depend on retrain
+    for (family, kind), s in sorted(before.items()):
+        lines.append(f"| {family} | {s['activation']} | {kind} | "
+                     + ", ".join(f"l{l}: {_acc(a)}" for l, a in zip(s["layers"], s["inserted"])) + " |")
+    lines += ["", f"![accuracy per layer]({png.name})", "", f"Data: [{csv_path.name}]({csv_path.name})", ""]
+    md = out / "projection.md"
+    md.write_text("\n".join(lines))
+    return {"csv": csv_path, "png": png, "md": md}
+
+
+def report(records: list[dict], out: Path) -> Section:
+    """:func:`projection_files` of the cells' results in ``out/projection``, its page as this section."""
+    results = [rec["result"] for rec in records]
+    paths = projection_files(results, out / "projection")
+    text = paths["md"].read_text().splitlines()
+    body = [ln for ln in text if not ln.startswith("# ")]
+    while body and not body[0].strip():
+        body.pop(0)
+    body = [ln.replace("](projection.", "](projection/projection.") for ln in body]
+    lines = ["## Projection", "", *body, "", "Full summary: [projection/projection.md](projection/projection.md)", ""]
+    return Section(lines, {"projection": paths["csv"]}, [paths["png"]])
