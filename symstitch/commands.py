@@ -287,6 +287,62 @@ class Projection(Command):
 
 
 @command
+class Dissect(Command):
+    """Network dissection (docs/method.md §6): which concept each unit at a point detects, NetDissect-Lite's
+    semantics on any network. Writes tally.csv per point (unit, label, category, IoU; the best concept per
+    category), the report with the interpretable units, unique concepts per category and each point's best
+    units drawn over their top images.
+
+        symstitch dissect --network runs/digits/zoo:resnet20/seed0 --points layer1.2.act2,layer3.2.act2
+        symstitch dissect --network runs/zoo:mcnn/seed0 --alphas 0,0.5,1 --rotations 3     (the rotation test)
+        symstitch dissect --network m.ckpt --concepts broden:/data/broden1_224 --image-size 32
+
+    Concepts: the embedded digits twin (default, no download) or a local Broden copy."""
+
+    name, help = "dissect", "network dissection: the concept each unit at a point detects (tally.csv, report)"
+
+    def build(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--network", required=True, help="checkpoint, <zoo>:<arch>/seed<k> or a class path")
+        parser.add_argument("--points", type=_points, default="all", help="comma-separated points, or all (default)")
+        parser.add_argument("--concepts", default="digits-twin",
+                            help="digits-twin[:train|test|all] (default, embedded) or broden:<folder>")
+        parser.add_argument("--image-size", type=positive_int, default=None,
+                            help="resize Broden's images to the network's input size (e.g. 32)")
+        parser.add_argument("--q", type=_number(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"), default=None,
+                            help="top quantile of each unit's activations (default: the concepts' own; "
+                                 "0.005 for Broden, 0.02 for the twin)")
+        parser.add_argument("--iou", type=fraction, default=0.04, help="IoU of an interpretable unit (default 0.04)")
+        parser.add_argument("--alphas", type=_number(lambda s: [float(a) for a in s.split(",")],
+                                                     lambda v: all(0 <= a <= 1 for a in v), "numbers in [0, 1]"),
+                            default=[0.0], help="rotations Q^α of the units to dissect too (default 0: none)")
+        parser.add_argument("--rotations", type=positive_int, default=1, help="random Q per α > 0 (default 1)")
+        parser.add_argument("--images", type=positive_int, default=None, help="only the first N concept images")
+        parser.add_argument("--out", default=None, help="results folder (default runs/dissect/<network>-<hash>)")
+        parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
+                            help="log the report's tables (each tally too) and figures to Weights & Biases")
+
+    def run(self, args: argparse.Namespace, extra: list[str]) -> int:
+        sweep, report = _load("sweep"), _load("report")
+        concepts = args.concepts
+        if concepts.startswith("broden:"):
+            concepts = "broden:" + str(Path(concepts.partition(":")[2]).resolve())
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", args.network.rpartition(":")[2].removesuffix("model.ckpt")
+                      .removesuffix(".ckpt")).strip("-.")[-40:] or "network"
+        config = {"experiment": "dissect", "networks": {name: args.network}, "points": args.points,
+                  "concepts": concepts, "image_size": args.image_size, "alphas": args.alphas,
+                  "rotations": args.rotations, "q": args.q, "iou_threshold": args.iou, "images": args.images}
+        out = Path(args.out) if args.out else default_folder("dissect", config, args.network)
+        records = sweep.run_generated(config, out, "symstitch dissect")
+        md = report.write_report(out, wandb=args.wandb)
+        for record in records:
+            r = record.result
+            rotated = f" rotated by Q^{r['alpha']:g}" if r.get("alpha") else ""
+            print(f"{r['point']}{rotated}: {r['headline']}; tally {out / r['tally_csv']}")
+        print(f"dissect: {md}")
+        return 0
+
+
+@command
 class Check(Command):
     """A one-page sanity report of the symmetry tools on one network: a random g ∈ G_σ applied at every point
     preserves the function and moves the representation to g·h. Exit status 1 when any point fails.

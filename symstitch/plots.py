@@ -243,3 +243,85 @@ def projection_accuracy(summary: Sequence[dict], gaps: Sequence[dict], path: Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# network dissection
+
+
+def dissection_units(pictures: Sequence[tuple[str, Any, Any]], path: Path, note: str = "") -> Path:
+    """One row per unit: its top images with the unit's mask M_u drawn over them (outside dimmed, the edge in
+    cyan). ``pictures``: (title, images (k, 3, H, W) on 0…1, masks (k, H, W) bool), as
+    :meth:`symstitch.dissect.api.Dissection.unit_pictures` gives them."""
+    rows = max(len(pictures), 1)
+    cols = max((len(p[1]) for p in pictures), default=1)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.4, 1.5 * rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (title, images, masks) in enumerate(pictures):
+        images, masks = np.asarray(images, dtype=float), np.asarray(masks, dtype=bool)
+        for c in range(len(images)):
+            ax = axes[r][c]
+            image = images[c].transpose(1, 2, 0)
+            ax.imshow(np.where(masks[c][..., None], image, 0.35 * image), interpolation="nearest")
+            if masks[c].any() and not masks[c].all():
+                ax.contour(masks[c].astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        axes[r][0].set_title(title, loc="left", fontsize=7)
+    fig.tight_layout()
+    _footnote(fig, note)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def dissection_rotation(summary: Sequence[dict], path: Path, note: str = "") -> Path:
+    """Interpretable units (%, top) and unique concepts (bottom) against α, one column per network family and one
+    line per point; error bars: the 95 % t-interval of the mean over networks × rotations (none where n = 1).
+    ``summary``: :func:`symstitch.reports.dissect.dissect_summary`."""
+    families = list(dict.fromkeys(s["family"] for s in summary)) or ["(none)"]
+    fig, axes = plt.subplots(2, len(families), figsize=(4.4 * len(families), 5.6), squeeze=False, sharex=True)
+    for k, family in enumerate(families):
+        rows = [s for s in summary if s["family"] == family]
+        for point in dict.fromkeys(s["point"] for s in rows):
+            series = [s for s in rows if s["point"] == point]
+            alphas = [s["alpha"] for s in series]
+            for ax, key, scale in ((axes[0][k], "interpretable", 100.0), (axes[1][k], "unique", 1.0)):
+                stats = [s[key] for s in series]
+                ax.errorbar(alphas, [scale * st["mean"] for st in stats],
+                            yerr=[scale * st["half"] if st["n"] > 1 else np.nan for st in stats],
+                            marker="o", markersize=4, capsize=3, label=f"{point} (n={max(st['n'] for st in stats)})")
+        axes[0][k].set_title(family, fontsize=10)
+        axes[0][k].set_ylabel("interpretable units (%)")
+        axes[1][k].set_ylabel("unique concepts")
+        axes[1][k].set_xlabel("α (units rotated by Q^α; 0: activation basis)")
+        for ax in (axes[0][k], axes[1][k]):
+            ax.grid(alpha=0.3)
+        axes[0][k].legend(fontsize=7)
+    fig.tight_layout()
+    _footnote(fig, note)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def dissection_categories(summary: Sequence[dict], categories: Sequence[str], path: Path, note: str = "") -> Path:
+    """Unique concepts per category in the activation basis (α = 0), one group of bars per (family, point);
+    error bars: the 95 % t-interval over networks."""
+    rows = [s for s in summary if s["alpha"] == 0]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(rows) * max(len(categories), 1) * 0.45 + 2), 3.6))
+    width = 0.8 / max(len(categories), 1)
+    x = np.arange(len(rows))
+    for j, category in enumerate(categories):
+        stats = [s[f"unique_{category}"] for s in rows]
+        ax.bar(x + (j - (len(categories) - 1) / 2) * width, [st["mean"] for st in stats], width,
+               yerr=[st["half"] if st["n"] > 1 else 0 for st in stats], capsize=2, label=category)
+    ax.set_xticks(x, [f"{s['family']}\n{s['point']}" for s in rows], fontsize=7)
+    ax.set_ylabel("unique concepts (interpretable units)")
+    ax.grid(alpha=0.3, axis="y")
+    if categories:
+        ax.legend(fontsize=7, ncol=min(len(categories), 5))
+    fig.tight_layout()
+    _footnote(fig, note)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -105,8 +106,10 @@ def _log_wandb(root: Path, out: Path, csvs: dict[str, Path], figures: list[Path]
                 columns, data = _read_csv(path)
                 if columns:
                     run.log({f"{name}_table": wandb.Table(columns=columns, data=_table_rows(data))})
-            for png in figures:
-                run.log({f"figures/{png.stem}": wandb.Image(str(png))})
+            for png in figures:  # figures of the report folder by name, the cells' by their path in the sweep
+                inside = png.resolve().is_relative_to(out.resolve())
+                name = png.stem if inside else "/".join(Path(os.path.relpath(png.resolve(), root.resolve())).parts)
+                run.log({f"figures/{name.removesuffix('.png')}": wandb.Image(str(png))})
             run.summary.update(stats)
     except Exception as e:  # noqa: BLE001 - W&B must never cost the files already written
         warn(f"W&B logging failed ({type(e).__name__}: {e}); the report files are complete")

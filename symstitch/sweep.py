@@ -34,6 +34,7 @@ import yaml
 # every experiment kind registers itself in EXPERIMENTS when its module is imported
 from symstitch import align, projection, zoo  # noqa: F401
 from symstitch.stitching import experiment as _stitch_experiment  # noqa: F401
+from symstitch.dissect import experiment as _dissect_experiment  # noqa: F401
 from symstitch.io import writable_folder, write_atomic
 from symstitch.runner import EXPERIMENTS, CellRecord, Runner
 

@@ -27,7 +27,7 @@ def n_params(net: nn.Module) -> int:
 
 
 def test_registry_lists_the_paper_zoo():
-    expected = {"mcnn", "mcnn_nobn", "mcnn_sigmoid", "cwcnn", "cwcnn_nobn", "cct", "resnet18"}
+    expected = {"mcnn", "mcnn_nobn", "mcnn_sigmoid", "mcnn_gelu", "mcnn_tanh", "cwcnn", "cwcnn_nobn", "cct", "resnet18"}
     expected |= {f"resnet{d}" for d in (20, 32, 44, 56, 110)}
     assert set(NAMES) == expected
 

@@ -13,7 +13,7 @@ from symstitch.data import DataModule, normalize_batch
 from symstitch.training import ClassifierModule
 
 SMALL = 0.25
-MCNN_FAMILY = ["mcnn", "mcnn_nobn", "mcnn_sigmoid", "cwcnn", "cwcnn_nobn"]
+MCNN_FAMILY = ["mcnn", "mcnn_nobn", "mcnn_sigmoid", "mcnn_gelu", "mcnn_tanh", "cwcnn", "cwcnn_nobn"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
@@ -274,8 +274,15 @@ def test_act_mcnn_family_random_init(arch, k):
     point = f"layer{k}.act"
     assert point in S.actionable_points(net)
     g = sample_for(net, point, seed=k)
-    if arch == "mcnn_sigmoid":
+    if arch in ("mcnn_sigmoid", "mcnn_gelu"):
         assert isinstance(S.intertwiner_group(net.activation), S.Permutations)
+    elif arch == "mcnn_tanh":
+        assert isinstance(S.intertwiner_group(net.activation), S.SignedPermutations)
+        assert torch.equal(g.abs(), (g != 0).double()) and (g < 0).any()  # signs, no scales
+        # every mCNN layer is followed by a max-pool, which commutes with no sign flip: refused, with the reason
+        with pytest.raises(ValueError, match="max-pooling after .* does not commute with negative scales"):
+            check_action(net, point, g, torch.randn(6, 3, 32, 32))
+        return
     else:
         assert not torch.equal(g.abs(), (g != 0).double())  # really scaled
     torch.manual_seed(1)

@@ -14,6 +14,7 @@ module and the stitch points ``layer1.act`` … ``layer4.act`` are also the feat
 * ``mcnn``:         widths 64-128-256-512, BatchNorm, ReLU
 * ``mcnn_nobn``:    the same without BatchNorm (convolutions with bias)
 * ``mcnn_sigmoid``: ``mcnn`` with Sigmoid activations
+* ``mcnn_gelu``, ``mcnn_tanh``: ``mcnn`` with GELU, tanh activations (other intertwiner groups, docs/method.md §1)
 * ``cwcnn``:        constant width 512, BatchNorm, ReLU
 * ``cwcnn_nobn``:   ``cwcnn`` without BatchNorm
 
@@ -30,7 +31,7 @@ from torch import nn
 from symstitch.models.base import StagedNet, register
 from symstitch.network import Site, plain_site
 
-_ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+_ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 def scaled(channels: int, width: float) -> int:
@@ -105,6 +106,18 @@ def mcnn_nobn(*, num_classes: int = 10, width: float = 1.0) -> MCNN:
 def mcnn_sigmoid(*, num_classes: int = 10, width: float = 1.0) -> MCNN:
     """mCNN with Sigmoid activations (and BatchNorm)."""
     return MCNN(_widths((64, 128, 256, 512), width), "sigmoid", True, num_classes)
+
+
+@register()
+def mcnn_gelu(*, num_classes: int = 10, width: float = 1.0) -> MCNN:
+    """mCNN with GELU activations (and BatchNorm): its intertwiner group is the permutations."""
+    return MCNN(_widths((64, 128, 256, 512), width), "gelu", True, num_classes)
+
+
+@register()
+def mcnn_tanh(*, num_classes: int = 10, width: float = 1.0) -> MCNN:
+    """mCNN with tanh activations (and BatchNorm): its intertwiner group is the signed permutations."""
+    return MCNN(_widths((64, 128, 256, 512), width), "tanh", True, num_classes)
 
 
 @register()

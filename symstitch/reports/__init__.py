@@ -5,6 +5,7 @@
 ``stitch``      stitching penalties per point and layer, choices on the validation split, the paper's §2 verdicts
 ``align``       similarity of every pair of points, the diagonal, the NaN entries
 ``projection``  accuracy after inserting M and retraining, the orthogonal − G_σ gap with its interval
+``dissect``     interpretable units and unique concepts against the rotation α, the activation basis's verdict
 ``common``      what they share: means and Student-t intervals, machines, number formats, CSV files
 ==============  ========================================================================================
 
@@ -27,6 +28,7 @@ SECTIONS = {
     "stitch": "symstitch.reports.stitch",
     "align": "symstitch.reports.align",
     "projection": "symstitch.reports.projection",
+    "dissect": "symstitch.reports.dissect",
 }
 
 

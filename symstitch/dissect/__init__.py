@@ -1,0 +1,45 @@
+"""Network dissection (docs/method.md §6): which concepts the units at a point detect, after NetDissect-Lite's
+semantics, on any network through the one network interface.
+
+=============  ====================================================================================
+``concepts``   :class:`ConceptSource` and :class:`ConceptBatch`: images with pixel and image-level concepts
+``broden``     :class:`BrodenSource`: a local copy of Broden (``index.csv``, ``label.csv``, masks R + 256·G)
+``twin``       :class:`DigitsTwin`: Broden-style concepts drawn on the bundled digits, no download
+``quantile``   :class:`TopQuantile`: each unit's (1 − q) quantile, exact or a stated estimate
+``tally``      :class:`IoUTally`: IoU of every (unit, concept), vectorised over images, units and concepts
+``rotation``   Q^α, the rotation experiment's path from the activation basis to a random one
+``api``        :func:`dissect` and :class:`Dissection` (``tally.csv``, the headline, the record)
+=============  ====================================================================================
+
+The submodules load on first use (``from symstitch.dissect import dissect``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Concept": "concepts",
+    "ConceptBatch": "concepts",
+    "ConceptSource": "concepts",
+    "BrodenSource": "broden",
+    "DigitsTwin": "twin",
+    "TopQuantile": "quantile",
+    "IoUTally": "tally",
+    "Dissection": "api",
+    "dissect": "api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = list(_LAZY)
