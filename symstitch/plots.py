@@ -325,3 +325,29 @@ def dissection_categories(summary: Sequence[dict], categories: Sequence[str], pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def projection_dissection(summary: Sequence[dict], path: Path, note: str = "") -> Path:
+    """The three-networks comparison: interpretable units (%) of each series (clean, then each matrix kind),
+    one group of bars per (family, layer, at l / after l); error bars: the 95 % t-interval over networks ×
+    repeats."""
+    groups = list(dict.fromkeys((s["family"], s["layer"], s["where"], s["dissected_at"]) for s in summary))
+    kinds = list(dict.fromkeys(s["matrix"] for s in summary))
+    by_key = {(s["family"], s["layer"], s["where"], s["matrix"]): s for s in summary}
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(groups) * len(kinds) + 2), 3.6))
+    width = 0.8 / max(len(kinds), 1)
+    x = np.arange(len(groups))
+    for j, kind in enumerate(kinds):
+        stats = [by_key.get((f, l, w, kind), {}).get("interpretable_pct") for f, l, w, _ in groups]
+        means = [st["mean"] if st and st["n"] else np.nan for st in stats]
+        errs = [st["half"] if st and st["n"] > 1 else 0 for st in stats]
+        ax.bar(x + (j - (len(kinds) - 1) / 2) * width, means, width, yerr=errs, capsize=2, label=kind)
+    ax.set_xticks(x, [f"{f} l={l}\n{w} l ({p})" for f, l, w, p in groups], fontsize=7)
+    ax.set_ylabel("interpretable units (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=len(kinds))
+    fig.tight_layout()
+    _footnote(fig, note)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

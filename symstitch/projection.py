@@ -32,7 +32,7 @@ outcome (on a task as easy as digits, the full split and enough epochs relearn e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -289,12 +289,16 @@ class ProjectionExperiment(Experiment):
     name as ``models: {name: checkpoint or library entry}``. Each cell retrains on the data its network was
     trained on: a stratified ``train_fraction`` of its training split, drawn per repeat (repeat r uses subset
     seed r and matrix seed r, the same for every kind and layer, so kinds are compared on the same data and
-    the same training order), for ``epochs`` epochs of SGD at learning rate ``lr`` (cosine schedule)."""
+    the same training order), for ``epochs`` epochs of SGD at learning rate ``lr`` (cosine schedule).
+
+    ``dissect: {concepts: digits-twin}`` (or ``broden:<folder>``, with q, iou_threshold, image_size, images)
+    adds docs/method.md §6's three-networks comparison: each cell's retrained network and the clean one dissected
+    at the point and at the next one (:meth:`dissect_cell`)."""
 
     name = "projection"
     options = {"zoo": None, "archs": list(PROJECTION_ARCHS), "seed": 0, "models": None,
                "kinds": ["identity", "group", "orthogonal"], "points": "all", "repeats": 1, "epochs": 8,
-               "lr": 0.05, "retrain": "rest", "train_fraction": 1.0}
+               "lr": 0.05, "retrain": "rest", "train_fraction": 1.0, "dissect": None}
 
     def __init__(self, settings: dict, base: Path = Path(".")):
         super().__init__(settings, base)
@@ -305,6 +309,7 @@ class ProjectionExperiment(Experiment):
             raise ValueError(f"epochs must be at least 1, got {self.settings['epochs']}")
         check_fraction(self.settings["train_fraction"])
         parse_range(self.settings["seed"])
+        self.dissection = check_dissect(self.settings["dissect"])
 
     def networks(self) -> dict[str, tuple[str, str]]:
         """``name → (model reference, family)``: the family is what the report pools over seeds and repeats,
@@ -335,8 +340,51 @@ class ProjectionExperiment(Experiment):
                       for point in points for kind in names(s["kinds"]) for r in range(int(s["repeats"]))]
         return cells
 
+    def check(self, cells: Sequence[Cell]) -> None:
+        if self.dissection is not None:
+            self.concepts()  # a missing or malformed concept folder fails before anything is written
+
+    def concepts(self):
+        """The concept source of ``dissect`` (a Broden folder relative to the config file)."""
+        from symstitch.dissect.experiment import concept_source
+
+        spec = str(self.dissection["concepts"])
+        if spec.startswith("broden:") and not Path(spec[7:]).is_absolute():
+            spec = "broden:" + str(self.base / spec[7:])
+        return concept_source(spec, self.dissection["image_size"])
+
+    def dissect_cell(self, net: StagedNet, checkpoint: Path, point: str, cell_dir: Path, clean_dir: Path,
+                     out: Path) -> list[dict]:
+        """docs/method.md §6, three networks compared: the retrained network (M inserted at ``point``) and the
+        clean one dissected at ``point`` (l) and at the next projection point (after l). The clean network's
+        dissections are made once per network and point, in ``clean_dir``. One entry per (network state,
+        where): the dissection's summary and its tally's path relative to ``out``."""
+        from symstitch.dissect.api import default_normalization, dissect
+
+        d, source = self.dissection, self.concepts()
+        points = projection_points(net)
+        where = {"at": point}
+        if points.index(point) + 1 < len(points):
+            where["after"] = points[points.index(point) + 1]
+        norm = default_normalization(checkpoint)
+        entries = []
+        for state, model, root in (("clean", checkpoint, clean_dir), ("retrained", net, cell_dir)):
+            for place, pt in where.items():
+                folder = root / "dissect" / pt
+                if not (folder / "dissection.json").exists():
+                    result = dissect(model, pt, source, q=d["q"], iou_threshold=float(d["iou_threshold"]),
+                                     limit=d["images"], normalization=norm)
+                    result.write(folder)
+                summary = read_json(folder / "dissection.json")
+                entries.append({"state": state, "where": place, "point": pt, "source": summary["source"],
+                                "q": summary["q"], "iou_threshold": summary["iou_threshold"],
+                                **{k: summary[k] for k in DISSECTION_NUMBERS},
+                                "tally_csv": str((folder / "tally.csv").relative_to(out))})
+        return entries
+
     def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
-        """Insert, measure, retrain, measure; the cell's record, with the network's clean accuracy."""
+        """Insert, measure, retrain, measure; the cell's record, with the network's clean accuracy (and, with
+        ``dissect``, the dissections of :meth:`dissect_cell`)."""
         s, p = self.settings, cell.params
         checkpoint = resolve_model(p["model"])
         # the data the network was trained on; repeat r retrains on subset r
@@ -354,7 +402,8 @@ class ProjectionExperiment(Experiment):
         trainer.fit(module, datamodule=datamodule)
         (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
         spec = classifier_spec(read_checkpoint(checkpoint), checkpoint)
-        return {
+        clean_dir = Path(out) / "runs" / p["network"] / "clean"
+        record = {
             "network": p["network"],
             "family": p.get("family", p["network"]),
             "arch": spec["arch"],
@@ -369,5 +418,30 @@ class ProjectionExperiment(Experiment):
             "epochs": epochs,
             "lr": lr,
             "train_fraction": fraction,
-            "clean_acc": clean_accuracy(checkpoint, datamodule, Path(out) / "runs" / p["network"] / "clean"),
+            "clean_acc": clean_accuracy(checkpoint, datamodule, clean_dir),
         }
+        if self.dissection is not None:
+            record["dissection"] = self.dissect_cell(module.net, checkpoint, p["point"], cell_dir, clean_dir,
+                                                     Path(out))
+        return record
+
+
+#: the settings of ``dissect`` in a projection experiment, with their defaults (``concepts`` is required)
+DISSECT_SETTINGS = {"concepts": None, "q": None, "iou_threshold": 0.04, "image_size": None, "images": None}
+#: the numbers of each dissection a projection record keeps
+DISSECTION_NUMBERS = ("units", "interpretable", "unique_concepts", "unique_per_category")
+
+
+def check_dissect(value: Any) -> Optional[dict]:
+    """``dissect`` of a projection experiment: None (no dissection) or a mapping with ``concepts`` (a concept
+    source: ``digits-twin``, ``broden:<folder>``) and optionally q, iou_threshold, image_size, images; the full
+    settings, or a ValueError naming what is wrong."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("concepts") is None:
+        raise ValueError("dissect takes a mapping with at least the concept source, e.g. dissect: {concepts: "
+                         f"digits-twin}}; got {value!r}")
+    unknown = sorted(set(value) - set(DISSECT_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown dissect setting(s) {', '.join(unknown)}; valid: {', '.join(DISSECT_SETTINGS)}")
+    return {**DISSECT_SETTINGS, **value}

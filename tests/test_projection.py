@@ -222,3 +222,64 @@ def test_gaps_and_verdicts_on_synthetic_cells(tmp_path):
     md = projection_files(records, tmp_path)["md"].read_text()
     assert "| mcnn_nobn | relu | rest | 1 | 95.0 ± 0.0 (n=2) | 94.0 ± 0.0 (n=3) | 90.0 ± 0.0 (n=3) | 85.0 ± 2.0 (n=3) | +5.00 ± 2.00 (n=3) |" in md
     assert f"- mcnn_nobn: {gap_verdict(g1, 'relu')}." in md
+
+
+@pytest.mark.groundtruth
+def test_three_networks_dissected_at_l_and_after(trained, tmp_path):
+    """docs/method.md §6, three networks: with ``dissect`` every cell dissects the retrained network at l and at
+    the next point, beside the clean network (once per network). At l the layers are frozen, so M = I gives the
+    clean dissection exactly, and M = P·D ∈ G_ReLU gives it with unit i read from clean unit π(i) (a pixel on a
+    threshold may round the other way: a few pixels of tens of thousands)."""
+    import yaml
+
+    from symstitch.io import read_json
+    from symstitch.sweep import load_sweep
+
+    out = tmp_path / "proj"
+    config = tmp_path / "projection.yaml"
+    config.write_text(yaml.safe_dump({
+        "experiment": "projection", "models": {"relu-net": str(trained)}, "points": ["layer2.act"], "epochs": 1,
+        "kinds": ["identity", "group", "orthogonal"], "dissect": {"concepts": "digits-twin:test", "images": 256}}))
+    records = {r.result["matrix"]: r.result for r in load_sweep(config, out).run(progress=False)}
+    assert set(records) == {"identity", "group", "orthogonal"}
+    for r in records.values():
+        assert [(d["state"], d["where"], d["point"]) for d in r["dissection"]] == [
+            ("clean", "at", "layer2.act"), ("clean", "after", "layer3.act"),
+            ("retrained", "at", "layer2.act"), ("retrained", "after", "layer3.act")]
+        assert [d["units"] for d in r["dissection"]] == [32, 64, 32, 64]
+        assert all((out / d["tally_csv"]).is_file() for d in r["dissection"])
+    assert len(list(out.glob("runs/relu-net/clean/dissect/*/dissection.json"))) == 2  # made once
+
+    def full(r, state, where):
+        d = next(d for d in r["dissection"] if (d["state"], d["where"]) == (state, where))
+        return read_json((out / d["tally_csv"]).parent / "dissection.json")
+
+    clean = full(records["identity"], "clean", "at")
+    same = full(records["identity"], "retrained", "at")
+    assert (same["labels"], same["scores"], same["thresholds"]) == (clean["labels"], clean["scores"], clean["thresholds"])
+    M = intertwiner_group("relu").sample(32, generator=torch.Generator().manual_seed(0))  # the group cell's (repeat 0)
+    perm, scale = M.abs().argmax(dim=1), M.abs().amax(dim=1)
+    moved = full(records["group"], "retrained", "at")
+    assert moved["scores"] == pytest.approx([clean["scores"][j] for j in perm.tolist()], abs=0.01)
+    assert moved["thresholds"] == pytest.approx([clean["thresholds"][j] * float(s) for j, s in zip(perm, scale)],
+                                                rel=1e-5)
+
+    paths = projection_files(list(records.values()), tmp_path / "report")
+    md = paths["md"].read_text()
+    assert "## Dissection of the three networks" in md and "Concepts: digits-twin:test at q = 0.02, IoU ≥ 0.04." in md
+    assert "| relu-net | 2 | at l: layer2.act |" in md and "| relu-net | 2 | after l: layer3.act |" in md
+    assert "- relu-net, layer 2, at l: " in md and "no interval from a single pair" in md
+    rows = paths["projection_dissection_csv"].read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 + 3 * 2  # the clean network once per place, each kind at l and after l
+    assert paths["dissection_png"].stat().st_size > 5_000
+
+
+def test_dissect_setting_is_checked(trained, tmp_path):
+    base = {"models": {"n": str(trained)}}
+    for bad, message in (("digits-twin", "a mapping"), ({"q": 0.01}, "a mapping"),
+                         ({"concepts": "digits-twin", "iou": 0.1}, "unknown dissect setting.*iou.*valid: concepts")):
+        with pytest.raises(ValueError, match=message):
+            ProjectionExperiment({**base, "dissect": bad})
+    missing = ProjectionExperiment({**base, "dissect": {"concepts": f"broden:{tmp_path / 'nowhere'}"}})
+    with pytest.raises(Exception, match="nowhere"):
+        missing.check(missing.cells())

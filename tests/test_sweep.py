@@ -392,3 +392,13 @@ def test_sweep_cells_as_wandb_runs_grouped_by_the_sweep(zoo, tmp_path, monkeypat
     assert main(["sweep", "--config", str(config), "--wandb", "--no-progress"]) == 0
     assert len(runs(out)) == 2  # each record once
 
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_config_is_valid(config, tmp_path):
+    """Each config in experiments/ names a known experiment with valid settings (checked when the experiment is
+    built, before any network or dataset is needed)."""
+    from symstitch.runner import EXPERIMENTS
+
+    runner = load_sweep(config, tmp_path / "out")
+    assert runner.experiment.name in EXPERIMENTS and runner.experiment.name == yaml.safe_load(config.read_text())["experiment"]

@@ -1,6 +1,8 @@
 """The projection experiment's report (docs/method.md §4): accuracy before and after retraining with a fixed
 M inserted at layer l, per family, layer and matrix kind (mean ± std over networks × repeats), and the
-orthogonal − G_σ gap per layer with its Student-t interval, paired by network, layer and repeat.
+orthogonal − G_σ gap per layer with its Student-t interval, paired by network, layer and repeat. Where the
+cells were dissected (the experiment's ``dissect`` setting), the three-networks comparison of docs/method.md §6:
+interpretable units and unique concepts of the clean, G_σ and orthogonal networks at l and after it.
 
 :func:`projection_files` writes the experiment's own page (``projection.csv``, ``projection.png``,
 ``projection.md``); :func:`report` puts that page into a sweep's report.
@@ -170,9 +172,129 @@ def projection_files(records: list[dict], out: Path) -> dict[str, Path]:
         lines.append(f"| {family} | {s['activation']} | {kind} | "
                      + ", ".join(f"l{l}: {_acc(a)}" for l, a in zip(s["layers"], s["inserted"])) + " |")
     lines += ["", f"![accuracy per layer]({png.name})", "", f"Data: [{csv_path.name}]({csv_path.name})", ""]
+    dissection, csvs, figures = dissection_lines(records, out)
+    lines += dissection
     md = out / "projection.md"
     md.write_text("\n".join(lines))
-    return {"csv": csv_path, "png": png, "md": md}
+    return {"csv": csv_path, "png": png, "md": md, **{f"{k}_csv": v for k, v in csvs.items()},
+            **{"dissection_png": f for f in figures}}
+
+
+#: ``projection_dissection.csv``: one row per dissection (the clean network's once per network, layer and point)
+DISSECTION_COLUMNS = ["network", "family", "point", "layer", "matrix", "repeat", "where", "dissected_at", "units",
+                      "interpretable", "unique_concepts", "source", "q", "iou_threshold", "tally_csv"]
+#: the series of the three-networks comparison, in the order they are shown: the clean network, then the kinds
+CLEAN = "clean"
+
+
+def dissection_rows(records: list[dict]) -> list[dict]:
+    """The dissections the cells carry (``dissection`` of :meth:`ProjectionExperiment.dissect_cell`), one row
+    each; the clean network's, which every cell of a network and layer repeats, once, with matrix ``clean``."""
+    rows, seen = [], set()
+    for r in records:
+        for d in r.get("dissection") or []:
+            clean = d["state"] == CLEAN
+            row = {"network": r["network"], "family": _family(r), "point": r["point"], "layer": r["layer"],
+                   "matrix": CLEAN if clean else r["matrix"], "repeat": "" if clean else r["repeat"],
+                   "where": d["where"], "dissected_at": d["point"], **{k: d[k] for k in DISSECTION_COLUMNS[8:]}}
+            key = (row["network"], row["layer"], row["matrix"], row["repeat"], row["where"], r["retrain"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+def dissection_summary(rows: list[dict]) -> list[dict]:
+    """Per (family, layer, where) and series (clean, then each kind): the share of interpretable units in %
+    and the unique concepts, each ``{"mean", "std", "n", "half"}`` over the rows (networks × repeats; the clean
+    network once per network), ``half`` the :data:`CONFIDENCE` t-interval's half-width."""
+    def stats(values: list[float]) -> dict:
+        mean, std, n = mean_std(values)
+        return {"mean": mean, "std": std, "n": n, "half": interval_half_width(std, n)}
+
+    first = (CLEAN, CONTROL_KIND, GROUP_KIND, ORTHOGONAL_KIND)
+    order = lambda k: (first.index(k) if k in first else len(first), k)  # noqa: E731
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["family"], row["layer"], row["where"] != "at", row["matrix"]), []).append(row)
+    summary = []
+    for (family, layer, after, kind), members in sorted(groups.items(), key=lambda kv: (*kv[0][:3], order(kv[0][3]))):
+        summary.append({"family": family, "layer": layer, "where": "after" if after else "at",
+                        "dissected_at": members[0]["dissected_at"], "matrix": kind,
+                        "interpretable_pct": stats([100.0 * m["interpretable"] / m["units"] for m in members]),
+                        "unique_concepts": stats([float(m["unique_concepts"]) for m in members])})
+    return summary
+
+
+def dissection_gaps(rows: list[dict]) -> list[dict]:
+    """Orthogonal − G_σ in interpretable units (points of %), paired by network, layer, repeat and place, per
+    (family, layer, where): ``{"family", "layer", "where", "mean", "std", "n", "ci"}``."""
+    cells = {(r["family"], r["layer"], r["where"], r["network"], r["repeat"], r["matrix"]):
+             100.0 * r["interpretable"] / r["units"] for r in rows}
+    diffs: dict[tuple, list[float]] = {}
+    for (family, layer, where, network, repeat, kind), value in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        other = cells.get((family, layer, where, network, repeat, GROUP_KIND))
+        if kind == ORTHOGONAL_KIND and other is not None:
+            diffs.setdefault((family, layer, where), []).append(value - other)
+    gaps = []
+    for (family, layer, where), d in sorted(diffs.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "at")):
+        mean, std, n = mean_std(d)
+        half = interval_half_width(std, n)
+        gaps.append({"family": family, "layer": layer, "where": where, "mean": mean, "std": std, "n": n,
+                     "ci": (mean - half, mean + half)})
+    return gaps
+
+
+def _share(stat: dict) -> str:
+    if not stat["n"]:
+        return "–"
+    half = f" ± {stat['half']:.1f}" if math.isfinite(stat["half"]) else ""
+    return f"{stat['mean']:.1f}{half}"
+
+
+def dissection_lines(records: list[dict], out: Path) -> tuple[list[str], dict[str, Path], list[Path]]:
+    """The three-networks comparison (docs/method.md §6): the table, the verdicts, the CSV and the figure;
+    nothing when no cell was dissected."""
+    rows = dissection_rows(records)
+    if not rows:
+        return [], {}, []
+    csv_path = out / "projection_dissection.csv"
+    write_csv(csv_path, DISSECTION_COLUMNS, sorted(rows, key=lambda r: (r["network"], r["layer"], r["where"] != "at",
+                                                                        r["matrix"], str(r["repeat"]))))
+    summary = dissection_summary(rows)
+    png = plots.projection_dissection(summary, out / "projection_dissection.png")
+    sources = sorted({(r["source"], r["q"], r["iou_threshold"]) for r in rows}, key=str)
+    kinds = list(dict.fromkeys(s["matrix"] for s in summary))
+    lines = ["## Dissection of the three networks", "",
+             "Each network dissected at layer l (where M was inserted) and at the next layer, after retraining; "
+             "the clean network beside them. Concepts: " + "; ".join(f"{src} at q = {q:g}, IoU ≥ {t:g}"
+                                                                   for src, q, t in sources) + ".",
+             f"Interpretable units in % (mean ± {100 * CONFIDENCE:.0f} % t-interval over networks × repeats), then "
+             "unique concepts among their labels.", "",
+             "| family | layer | dissected at | " + " | ".join(f"{k}: % units" for k in kinds) + " | "
+             + " | ".join(f"{k}: concepts" for k in kinds) + " |",
+             "|---|---|---|" + "---|" * (2 * len(kinds))]
+    for family, layer, where in dict.fromkeys((s["family"], s["layer"], s["where"]) for s in summary):
+        series = {s["matrix"]: s for s in summary if (s["family"], s["layer"], s["where"]) == (family, layer, where)}
+        at = next(iter(series.values()))["dissected_at"]
+        lines.append(f"| {family} | {layer} | {where} l: {at} | "
+                     + " | ".join(_share(series[k]["interpretable_pct"]) if k in series else "–" for k in kinds) + " | "
+                     + " | ".join(_share(series[k]["unique_concepts"]) if k in series else "–" for k in kinds) + " |")
+    lines += ["", "Orthogonal − G_σ, interpretable units in points of %, paired by network and repeat:", ""]
+    for g in dissection_gaps(rows):
+        lo, hi = g["ci"]
+        head = (f"- {g['family']}, layer {g['layer']}, {g['where']} l: {g['mean']:+.1f} ± "
+                f"{points_text(g['std'])} (n={g['n']}")
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            lines.append(head + "; no interval from a single pair)")
+        else:
+            outcome = ("the orthogonal insertion leaves fewer interpretable units: resolved" if hi < 0 else
+                       "the orthogonal insertion leaves more interpretable units: resolved" if lo > 0 else
+                       "no difference resolved")
+            lines.append(head + f", {100 * CONFIDENCE:.0f} % CI [{lo:+.1f}, {hi:+.1f}]): {outcome}")
+    lines += ["", f"![dissection of the three networks]({png.name})", "", f"Data: [{csv_path.name}]({csv_path.name})",
+              ""]
+    return lines, {"projection_dissection": csv_path}, [png]
 
 
 def report(records: list[dict], out: Path) -> Section:
@@ -183,6 +305,9 @@ def report(records: list[dict], out: Path) -> Section:
     body = [ln for ln in text if not ln.startswith("# ")]
     while body and not body[0].strip():
         body.pop(0)
-    body = [ln.replace("](projection.", "](projection/projection.") for ln in body]
+    body = [ln.replace("](projection", "](projection/projection") for ln in body]
     lines = ["## Projection", "", *body, "", "Full summary: [projection/projection.md](projection/projection.md)", ""]
-    return Section(lines, {"projection": paths["csv"]}, [paths["png"]])
+    csvs = {"projection": paths["csv"]}
+    if "projection_dissection_csv" in paths:
+        csvs["projection_dissection"] = paths["projection_dissection_csv"]
+    return Section(lines, csvs, [paths["png"], *([paths["dissection_png"]] if "dissection_png" in paths else [])])
