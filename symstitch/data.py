@@ -100,6 +100,8 @@ class DatasetChecksumError(RuntimeError):
 
 
 DATASETS: Registry[ImageData] = Registry("dataset")
+#: (H, W) of every dataset's images
+IMAGE_SIZE = (32, 32)
 _INFO: dict[str, DatasetInfo] = {}
 
 

@@ -165,3 +165,34 @@ def test_command_end_to_end_and_its_errors(mcnn_lib, tmp_path):
     missing = _cli(tmp_path, "--network", ref, "--concepts", f"broden:{tmp_path / 'nowhere'}", "--out", "f")
     assert missing.returncode != 0 and "dlbroden.sh" in missing.stderr and "Traceback" not in missing.stderr
     assert not (tmp_path / "f").exists()  # refused before anything was written
+
+
+def test_a_torchvision_model_from_the_command_line(tmp_path):
+    """The command on a network outside the zoo, given by class path (random weights): its points are torch.fx
+    node names; the default concepts are the twin."""
+    spec = "{class_path: torchvision.models.resnet18, init_args: {num_classes: 10}}"
+    done = _cli(tmp_path, "--network", spec, "--points", "layer1.1.relu_1", "--images", "32", "--out", "tv")
+    assert done.returncode == 0, done.stderr
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("layer1.1.relu_1: ")]
+    assert " of 64 units cover " in line
+    (tally,) = (tmp_path / "tv").rglob("tally.csv")
+    assert len(_csv(tally)) == 64
+
+
+def test_concept_images_of_another_size_than_the_network_s_are_refused(mcnn_lib, tmp_path):
+    from symstitch.dissect.api import dissect
+    from symstitch.dissect.broden import BrodenSource
+    from symstitch.library import load_model
+
+    from .test_dissect_broden import IH, IW, make_broden
+
+    make_broden(tmp_path / "broden")
+    ref = library_refs(mcnn_lib)[0]
+    with pytest.raises(ValueError, match=rf"trained on digits's 32×32 images but .* serves {IH}×{IW}: resize .*"
+                                         r"--image-size 32"):
+        dissect(ref, "layer1.act", BrodenSource(tmp_path / "broden"))
+    net = load_model(ref)  # an nn.Module: no saved data settings, only its forward can object
+    resized = dissect(ref, "layer1.act", BrodenSource(tmp_path / "broden", image_size=32))
+    assert resized.units == net.point_channels("layer1.act") and resized.images == 4
+    with pytest.raises(ValueError, match=rf"cannot run on .*{IH}×{IW} images \(.*\): resize them"):
+        dissect(net, "layer4.act", BrodenSource(tmp_path / "broden"))

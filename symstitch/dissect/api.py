@@ -25,13 +25,14 @@ from typing import Any, Optional, Union
 
 import torch
 
+from symstitch.data import IMAGE_SIZE
 from symstitch.dissect.concepts import Concept, ConceptSource
 from symstitch.dissect.quantile import BUDGET, QuantileInfo, TopQuantile
 from symstitch.dissect.rotation import rotate
 from symstitch.dissect.tally import IoUTally, unit_masks
 from symstitch.inputs import Normalization
 from symstitch.io import write_atomic, write_json
-from symstitch.library import ModelRef, datamodule_for, load_model, ref_text
+from symstitch.library import ModelRef, datamodule_for, load_model, ref_text, trained_on
 from symstitch.network import PointNetwork
 
 Tensor = torch.Tensor
@@ -264,9 +265,22 @@ def dissect(network: ModelRef, point: str, concepts: ConceptSource, *, q: Option
     if n_images < 1:
         raise ValueError(f"{concepts.name} holds no images")
 
+    trained = None if isinstance(network, torch.nn.Module) else trained_on(network)
+
     def units(batch) -> Tensor:
+        size = tuple(batch.images.shape[-2:])
+        if trained is not None and size != IMAGE_SIZE:
+            raise ValueError(f"{ref_text(network)} was trained on {trained}'s {IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} images but "
+                             f"{concepts.name} serves {size[0]}×{size[1]}: resize the concept images to the "
+                             f"network's (image_size={IMAGE_SIZE[0]}, --image-size {IMAGE_SIZE[0]})")
         x = (batch.images.to(device) - mean) / std
-        a = grid_of(forward(x), grid, point).float()
+        try:
+            out = forward(x)
+        except RuntimeError as err:
+            raise ValueError(f"{ref_text(network)} cannot run on {concepts.name}'s {size[0]}×{size[1]} images ("
+                             f"{str(err).splitlines()[0]}): resize them to the network's input size "
+                             "(image_size=, --image-size)") from err
+        a = grid_of(out, grid, point).float()
         return rotate(a, transform) if transform is not None else a
 
     batches = concepts.batches(batch_size, limit)
