@@ -345,13 +345,10 @@ class ProjectionExperiment(Experiment):
             self.concepts()  # a missing or malformed concept folder fails before anything is written
 
     def concepts(self):
-        """The concept source of ``dissect`` (a Broden folder relative to the config file)."""
+        """The concept source of ``dissect`` (a Broden folder relative to the folder the sweep runs in)."""
         from symstitch.dissect.experiment import concept_source
 
-        spec = str(self.dissection["concepts"])
-        if spec.startswith("broden:") and not Path(spec[7:]).is_absolute():
-            spec = "broden:" + str(self.base / spec[7:])
-        return concept_source(spec, self.dissection["image_size"])
+        return concept_source(str(self.dissection["concepts"]), self.dissection["image_size"])
 
     def dissect_cell(self, net: StagedNet, checkpoint: Path, point: str, cell_dir: Path, clean_dir: Path,
                      out: Path) -> list[dict]:

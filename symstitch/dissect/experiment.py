@@ -78,11 +78,7 @@ class DissectExperiment(Experiment):
         if not isinstance(s["models"], dict):
             raise ValueError("models maps architectures to seeds, e.g. {resnet20: 0-2}")
         return {f"{arch}-seed{seed}": (ref, arch, seed) for arch, seeds in s["models"].items()
-                for seed, ref in library_models(self.resolve_path(s["zoo"]), arch, parse_range(seeds)).items()}
-
-    def resolve_path(self, path: str) -> str:
-        p = Path(path)
-        return str(p if p.is_absolute() else self.base / p)
+                for seed, ref in library_models(s["zoo"], arch, parse_range(seeds)).items()}
 
     def points_of(self, family: str, valid: Sequence[str], label: str) -> list[str]:
         chosen = self.settings["points"]
@@ -110,12 +106,9 @@ class DissectExperiment(Experiment):
         return cells
 
     def concepts(self) -> ConceptSource:
-        """The concept source of the settings (a Broden folder relative to the config file)."""
-        s = self.settings
-        spec = str(s["concepts"])
-        if spec.startswith("broden:"):
-            spec = "broden:" + self.resolve_path(spec.partition(":")[2])
-        return concept_source(spec, s["image_size"])
+        """The concept source of the settings (a Broden folder, like ``zoo`` and ``out``, relative to the folder
+        the sweep runs in)."""
+        return concept_source(str(self.settings["concepts"]), self.settings["image_size"])
 
     def check(self, cells: Sequence[Cell]) -> None:
         self.concepts()  # a missing or malformed concept folder fails before anything is written
