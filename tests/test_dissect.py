@@ -275,3 +275,13 @@ def test_cct_token_point_is_dissected(twin):
     d = dissect(cct, point, twin, normalization=PLAIN, limit=16)
     side = math.isqrt(cct.point_shape(point)[0])
     assert d.feature_size == (side, side) and d.units == cct.point_channels(point)
+
+
+def test_the_package_is_the_function(mcnn, twin):
+    """``symstitch.dissect(...)`` is ``symstitch.dissect.api.dissect(...)``: the same dissection."""
+    import symstitch
+    import symstitch.dissect
+
+    by_package = symstitch.dissect(mcnn, "layer1.act", twin, normalization=PLAIN, limit=32)
+    assert torch.equal(by_package.iou, dissect(mcnn, "layer1.act", twin, normalization=PLAIN, limit=32).iou)
+    assert symstitch.dissect.DigitsTwin is DigitsTwin

@@ -11,12 +11,15 @@ semantics, on any network through the one network interface.
 ``api``        :func:`dissect` and :class:`Dissection` (``tally.csv``, the headline, the record)
 =============  ====================================================================================
 
-The submodules load on first use (``from symstitch.dissect import dissect``).
+The submodules load on first use. The package itself is callable: ``symstitch.dissect(network, point,
+concepts)`` is :func:`symstitch.dissect.api.dissect` (so is ``from symstitch.dissect import dissect``).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _LAZY = {
@@ -43,3 +46,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = list(_LAZY)
+
+
+class _CallablePackage(types.ModuleType):
+    """This package, callable as :func:`~symstitch.dissect.api.dissect` (a module may change its class to a
+    subclass of ``ModuleType``, Python's documented way to customise a module)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return __getattr__("dissect")(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
