@@ -16,7 +16,8 @@ from typing import Sequence
 
 from symstitch import plots
 from symstitch.reports import Section
-from symstitch.reports.common import CONFIDENCE, interval_half_width, mean_std, points_text, write_csv
+from symstitch.reports.common import (CONFIDENCE, interval_half_width, machines_note, mean_std, points_text,
+                                      write_csv)
 from symstitch.stitching.record import as_number
 
 COLUMNS = ["network", "family", "arch", "activation", "point", "layer", "matrix", "retrain", "repeat",
@@ -126,12 +127,14 @@ def _setting(records: list[dict]) -> str:
     return "; ".join(f"{e} epoch(s) at lr {lr} on {100 * float(f):g} % of the training split" for e, lr, f in budgets)
 
 
-def projection_files(records: list[dict], out: Path) -> dict[str, Path]:
+def projection_files(records: list[dict], out: Path, note: str = "") -> dict[str, Path]:
     """The projection experiment's own report in ``out``: ``projection.csv`` (one row per cell),
     ``projection.png`` (accuracy per layer with error bars, and the orthogonal − G_σ gap with its interval)
     and ``projection.md`` (per family and layer the recovered accuracy of each kind, mean ± std over networks
-    × repeats, and the verdicts of :func:`gap_verdict`); ``records`` are the cells' results.
-    Returns ``{"csv", "png", "md"}``."""
+    × repeats, and the verdicts of :func:`gap_verdict`); ``records`` are the cells' results, ``note`` the
+    machines that computed them (a figure's footnote).
+    Returns ``{"csv", "png", "md"}``, with ``projection_dissection_csv`` and ``dissection_png`` when the cells were
+    dissected."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "projection.csv"
@@ -172,7 +175,7 @@ def projection_files(records: list[dict], out: Path) -> dict[str, Path]:
         lines.append(f"| {family} | {s['activation']} | {kind} | "
                      + ", ".join(f"l{l}: {_acc(a)}" for l, a in zip(s["layers"], s["inserted"])) + " |")
     lines += ["", f"![accuracy per layer]({png.name})", "", f"Data: [{csv_path.name}]({csv_path.name})", ""]
-    dissection, csvs, figures = dissection_lines(records, out)
+    dissection, csvs, figures = dissection_lines(records, out, note)
     lines += dissection
     md = out / "projection.md"
     md.write_text("\n".join(lines))
@@ -252,7 +255,7 @@ def _share(stat: dict) -> str:
     return f"{stat['mean']:.1f}{half}"
 
 
-def dissection_lines(records: list[dict], out: Path) -> tuple[list[str], dict[str, Path], list[Path]]:
+def dissection_lines(records: list[dict], out: Path, note: str = "") -> tuple[list[str], dict[str, Path], list[Path]]:
     """The three-networks comparison (docs/method.md §6): the table, the verdicts, the CSV and the figure;
     nothing when no cell was dissected."""
     rows = dissection_rows(records)
@@ -262,7 +265,7 @@ def dissection_lines(records: list[dict], out: Path) -> tuple[list[str], dict[st
     write_csv(csv_path, DISSECTION_COLUMNS, sorted(rows, key=lambda r: (r["network"], r["layer"], r["where"] != "at",
                                                                         r["matrix"], str(r["repeat"]))))
     summary = dissection_summary(rows)
-    png = plots.projection_dissection(summary, out / "projection_dissection.png")
+    png = plots.projection_dissection(summary, out / "projection_dissection.png", note)
     sources = sorted({(r["source"], r["q"], r["iou_threshold"]) for r in rows}, key=str)
     kinds = list(dict.fromkeys(s["matrix"] for s in summary))
     lines = ["## Dissection of the three networks", "",
@@ -300,7 +303,7 @@ def dissection_lines(records: list[dict], out: Path) -> tuple[list[str], dict[st
 def report(records: list[dict], out: Path) -> Section:
     """:func:`projection_files` of the cells' results in ``out/projection``, its page as this section."""
     results = [rec["result"] for rec in records]
-    paths = projection_files(results, out / "projection")
+    paths = projection_files(results, out / "projection", machines_note(records))
     text = paths["md"].read_text().splitlines()
     body = [ln for ln in text if not ln.startswith("# ")]
     while body and not body[0].strip():
