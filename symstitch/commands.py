@@ -380,6 +380,7 @@ class Points(Command):
     group its activation gives (or why none).
 
         symstitch points runs/zoo:resnet20/seed0
+        symstitch points resnet20          (a zoo architecture by name: its points, random weights)
         symstitch points '{class_path: torchvision.models.resnet18, init_args: {num_classes: 10}}'
         symstitch points timm:vit_tiny_patch16_224 --features"""
 
@@ -388,14 +389,24 @@ class Points(Command):
 
     def build(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", metavar="MODEL",
-                            help="checkpoint, library entry, {class_path: …, init_args: …, state_dict: …} or timm:<name>")
+                            help="checkpoint, library entry, zoo architecture (resnet20, mcnn, …), "
+                                 "{class_path: …, init_args: …, state_dict: …} or timm:<name>")
         parser.add_argument("--features", action="store_true", help="only the feature points (activation outputs)")
         parser.add_argument("--input-shape", default=None,
                             help="batch shape for the shapes, e.g. 1,3,224,224 (default: the model's own or 1,3,32,32)")
 
     def run(self, args: argparse.Namespace, extra: list[str]) -> int:
         shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
-        net = _load("library").load_model(args.model).as_graph(input_shape=shape)
+        zoo = _load("models").MODELS
+        if args.model in zoo and not Path(args.model).exists():  # an architecture's points do not need weights
+            model = zoo.build(args.model).eval()
+        else:
+            library = _load("library")
+            try:
+                model = library.load_model(args.model)
+            except library.CheckpointError as err:
+                raise library.CheckpointError(f"{err}, nor a zoo architecture ({', '.join(zoo)})") from None
+        net = model.as_graph(input_shape=shape)
         rows = net.describe()
         if args.features:
             chosen = set(net.feature_points)

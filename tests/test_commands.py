@@ -60,3 +60,21 @@ def test_check_takes_library_entries_and_slurm_activates_the_environment(mcnn_li
                                       "arch": "mcnn", "seeds": "0-1", "points": [LIB_POINT], "layers": ["standard"]}))
     script = load_sweep(config).emit_slurm(config).read_text()
     assert f"srun {sys.executable} -m symstitch sweep" in script  # the Python of this environment, by path
+
+
+def test_points_of_every_zoo_architecture_by_name(capsys):
+    """``symstitch points <arch>``: a zoo architecture's points without weights (random initialisation)."""
+    from symstitch.models import MODELS
+
+    for arch in MODELS:
+        assert main(["points", arch]) == 0, arch
+        out = capsys.readouterr().out.splitlines()
+        graph = MODELS.build(arch).as_graph()  # what a checkpoint of the architecture lists
+        assert out[0].startswith("point ") and len(out) == len(graph.describe()) + 2, arch
+        assert out[-1].endswith("stitch points (cuts after an activation): " + ", ".join(graph.stitch_points)), arch
+        if arch == "mcnn":
+            assert {f"layer{i}.act" for i in range(1, 5)} <= {line.split()[0] for line in out[1:-1]}
+    assert main(["points", "resnet21"]) == 2
+    err = capsys.readouterr().err
+    assert "'resnet21' is neither a checkpoint file nor a model-library entry" in err
+    assert "nor a zoo architecture (" in err and "resnet20" in err and len(err.strip().splitlines()) <= 2
