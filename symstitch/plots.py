@@ -289,7 +289,9 @@ def dissection_rotation(summary: Sequence[dict], path: Path, note: str = "") -> 
                 stats = [s[key] for s in series]
                 ax.errorbar(alphas, [scale * st["mean"] for st in stats],
                             yerr=[scale * st["half"] if st["n"] > 1 else np.nan for st in stats],
-                            marker="o", markersize=4, capsize=3, label=f"{point} (n={max(st['n'] for st in stats)})")
+                            marker="o", markersize=4, capsize=3,
+                            label=f"{point} (n = {'/'.join(str(st['n']) for st in stats)} at α = "
+                                  f"{'/'.join(f'{a:g}' for a in alphas)})")
         axes[0][k].set_title(family, fontsize=10)
         axes[0][k].set_ylabel("interpretable units (%)")
         axes[1][k].set_ylabel("unique concepts")
