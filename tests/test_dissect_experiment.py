@@ -150,7 +150,7 @@ def _cli(tmp_path, *args):
                           cwd=tmp_path, env=cli_env(tmp_path), timeout=300)
 
 
-def test_command_end_to_end_and_its_errors(mcnn_lib, tmp_path):
+def test_command_end_to_end(mcnn_lib, tmp_path):
     ref = library_refs(mcnn_lib)[0]
     done = _cli(tmp_path, "--network", ref, "--points", "layer2.act", "--images", "40", "--out", "d")
     assert done.returncode == 0, done.stderr
@@ -159,21 +159,32 @@ def test_command_end_to_end_and_its_errors(mcnn_lib, tmp_path):
     assert line.startswith(f"layer2.act: {record['headline']}; tally ") and record["network"] == "mcnn-seed0"
     assert (tmp_path / "d" / "report" / "report.md").is_file()
 
-    bad = _cli(tmp_path, "--network", ref, "--points", "layer9", "--out", "e")
-    assert bad.returncode != 0 and "unknown point 'layer9' of mcnn-seed0" in bad.stderr
-    assert "valid points: layer1.act, layer2.act, layer3.act, layer4.act" in bad.stderr
-    missing = _cli(tmp_path, "--network", ref, "--concepts", f"broden:{tmp_path / 'nowhere'}", "--out", "f")
-    assert missing.returncode != 0 and "dlbroden.sh" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_command_errors_are_one_line(mcnn_lib, tmp_path, capsys, monkeypatch):
+    from symstitch.commands import main
+
+    monkeypatch.chdir(tmp_path)
+    ref = library_refs(mcnn_lib)[0]
+    assert main(["dissect", "--network", ref, "--points", "layer9", "--out", "e"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown point 'layer9' of mcnn-seed0" in err and len(err.strip().splitlines()) <= 2
+    assert "valid points: layer1.act, layer2.act, layer3.act, layer4.act" in err
+    assert main(["dissect", "--network", ref, "--concepts", f"broden:{tmp_path / 'nowhere'}", "--out", "f"]) == 2
+    err = capsys.readouterr().err
+    assert "dlbroden.sh" in err and "Traceback" not in err
     assert not (tmp_path / "f").exists()  # refused before anything was written
 
 
-def test_a_torchvision_model_from_the_command_line(tmp_path):
+def test_a_torchvision_model_from_the_command_line(tmp_path, capsys):
     """The command on a network outside the zoo, given by class path (random weights): its points are torch.fx
     node names; the default concepts are the twin."""
+    from symstitch.commands import main
+
     spec = "{class_path: torchvision.models.resnet18, init_args: {num_classes: 10}}"
-    done = _cli(tmp_path, "--network", spec, "--points", "layer1.1.relu_1", "--images", "32", "--out", "tv")
-    assert done.returncode == 0, done.stderr
-    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("layer1.1.relu_1: ")]
+    assert main(["dissect", "--network", spec, "--points", "layer1.1.relu_1", "--images", "32",
+                 "--out", str(tmp_path / "tv")]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("layer1.1.relu_1: ")]
     assert " of 64 units cover " in line
     (tally,) = (tmp_path / "tv").rglob("tally.csv")
     assert len(_csv(tally)) == 64
