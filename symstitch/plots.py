@@ -70,6 +70,15 @@ def _footnote(fig: Any, note: str) -> None:
         fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
 
 
+def _save(fig: Any, path: Path, note: str = "") -> Path:
+    """Lay out, add the footnote (which machines computed the data), write at 110 dpi, close; ``path``."""
+    fig.tight_layout()
+    _footnote(fig, note)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def stitch_penalty_plot(summary: dict[str, dict], path: Path, note: str = "") -> Path:
     """Penalty (points) against stitch point, one line per layer; error bars = std over pairs and repeats.
 
@@ -267,11 +276,7 @@ def dissection_units(pictures: Sequence[tuple[str, Any, Any]], path: Path, note:
             if masks[c].any() and not masks[c].all():
                 ax.contour(masks[c].astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
         axes[r][0].set_title(title, loc="left", fontsize=7)
-    fig.tight_layout()
-    _footnote(fig, note)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, note)
 
 
 def dissection_rotation(summary: Sequence[dict], path: Path, note: str = "") -> Path:
@@ -299,11 +304,7 @@ def dissection_rotation(summary: Sequence[dict], path: Path, note: str = "") -> 
         for ax in (axes[0][k], axes[1][k]):
             ax.grid(alpha=0.3)
         axes[0][k].legend(fontsize=7)
-    fig.tight_layout()
-    _footnote(fig, note)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, note)
 
 
 def dissection_categories(summary: Sequence[dict], categories: Sequence[str], path: Path, note: str = "") -> Path:
@@ -322,11 +323,7 @@ def dissection_categories(summary: Sequence[dict], categories: Sequence[str], pa
     ax.grid(alpha=0.3, axis="y")
     if categories:
         ax.legend(fontsize=7, ncol=min(len(categories), 5))
-    fig.tight_layout()
-    _footnote(fig, note)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, note)
 
 
 def projection_dissection(summary: Sequence[dict], path: Path, note: str = "") -> Path:
@@ -348,8 +345,4 @@ def projection_dissection(summary: Sequence[dict], path: Path, note: str = "") -
     ax.set_ylabel("interpretable units (%)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, ncol=len(kinds))
-    fig.tight_layout()
-    _footnote(fig, note)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, note)

@@ -17,10 +17,11 @@ concepts)`` is :func:`symstitch.dissect.api.dissect` (so is ``from symstitch.dis
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
+
+from symstitch.lazy import lazy_exports
 
 _LAZY = {
     "Concept": "concepts",
@@ -34,15 +35,7 @@ _LAZY = {
     "dissect": "api",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

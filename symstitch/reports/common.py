@@ -63,6 +63,19 @@ def interval_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> f
     return float(student_t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
 
 
+def interval_verdict(head: str, ci: tuple[float, float], above: str, below: str, single: str, scale: float = 1.0,
+                     digits: int = 2) -> str:
+    """A verdict sentence on a difference: ``head`` (which opens a parenthesis), then its :data:`CONFIDENCE`
+    interval (× ``scale``) and what it resolves — ``above`` when the interval lies above 0, ``below`` when below,
+    no difference when it contains 0 — or ``single`` when there is no interval (a single pair)."""
+    lo, hi = ci
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{head}): {single}"
+    outcome = above if lo > 0 else below if hi < 0 else "no difference resolved (the interval contains 0)"
+    return (f"{head}, {100 * CONFIDENCE:.0f} % CI [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]): "
+            f"{outcome}")
+
+
 def machine_counts(records: Iterable[dict]) -> Counter:
     return Counter(", ".join(f"{k} {v}" for k, v in sorted((r.get("machine") or {}).items())) or "not recorded"
                    for r in records)

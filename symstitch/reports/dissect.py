@@ -14,8 +14,8 @@ import numpy as np
 
 from symstitch import plots
 from symstitch.reports import Section
-from symstitch.reports.common import (CONFIDENCE, interval_half_width, machines_note, mean_std, points_text,
-                                      write_csv)
+from symstitch.reports.common import (CONFIDENCE, interval_half_width, interval_verdict, machines_note, mean_std,
+                                      points_text, write_csv)
 from symstitch.stitching.record import as_number
 
 COLUMNS = ["network", "family", "seed", "point", "alpha", "rotation", "units", "interpretable",
@@ -92,14 +92,9 @@ def basis_verdict(gap: dict) -> str:
     """One sentence from a :func:`basis_gaps` entry, in points of the units' percentage."""
     head = (f"the activation basis has {100 * gap['mean']:+.1f} ± {points_text(100 * gap['std'])} points more "
             f"interpretable units than a random rotation (mean ± std over {gap['n']} network(s)")
-    lo, hi = gap["ci"]
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return head + "): one network, no interval, nothing resolved"
-    ci = f"{100 * CONFIDENCE:.0f} % CI [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-    outcome = ("the activation basis is more interpretable: resolved" if lo > 0 else
-               "the rotated basis is more interpretable: resolved" if hi < 0 else
-               "no difference resolved (the interval contains 0)")
-    return f"{head}, {ci}): {outcome}"
+    return interval_verdict(head, gap["ci"], "the activation basis is more interpretable: resolved",
+                            "the rotated basis is more interpretable: resolved",
+                            "one network, no interval, nothing resolved", scale=100.0, digits=1)
 
 
 def _cell_text(s: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:

@@ -16,8 +16,8 @@ from typing import Sequence
 
 from symstitch import plots
 from symstitch.reports import Section
-from symstitch.reports.common import (CONFIDENCE, interval_half_width, machines_note, mean_std, points_text,
-                                      write_csv)
+from symstitch.reports.common import (CONFIDENCE, interval_half_width, interval_verdict, machines_note, mean_std,
+                                      points_text, write_csv)
 from symstitch.stitching.record import as_number
 
 COLUMNS = ["network", "family", "arch", "activation", "point", "layer", "matrix", "retrain", "repeat",
@@ -103,14 +103,9 @@ def gap_verdict(gap: dict, activation: str) -> str:
     difference (interval contains 0, or a single pair: no interval)."""
     head = (f"orthogonal costs {gap['mean']:+.2f} ± {points_text(gap['std'])} points more than G_{activation} at layer "
             f"{gap['layer']} (retrain {gap['retrain']}; mean ± std over {gap['n']} paired run(s)")
-    lo, hi = gap["ci"]
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return head + "): a single pair, no error bar, nothing resolved"
-    ci = f"{100 * GAP_CONFIDENCE:.0f} % CI [{lo:+.2f}, {hi:+.2f}]"
-    outcome = ("orthogonal insertions cost more: resolved" if lo > 0 else
-               "G_σ insertions cost more: resolved, against the theory's expectation" if hi < 0 else
-               "no difference resolved (the interval contains 0)")
-    return f"{head}, {ci}): {outcome}"
+    return interval_verdict(head, gap["ci"], "orthogonal insertions cost more: resolved",
+                            "G_σ insertions cost more: resolved, against the theory's expectation",
+                            "a single pair, no error bar, nothing resolved")
 
 
 def _acc(stat: dict) -> str:
@@ -285,16 +280,11 @@ def dissection_lines(records: list[dict], out: Path, note: str = "") -> tuple[li
                      + " | ".join(_share(series[k]["unique_concepts"]) if k in series else "–" for k in kinds) + " |")
     lines += ["", "Orthogonal − G_σ, interpretable units in points of %, paired by network and repeat:", ""]
     for g in dissection_gaps(rows):
-        lo, hi = g["ci"]
         head = (f"- {g['family']}, layer {g['layer']}, {g['where']} l: {g['mean']:+.1f} ± "
                 f"{points_text(g['std'])} (n={g['n']}")
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            lines.append(head + "; no interval from a single pair)")
-        else:
-            outcome = ("the orthogonal insertion leaves fewer interpretable units: resolved" if hi < 0 else
-                       "the orthogonal insertion leaves more interpretable units: resolved" if lo > 0 else
-                       "no difference resolved")
-            lines.append(head + f", {100 * CONFIDENCE:.0f} % CI [{lo:+.1f}, {hi:+.1f}]): {outcome}")
+        lines.append(interval_verdict(head, g["ci"], "the orthogonal insertion leaves more interpretable units: "
+                                      "resolved", "the orthogonal insertion leaves fewer interpretable units: resolved",
+                                      "no interval from a single pair", digits=1))
     lines += ["", f"![dissection of the three networks]({png.name})", "", f"Data: [{csv_path.name}]({csv_path.name})",
               ""]
     return lines, {"projection_dissection": csv_path}, [png]

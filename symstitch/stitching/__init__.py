@@ -17,9 +17,7 @@ read records quickly. :mod:`symstitch.sweep` imports the experiment, which regis
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from symstitch.lazy import lazy_exports
 from symstitch.stitching.prefix import PrefixCache
 from symstitch.stitching.record import PROTOCOLS, StitchRecord, penalty_of, record_key
 
@@ -36,15 +34,7 @@ _LAZY = {
     "LayerChoice": "grammar",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["PROTOCOLS", "PrefixCache", "StitchRecord", "penalty_of", "record_key", *_LAZY]
