@@ -346,3 +346,30 @@ def projection_dissection(summary: Sequence[dict], path: Path, note: str = "") -
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, ncol=len(kinds))
     return _save(fig, path, note)
+
+
+def stitch_lasso(summary: Sequence[dict], path: Path, note: str = "") -> Path:
+    """The lasso stitch against λ (log scale): penalty (left; frozen solid, recalibrated dashed) and the fraction
+    of non-zero entries of W (right), one colour per (arch, point); error bars: the 95 % t-interval over pairs
+    and repeats. ``summary``: :func:`symstitch.reports.stitch.lasso_summary`."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = {}
+    for s in summary:
+        key = (s["arch"], s["point"])
+        colour = colours.setdefault(key, f"C{len(colours) % 10}")
+        frozen = s["protocol"] == "frozen"
+        left.errorbar(s["lams"], [p["mean"] for p in s["penalty"]],
+                      yerr=[p["half"] if p["n"] > 1 else np.nan for p in s["penalty"]], color=colour, marker="o",
+                      markersize=3, capsize=2, linestyle="-" if frozen else "--",
+                      label=f"{s['arch']} {s['point']}" + ("" if frozen else " (recalibrated)"))
+        if frozen or not any(t["protocol"] == "frozen" and (t["arch"], t["point"]) == key for t in summary):
+            right.errorbar(s["lams"], [100 * z["mean"] for z in s["nonzero"]],
+                           yerr=[100 * z["half"] if z["n"] > 1 else np.nan for z in s["nonzero"]], color=colour,
+                           marker="o", markersize=3, capsize=2, label=f"{s['arch']} {s['point']}")
+    for ax, label in ((left, "stitching penalty (points)"), (right, "non-zero entries of W (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("λ (lasso weight)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=6)
+    return _save(fig, path, note)

@@ -370,3 +370,36 @@ def test_a_section_that_cannot_read_its_cells_costs_only_itself(tmp_path, capsys
     assert "The projection cells could not be reported: KeyError" in text
     assert "## Stitching" in text and "## Alignment" in text and "## Model library" in text
     assert "projection cells could not be reported (KeyError" in capsys.readouterr().err
+
+
+def test_lasso_against_lambda_from_known_cells(tmp_path):
+    """Lasso cells at λ = 1e-3 and 1e-1 (two pairs, one point): the penalties and the non-zero fractions
+    (1 − sparsity) averaged exactly, a row per cell and protocol, the figure; one λ alone gives no such part."""
+    root = tmp_path / "results" / "lasso"
+    known = {0.001: ([1.0, 3.0], [0.50, 0.70]), 0.1: ([10.0, 20.0], [0.05, 0.15])}
+    for lam, (penalties, nonzero) in known.items():
+        for (source, target), penalty, nz in zip(PAIRS, penalties, nonzero):
+            cell = {"arch": ARCH, "source": source, "target": target, "point": "block1", "point_index": 1,
+                    "layer": f"lasso:lam={lam}", "repeat": 0}
+            result = {"penalty_pts": penalty, "penalty_recalibrated_pts": penalty / 2, "stitched_acc": 0.8,
+                      "source_acc": 0.9, "target_acc": 0.9, "model": {"lam": lam, "sparsity": 1.0 - nz}}
+            _write_cell(root, f"lasso/{lam}/{target[-5:]}", "stitch", cell, result)
+    md = report.write_report(root.parent, tmp_path / "out").read_text()
+    assert "### The lasso stitch against λ" in md and "(stitch_lasso.png)" in md
+    rows = _csv(tmp_path / "out" / "stitch_lasso.csv")
+    assert len(rows) == 2 * 2 * 2 and list(rows[0]) == stitch_report.LASSO_COLUMNS
+    summary = {(s["protocol"]): s for s in stitch_report.lasso_summary(stitch_report.lasso_rows(report.collect(root)["stitch"]))}
+    frozen, recal = summary["frozen"], summary["recalibrated"]
+    assert frozen["lams"] == [0.001, 0.1]
+    assert [p["mean"] for p in frozen["penalty"]] == pytest.approx([2.0, 15.0])
+    assert [p["mean"] for p in recal["penalty"]] == pytest.approx([1.0, 7.5])
+    assert [z["mean"] for z in frozen["nonzero"]] == pytest.approx([0.6, 0.1])
+    assert "| mcnn | block1 | frozen | 0.001 | 2.00 ± " in md and "| 60.0 ± " in md
+    assert (tmp_path / "out" / "stitch_lasso.png").stat().st_size > 5_000
+
+    single = tmp_path / "single" / "lasso"
+    for path in (root / "cells").rglob("*.json"):
+        if "0.001" in str(path):
+            (single / "cells" / path.relative_to(root / "cells")).parent.mkdir(parents=True, exist_ok=True)
+            (single / "cells" / path.relative_to(root / "cells")).write_text(path.read_text())
+    assert "lasso stitch against λ" not in report.write_report(single.parent, tmp_path / "out1").read_text()

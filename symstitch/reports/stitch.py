@@ -4,7 +4,8 @@ split (:mod:`symstitch.selection`); and the paper's qualitative findings tested 
 computed from the data, never assumed.
 
 Files: ``stitch.csv`` (one row per cell and protocol), ``stitch_selection.csv`` (one row per candidate of a
-choice), ``stitch_bars.png`` and ``stitch_penalty.png``.
+choice), ``stitch_bars.png`` and ``stitch_penalty.png``; where lasso stitches ran at several λ,
+``stitch_lasso.csv`` and ``stitch_lasso.png`` (penalty and non-zero entries of W against λ).
 """
 
 from __future__ import annotations
@@ -59,7 +60,70 @@ def report(records: list[dict], out: Path) -> Section:
                 section.stats[f"stitch/{arch}/{layer}/{claim}_verdict"] = verdict
     elif selections:  # choices were made nowhere yet: say why
         section.lines = ["## Stitching", "", *_selection_section(selections)]
+    lasso = lasso_rows(records)
+    if len({r["lam"] for r in lasso}) > 1:
+        section.csvs["stitch_lasso"] = write_csv(out / "stitch_lasso.csv", LASSO_COLUMNS, lasso)
+        lines, figure = _lasso_lines(lasso, out, machines_note(records))
+        section.lines += lines
+        section.figures.append(figure)
     return section
+
+
+#: the lasso stitch (T = W, λ‖W‖_1 in the loss) and the columns of ``stitch_lasso.csv``
+LASSO_LAYER = "lasso"
+LASSO_COLUMNS = ["arch", "source", "target", "point", "repeat", "lam", "protocol", "penalty_pts", "nonzero"]
+
+
+def lasso_rows(records: list[dict]) -> list[dict]:
+    """One row per lasso cell and protocol: its λ and the fraction of non-zero entries of its hardened W (both
+    from the learned layer's summary), and its penalty in points."""
+    rows = []
+    for rec in records:
+        c, r = rec.get("cell") or {}, rec.get("result") or {}
+        model = r.get("model") or {}
+        if str(c.get("layer", "")).split(":", 1)[0] != LASSO_LAYER or "sparsity" not in model:
+            continue
+        for protocol, (penalty, _) in PROTOCOL_KEYS.items():
+            if penalty in r:
+                rows.append({"arch": c["arch"], "source": c["source"], "target": c["target"], "point": c["point"],
+                             "repeat": c.get("repeat", 0), "lam": float(model["lam"]), "protocol": protocol,
+                             "penalty_pts": as_number(r[penalty]), "nonzero": 1.0 - float(model["sparsity"])})
+    return sorted(rows, key=lambda r: (r["arch"], r["point"], r["lam"], r["protocol"], r["source"], r["target"]))
+
+
+def lasso_summary(rows: list[dict]) -> list[dict]:
+    """Per (arch, point, protocol) in depth order of first appearance: λ ascending, and per λ the penalty and the
+    non-zero fraction, each ``{"mean", "std", "n", "half"}`` over pairs and repeats."""
+    def stat(values: list[float]) -> dict:
+        mean, std, n = mean_std(values)
+        return {"mean": mean, "std": std, "n": n, "half": interval_half_width(std, n)}
+
+    summary = []
+    for arch, point, protocol in dict.fromkeys((r["arch"], r["point"], r["protocol"]) for r in rows):
+        mine = [r for r in rows if (r["arch"], r["point"], r["protocol"]) == (arch, point, protocol)]
+        lams = sorted({r["lam"] for r in mine})
+        summary.append({"arch": arch, "point": point, "protocol": protocol, "lams": lams,
+                        "penalty": [stat([r["penalty_pts"] for r in mine if r["lam"] == l]) for l in lams],
+                        "nonzero": [stat([r["nonzero"] for r in mine if r["lam"] == l]) for l in lams]})
+    return summary
+
+
+def _lasso_lines(rows: list[dict], out: Path, note: str) -> tuple[list[str], Path]:
+    summary = lasso_summary(rows)
+    figure = plots.stitch_lasso(summary, out / "stitch_lasso.png", note)
+    lines = ["### The lasso stitch against λ", "",
+             "T = W with λ‖W‖_1 in the loss; after training, entries below the threshold are pruned. Penalty in points "
+             f"and the fraction of non-zero entries of W, mean ± {100 * CONFIDENCE:.0f} % t-interval over pairs and "
+             "repeats (n):", "", f"![lasso penalty and sparsity against λ]({figure.name})", "",
+             "Data: [stitch_lasso.csv](stitch_lasso.csv)", "",
+             "| arch | point | protocol | λ | penalty (points) | non-zero entries |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        for lam, pen, nz in zip(s["lams"], s["penalty"], s["nonzero"]):
+            half = f" ± {pen['half']:.2f}" if math.isfinite(pen["half"]) else ""
+            nz_half = f" ± {100 * nz['half']:.1f}" if math.isfinite(nz["half"]) else ""
+            lines.append(f"| {s['arch']} | {s['point']} | {s['protocol']} | {lam:g} | {pen['mean']:.2f}{half} "
+                         f"({pen['n']}) | {100 * nz['mean']:.1f}{nz_half} % |")
+    return lines + [""], figure
 
 
 #: evaluation protocol → (penalty key, stitched-accuracy key) in a stitch record (docs/method.md §2: both are reported)
