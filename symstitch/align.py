@@ -85,9 +85,12 @@ class AlignExperiment(PairExperiment):
         if s["split"] not in SPLITS:
             raise ValueError(f"split is one of {', '.join(SPLITS)}; got {s['split']!r}")
         models, chosen, key = self.network_pairs()
-        arch = architecture(next(iter(models.values())))
-        for a, b in chosen:
-            check_same_data([models[a], models[b]])
+        if self.missing():  # not trained yet: listed, not run (check() says which)
+            arch = s["arch"]
+        else:
+            arch = architecture(next(iter(models.values())))
+            for a, b in chosen:
+                check_same_data([models[a], models[b]])
         return [Cell(f"{arch}/{key.format(a=a, b=b)}",
                      {"arch": arch, "source": models[a], "target": models[b], "source_seed": a, "target_seed": b,
                       "metrics": metrics, "cka_mode": s["cka_mode"], "points": s["points"], "split": s["split"],

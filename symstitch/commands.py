@@ -454,8 +454,14 @@ class Sweep(Command):
                 print(f"sweep: {len(runner.cells())} cells; submit with `sbatch {path}`")
                 continue
             if args.list:
-                for i, cell in enumerate(runner.prepare()):
+                try:
+                    cells, note = runner.prepare(), ""
+                except _load("library").MissingModels as err:  # the grid is known before its networks exist
+                    cells, note = runner.cells(), f"{config}: its cells run once the networks exist: {err}"
+                for i, cell in enumerate(cells):
                     print(f"{i:5d}  {runner.status(cell):<7}  {cell.key}")
+                if note:
+                    print(note, file=sys.stderr)
                 continue
             records = runner.run(args.cell, progress=not args.no_progress, wandb=args.wandb)
             left = runner.unfinished()

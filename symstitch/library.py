@@ -335,12 +335,27 @@ def check_same_data(refs: Sequence[ModelRef], datamodule: Optional[Any] = None) 
                              f"own data (--data.dataset {theirs}, or leave the data out to use the networks' own)")
 
 
-def library_models(library: Union[str, Path], arch: str, seeds: Sequence[int]) -> dict[int, str]:
-    """``seed → '<library>:<arch>/seed<k>'`` for seeds the library holds; a clear error naming the missing ones."""
+class MissingModels(ValueError):
+    """A model library lacks networks that a grid names (they are to be trained first)."""
+
+
+def library_missing(library: Union[str, Path], arch: str, seeds: Sequence[int]) -> list[int]:
+    """The ``seeds`` of ``arch`` that the library does not hold (yet)."""
     have = Manifest(library).load()
-    missing = [s for s in seeds if key_of(arch, s) not in have]
+    return [s for s in seeds if key_of(arch, s) not in have]
+
+
+def library_refs(library: Union[str, Path], arch: str, seeds: Sequence[int]) -> dict[int, str]:
+    """``seed → '<library>:<arch>/seed<k>'``, whether the library holds them yet or not."""
+    return {s: f"{library}:{key_of(arch, s)}" for s in seeds}
+
+
+def library_models(library: Union[str, Path], arch: str, seeds: Sequence[int]) -> dict[int, str]:
+    """:func:`library_refs` of seeds the library holds; a clear error (:class:`MissingModels`) naming the missing
+    ones."""
+    missing = library_missing(library, arch, seeds)
     if missing:
-        raise ValueError(f"the model library {library} lacks {arch} seeds {missing}; train them first, e.g. "
+        raise MissingModels(f"the model library {library} lacks {arch} seeds {missing}; train them first, e.g. "
                          f"`symstitch sweep --config experiments/zoo_<dataset>.yaml` or `symstitch zoo --arch "
                          f"{arch} --seeds {','.join(map(str, missing))} --out {library} --config …`")
-    return {s: f"{library}:{key_of(arch, s)}" for s in seeds}
+    return library_refs(library, arch, seeds)

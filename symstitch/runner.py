@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from symstitch import configs
 from symstitch.configs import OptionError
 from symstitch.io import Busy, Lock, parse_range, read_json, write_json, writable_folder
-from symstitch.library import library_models, ref_text
+from symstitch.library import library_missing, library_models, library_refs, ref_text
 from symstitch.loggers import wandb_group, wandb_grouping, wandb_run
 from symstitch.registry import Registry
 from symstitch.reports import Section, section
@@ -236,8 +236,20 @@ class PairExperiment(Experiment):
         s = self.settings
         if s["source"] is not None:
             return {"A": ref_text(s["source"]), "B": ref_text(s["target"])}, [("A", "B")], "{a}-{b}"
-        models = library_models(s["zoo"], s["arch"], parse_range(s["seeds"]))
+        models = library_refs(s["zoo"], s["arch"], parse_range(s["seeds"]))  # check() says which are missing
         return models, pairs(list(models), s["pairs"]), "s{a}-s{b}"
+
+    def missing(self) -> list[int]:
+        """The library's seeds that are not trained yet (none for a given pair): the grid can be listed before
+        they exist (from the architecture), not run."""
+        s = self.settings
+        return [] if s["source"] is not None else library_missing(s["zoo"], s["arch"], parse_range(s["seeds"]))
+
+    def check(self, cells: Sequence[Cell]) -> None:
+        """The networks exist (:class:`~symstitch.library.MissingModels` names those to train first)."""
+        if self.missing():
+            s = self.settings
+            library_models(s["zoo"], s["arch"], parse_range(s["seeds"]))
 
 
 #: the settings of every :class:`PairExperiment`

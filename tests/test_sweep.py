@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from symstitch.io import Lock
+from symstitch.library import MissingModels
 from symstitch.stitching import PrefixCache
 from symstitch.sweep import load_sweep
 
@@ -207,8 +208,12 @@ def test_errors(zoo, tmp_path):
         load_sweep(_stitch_config(zoo, tmp_path, layers=["birkof"])).cells()
     with pytest.raises(ValueError, match="valid stitch points"):
         load_sweep(_stitch_config(zoo, tmp_path, points=["layer9.act"])).cells()
-    with pytest.raises(ValueError, match="lacks mcnn seeds \\[7\\]"):
-        load_sweep(_stitch_config(zoo, tmp_path, seeds="0,7")).cells()
+    # networks not trained yet: the grid is listed (from the architecture), never run
+    waiting = load_sweep(_stitch_config(zoo, tmp_path, seeds="0,7"))
+    assert {c.params["target"] for c in waiting.cells()} == {f"{zoo / 'zoo'}:mcnn/seed7"}
+    with pytest.raises(MissingModels, match="lacks mcnn seeds \\[7\\]"):
+        waiting.run(progress=False)
+    assert not (tmp_path / "stitch").exists()
     with pytest.raises(KeyError, match="unknown experiment"):
         load_sweep(_write(tmp_path / "x.yaml", {"experiment": "stich"}))
     # a folder holding another grid's results is never reused
@@ -402,3 +407,19 @@ def test_every_shipped_sweep_config_is_valid(config, tmp_path):
 
     runner = load_sweep(config, tmp_path / "out")
     assert runner.experiment.name in EXPERIMENTS and runner.experiment.name == yaml.safe_load(config.read_text())["experiment"]
+
+
+def test_every_shipped_sweep_lists_its_cells_from_a_fresh_clone(tmp_path, capsys, monkeypatch):
+    """`symstitch sweep --list` before any network is trained: the stitch twins' grids from their architectures,
+    with a note naming the networks to train first."""
+    from symstitch.commands import main
+
+    monkeypatch.chdir(tmp_path)
+    for name, cells in (("stitch_mcnn_digits.yaml", 3 * 4 * 5), ("stitch_cct_digits.yaml", 3 * 3 * 5),
+                        ("stitch_resnet18_digits.yaml", 3 * 4 * 5), ("stitch_lasso_digits.yaml", 3 * 4 * 5),
+                        ("stitch_resnet18_cifar10.yaml", 10 * 17 * 5 * 3)):
+        assert main(["sweep", "--config", str(REPO / "experiments" / name), "--list"]) == 0, name
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == cells and all(" pending " in line for line in out.splitlines()), name
+        assert "its cells run once the networks exist" in err and "train them first" in err, name
+    assert not (tmp_path / "runs").exists()  # listing writes nothing

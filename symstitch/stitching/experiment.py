@@ -12,6 +12,7 @@ from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 from symstitch.cli import check_args, fit_in_process
 from symstitch.library import architecture, load_model, load_pair
+from symstitch.models import MODELS
 from symstitch.network import PointNetwork
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, launched_rank, names
 from symstitch.stitching.grammar import LayerChoice, LayerSpec
@@ -83,10 +84,14 @@ class StitchExperiment(PairExperiment):
         if not chosen:
             return []
         first = models[chosen[0][0]]
-        net = load_model(first)
-        arch, order = architecture(first), list(net.split_points)
-        for a, b in chosen:
-            load_pair(models[a], models[b], order[0])  # same architecture, shapes and data, before any cell runs
+        if self.missing():  # not trained yet: the grid from the architecture (its points need no weights)
+            net, arch = MODELS.build(s["arch"]), s["arch"]
+            order = list(net.split_points)
+        else:
+            net = load_model(first)
+            arch, order = architecture(first), list(net.split_points)
+            for a, b in chosen:
+                load_pair(models[a], models[b], order[0])  # same architecture, shapes and data, before any cell runs
         points = point_list(net, s["points"])
         cells = [
             Cell(f"{arch}/{key.format(a=a, b=b)}/{slug}/{point}/r{r}",
@@ -115,8 +120,9 @@ class StitchExperiment(PairExperiment):
         return cell.params["layer"], "select" in cell.params
 
     def check(self, cells: list[Cell]) -> None:
-        """The arguments of each layer parse (once per layer config: layers that differ only in their options share
-        the parse); a choice has a held-out validation split to choose on."""
+        """The networks exist; the arguments of each layer parse (once per layer config: layers that differ only in
+        their options share the parse); a choice has a held-out validation split to choose on."""
+        super().check(cells)
         self._configs: dict[tuple[str, bool], Any] = {}
         self._layer_kwargs: dict[tuple[str, bool], dict] = {}
         parsed: dict[tuple[str, bool], Any] = {}
