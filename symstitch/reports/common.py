@@ -63,6 +63,13 @@ def interval_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> f
     return float(student_t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
 
 
+def interval_stats(values: Sequence[float]) -> dict[str, float]:
+    """``{"mean", "std", "n", "half"}`` of the finite values: :func:`mean_std` and the :data:`CONFIDENCE`
+    t-interval's half-width (:func:`interval_half_width`)."""
+    mean, std, n = mean_std(values)
+    return {"mean": mean, "std": std, "n": n, "half": interval_half_width(std, n)}
+
+
 def interval_verdict(head: str, ci: tuple[float, float], above: str, below: str, single: str, scale: float = 1.0,
                      digits: int = 2) -> str:
     """A verdict sentence on a difference: ``head`` (which opens a parenthesis), then its :data:`CONFIDENCE`

@@ -14,8 +14,8 @@ import numpy as np
 
 from symstitch import plots
 from symstitch.reports import Section
-from symstitch.reports.common import (CONFIDENCE, interval_half_width, interval_verdict, machines_note, mean_std,
-                                      points_text, write_csv)
+from symstitch.reports.common import (CONFIDENCE, interval_stats, interval_verdict, machines_note, points_text,
+                                      write_csv)
 from symstitch.stitching.record import as_number
 
 COLUMNS = ["network", "family", "seed", "point", "alpha", "rotation", "units", "interpretable",
@@ -49,11 +49,6 @@ def dissect_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
     return rows, categories
 
 
-def _stat(values: list[float]) -> dict[str, float]:
-    mean, std, n = mean_std(values)
-    return {"mean": mean, "std": std, "n": n, "half": interval_half_width(std, n)}
-
-
 def dissect_summary(rows: list[dict], categories: list[str]) -> list[dict]:
     """Per (family, point, α): ``interpretable`` (fraction of units) and ``unique`` (concepts), each ``{"mean",
     "std", "n", "half"}`` over the cells (networks × rotations), and ``unique_<category>`` likewise."""
@@ -62,9 +57,9 @@ def dissect_summary(rows: list[dict], categories: list[str]) -> list[dict]:
     for family, point, alpha in keys:
         cells = [r for r in rows if (r["family"], r["point"], r["alpha"]) == (family, point, alpha)]
         entry = {"family": family, "point": point, "alpha": alpha, "units": cells[0]["units"],
-                 "interpretable": _stat([r["interpretable_fraction"] for r in cells]),
-                 "unique": _stat([r["unique_concepts"] for r in cells])}
-        entry.update({f"unique_{c}": _stat([r.get(f"unique_{c}", math.nan) for r in cells]) for c in categories})
+                 "interpretable": interval_stats([r["interpretable_fraction"] for r in cells]),
+                 "unique": interval_stats([r["unique_concepts"] for r in cells])}
+        entry.update({f"unique_{c}": interval_stats([r.get(f"unique_{c}", math.nan) for r in cells]) for c in categories})
         summary.append(entry)
     return summary
 
@@ -83,7 +78,7 @@ def basis_gaps(rows: list[dict]) -> list[dict]:
             if zero and one:
                 diffs.append(zero[0] - float(np.mean(one)))
         if diffs:
-            s = _stat(diffs)
+            s = interval_stats(diffs)
             gaps.append({"family": family, "point": point, **s, "ci": (s["mean"] - s["half"], s["mean"] + s["half"])})
     return gaps
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from symstitch import plots
 from symstitch.reports import Section
-from symstitch.reports.common import (CONFIDENCE, interval_half_width, interval_verdict, machines_note, mean_std,
+from symstitch.reports.common import (CONFIDENCE, interval_half_width, interval_stats, interval_verdict, machines_note, mean_std,
                                       points_text, write_csv)
 from symstitch.stitching.record import as_number
 
@@ -206,10 +206,6 @@ def dissection_summary(rows: list[dict]) -> list[dict]:
     """Per (family, layer, where) and series (clean, then each kind): the share of interpretable units in %
     and the unique concepts, each ``{"mean", "std", "n", "half"}`` over the rows (networks × repeats; the clean
     network once per network), ``half`` the :data:`CONFIDENCE` t-interval's half-width."""
-    def stats(values: list[float]) -> dict:
-        mean, std, n = mean_std(values)
-        return {"mean": mean, "std": std, "n": n, "half": interval_half_width(std, n)}
-
     first = (CLEAN, CONTROL_KIND, GROUP_KIND, ORTHOGONAL_KIND)
     order = lambda k: (first.index(k) if k in first else len(first), k)  # noqa: E731
     groups: dict[tuple, list[dict]] = {}
@@ -219,8 +215,8 @@ def dissection_summary(rows: list[dict]) -> list[dict]:
     for (family, layer, after, kind), members in sorted(groups.items(), key=lambda kv: (*kv[0][:3], order(kv[0][3]))):
         summary.append({"family": family, "layer": layer, "where": "after" if after else "at",
                         "dissected_at": members[0]["dissected_at"], "matrix": kind,
-                        "interpretable_pct": stats([100.0 * m["interpretable"] / m["units"] for m in members]),
-                        "unique_concepts": stats([float(m["unique_concepts"]) for m in members])})
+                        "interpretable_pct": interval_stats([100.0 * m["interpretable"] / m["units"] for m in members]),
+                        "unique_concepts": interval_stats([float(m["unique_concepts"]) for m in members])})
     return summary
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from symstitch import plots, selection
 from symstitch.reports import Section
-from symstitch.reports.common import (CONFIDENCE, interval_half_width, machines_note, mean_std, points_text,
+from symstitch.reports.common import (CONFIDENCE, interval_half_width, interval_stats, machines_note, mean_std, points_text,
                                       rho_text, spearman, warn, write_csv)
 from symstitch.stitching.record import PROTOCOLS, as_number, penalty_of, record_key
 
@@ -94,17 +94,13 @@ def lasso_rows(records: list[dict]) -> list[dict]:
 def lasso_summary(rows: list[dict]) -> list[dict]:
     """Per (arch, point, protocol) in depth order of first appearance: λ ascending, and per λ the penalty and the
     non-zero fraction, each ``{"mean", "std", "n", "half"}`` over pairs and repeats."""
-    def stat(values: list[float]) -> dict:
-        mean, std, n = mean_std(values)
-        return {"mean": mean, "std": std, "n": n, "half": interval_half_width(std, n)}
-
     summary = []
     for arch, point, protocol in dict.fromkeys((r["arch"], r["point"], r["protocol"]) for r in rows):
         mine = [r for r in rows if (r["arch"], r["point"], r["protocol"]) == (arch, point, protocol)]
         lams = sorted({r["lam"] for r in mine})
         summary.append({"arch": arch, "point": point, "protocol": protocol, "lams": lams,
-                        "penalty": [stat([r["penalty_pts"] for r in mine if r["lam"] == l]) for l in lams],
-                        "nonzero": [stat([r["nonzero"] for r in mine if r["lam"] == l]) for l in lams]})
+                        "penalty": [interval_stats([r["penalty_pts"] for r in mine if r["lam"] == l]) for l in lams],
+                        "nonzero": [interval_stats([r["nonzero"] for r in mine if r["lam"] == l]) for l in lams]})
     return summary
 
 
