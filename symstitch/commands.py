@@ -343,6 +343,57 @@ class Dissect(Command):
 
 
 @command
+class Merge(Command):
+    """Align network B to network A up to the intertwiner groups of their activations, interpolate their
+    weights and measure the loss barrier (docs/method.md §7). One cell per alignment: none, permutations only,
+    and the full group (positive-scaled permutations for ReLU, signed permutations for tanh), each with
+    BatchNorm statistics interpolated and re-estimated; the midpoint network of each is saved as a checkpoint
+    that every other command takes.
+
+        symstitch merge --source runs/digits/zoo:resnet20/seed0 --target runs/digits/zoo:resnet20/seed1
+        symstitch merge --source A.ckpt --target B.ckpt --methods activation,weight --lambdas 21
+        symstitch merge --source "{class_path: torchvision.models.resnet18, state_dict: a.pt}" --target …"""
+
+    name, help = "merge", "align B to A up to G_σ, interpolate, loss barrier, midpoint checkpoint"
+
+    def build(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--source", required=True, help="network A: checkpoint, <zoo>:<arch>/seed<k> or a class path")
+        parser.add_argument("--target", required=True, help="network B, likewise (aligned to A)")
+        parser.add_argument("--methods", type=name_list, default=["activation"],
+                            help="alignment methods: activation (default), weight, stitch")
+        parser.add_argument("--groups", type=name_list, default=["none", "permutations", "full"],
+                            help="alignments: none, permutations, full (default all three)")
+        parser.add_argument("--lambdas", type=_number(int, lambda v: v >= 3, "an integer ≥ 3"), default=11,
+                            help="values of λ from 0 to 1 (default 11)")
+        parser.add_argument("--bn", type=name_list, default=["interpolated", "reestimated"],
+                            help="BatchNorm statistics along the line: interpolated, reestimated (default both)")
+        parser.add_argument("--match-images", type=positive_int, default=None,
+                            help="training images for activation matching and re-estimation (default all)")
+        parser.add_argument("--test-images", type=positive_int, default=None, help="only the first N test images")
+        parser.add_argument("--out", default=None, help="results folder (default runs/merge/<pair>-<hash>)")
+        parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
+                            help="log the report's tables and figures to Weights & Biases")
+
+    def run(self, args: argparse.Namespace, extra: list[str]) -> int:
+        sweep, report = _load("sweep"), _load("report")
+        config = {"experiment": "merge", "source": args.source, "target": args.target, "methods": args.methods,
+                  "groups": args.groups, "lambdas": args.lambdas, "bn": args.bn, "match_images": args.match_images,
+                  "test_images": args.test_images}
+        out = Path(args.out) if args.out else default_folder("merge", config, args.source, args.target)
+        records = sweep.run_generated(config, out, "symstitch merge")
+        md = report.write_report(out, wandb=args.wandb)
+        for record in records:
+            r, c = record.result, record.cell
+            label = "none" if c["group"] == "none" else f"{c['group']} ({c['method']})"
+            barriers = ", ".join(f"{m} {v:.3f}" for m, v in r["barrier_loss"].items())
+            mids = ", ".join(f"{m} {100 * v:.1f} %" for m, v in r["midpoint_acc"].items())
+            print(f"{label}: loss barrier {barriers}; midpoint accuracy {mids}"
+                  + (f"; midpoint network {out / r['midpoint']}" if r.get("midpoint") else ""))
+        print(f"merge: {md}")
+        return 0
+
+
+@command
 class Check(Command):
     """A one-page sanity report of the symmetry tools on one network: a random g ∈ G_σ applied at every point
     preserves the function and moves the representation to g·h. Exit status 1 when any point fails.

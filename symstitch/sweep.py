@@ -35,6 +35,7 @@ import yaml
 from symstitch import align, projection, zoo  # noqa: F401
 from symstitch.stitching import experiment as _stitch_experiment  # noqa: F401
 from symstitch.dissect import experiment as _dissect_experiment  # noqa: F401
+from symstitch.merge import experiment as _merge_experiment  # noqa: F401
 from symstitch.io import writable_folder, write_atomic
 from symstitch.runner import EXPERIMENTS, CellRecord, Runner
 

@@ -504,6 +504,12 @@ def act(model: PointNetwork, point: str, g: Tensor) -> PointNetwork:
         if not isinstance(model, nn.Module):
             raise TypeError(f"act needs an nn.Module, got {type(model).__name__}")
         return act(GraphNet(model), point, g).model
+    _checked(model, point, g)  # before the copy: a wrong g costs nothing
+    return act_(copy.deepcopy(model), point, g)
+
+
+def _checked(model: PointNetwork, point: str, g: Tensor) -> tuple[Site, Tensor, IntertwinerGroup]:
+    """The site at ``point``, g as float64 on the CPU and the group, once g is known to act there."""
     sites = model.symmetry_sites()
     if point not in sites:
         raise _no_action(model, point, sites)
@@ -515,10 +521,21 @@ def act(model: PointNetwork, point: str, g: Tensor) -> PointNetwork:
     if not group.contains(g):
         raise ValueError(f"g is not in {group.name}")
     _check(sites[point], g, group.phi(g), point, group)
-    new = copy.deepcopy(model)
-    site = new.symmetry_sites()[point]
+    return sites[point], g, group
+
+
+def act_(model: PointNetwork, point: str, g: Tensor) -> PointNetwork:
+    """:func:`act` in place: ``model``'s own weights become those of g·model (returned, for chaining); any other
+    ``nn.Module`` is edited through a GraphNet. For the many small steps of an alignment
+    (:mod:`symstitch.merge`), where a copy per step would cost more than the step."""
+    if not is_network(model):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"act_ needs an nn.Module, got {type(model).__name__}")
+        act_(GraphNet(model), point, g)
+        return model
+    site, g, group = _checked(model, point, g)
     _apply(site, g.to(site.segments[0].producers[0][0].weight.device), group)
-    return new
+    return model
 
 
 __all__ = [
@@ -531,6 +548,7 @@ __all__ = [
     "PositiveScaledPermutations",
     "SignedPermutations",
     "act",
+    "act_",
     "action_blocks",
     "act_on_features",
     "actionable_points",

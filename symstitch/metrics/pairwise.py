@@ -451,7 +451,7 @@ class _ManualProgress(Progress):
         self.refresh()
 
 
-class _Recorder:
+class FeatureRecorder:
     """Forward hooks on the feature-point modules of both models (a context manager): ``run(x)`` gives the
     features of one batch as ``{"a": {point: (n, C, H, W)}, "b": {…}}`` (a network with a point that no module
     outputs, ``point_module(point)`` None — a graph node of a traced network — gives its points' features from a
@@ -469,7 +469,7 @@ class _Recorder:
         """The model whose hooks record ``side`` (both are "a" when the two models are one)."""
         return "a" if self.same else side
 
-    def __enter__(self) -> "_Recorder":
+    def __enter__(self) -> "FeatureRecorder":
         for side, p in dict.fromkeys((self.side_of(s), p) for s, p in self.wanted):
             model = self.model_a if side == "a" else self.model_b
             module = model.point_module(p)
@@ -661,7 +661,7 @@ def similarity_matrix(
         for m in models:
             m.eval().to(dev)
         seen = 0
-        with _Recorder(model_a, model_b, points_a, points_b) as recorder:
+        with FeatureRecorder(model_a, model_b, points_a, points_b) as recorder:
             for batch in dataloader:
                 x = batch_images(batch, normalizer).to(dev)
                 feats = recorder.run(x)
@@ -757,6 +757,7 @@ def _exact_cka(cka_names: list[str], points_a: list[str], points_b: list[str],
 
 
 __all__ = [
+    "FeatureRecorder",
     "GROUP_METRICS",
     "point_group",
     "similarity_matrix",

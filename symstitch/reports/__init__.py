@@ -6,6 +6,7 @@
 ``align``       similarity of every pair of points, the diagonal, the NaN entries
 ``projection``  accuracy after inserting M and retraining, the orthogonal − G_σ gap with its interval
 ``dissect``     interpretable units and unique concepts against the rotation α, the activation basis's verdict
+``merge``       loss and accuracy along the line between A and aligned B, the barriers per alignment with intervals
 ``common``      what they share: means and Student-t intervals, machines, number formats, CSV files
 ==============  ========================================================================================
 
@@ -29,6 +30,7 @@ SECTIONS = {
     "align": "symstitch.reports.align",
     "projection": "symstitch.reports.projection",
     "dissect": "symstitch.reports.dissect",
+    "merge": "symstitch.reports.merge",
 }
 
 

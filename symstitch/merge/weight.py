@@ -1,0 +1,180 @@
+"""Weight matching (docs/method.md §7): coordinate descent over the alignment sites on ‖θ_A − g·θ_B‖².
+
+At each step one site s is solved with every other site held at its current element. Its units touch three kinds
+of weights: rows that g's scales multiply (``a``: a producer's weight and bias without BatchNorm, else the
+BatchNorm's γ and β), rows that only g's permutation moves (``w``: the convolution before a BatchNorm) and
+columns of the layers that read the site, which absorb g⁻¹ (``c``). Pairing A's unit i with B's unit j at scale d
+costs
+
+    f_ij(d) = ‖a_i − d a'_j‖² + ‖w_i − w'_j‖² + ‖c_i − c'_j / d‖²
+
+(primes: B with the current alignment). Permutations only: d = 1, the step is git-re-basin's, the Hungarian
+method on Σ ⟨a_i, a'_j⟩ + ⟨w_i, w'_j⟩ + ⟨c_i, c'_j⟩. Signed permutations: d = ±1, whichever is better per pair.
+Positive scales (G_ReLU): d_ij = argmin_{d > 0} f_ij(d) for every pair (a search over log d on a grid, then
+golden-section refinement), and the Hungarian method on min_d f_ij. The step's element Δ = P_π·diag(d) is applied
+to B in place (:func:`symstitch.symmetry.act_`) and composed into the site's g. Sites are visited in a random
+order (``seed``) until a whole pass moves no unit and no scale by more than ``tol``, or ``max_iter`` passes.
+Each step can only lower the objective, which is bounded below, so the descent converges (to a local minimum).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from symstitch.merge.methods import METHODS
+from symstitch.merge.sites import AlignmentSite
+from symstitch.network import PointNetwork, Site
+from symstitch.symmetry import act_, compose
+
+Tensor = torch.Tensor
+
+#: log d is searched in [−LOG_RANGE, LOG_RANGE] (d from 0.0025 to 400)
+LOG_RANGE = 6.0
+_GRID = 49
+_GOLDEN = 40
+#: once the permutations have settled, a scale step moves log d by this multiple of its optimum (successive
+#: over-relaxation: without BatchNorm the scales of consecutive sites are coupled, and plain coordinate descent
+#: creeps towards them)
+OVER_RELAXATION = 1.8
+
+
+def unit_weights(site: Site, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(a, w, c)`` of units ``lo … hi − 1`` of a site (module docstring), float64, one row per unit."""
+    n = hi - lo
+    scaled, plain, inverse = [], [], []
+    for segment in site.segments:
+        if segment.size < hi:
+            continue
+        for layer, norm in segment.producers:
+            rows = [layer.weight[lo:hi].reshape(n, -1)]
+            if layer.bias is not None:
+                rows.append(layer.bias[lo:hi, None])
+            if norm is None:
+                scaled += rows
+            else:
+                plain += rows
+                scaled += [norm.weight[lo:hi, None], norm.bias[lo:hi, None]]
+        for consumer in segment.consumers:
+            inverse.append(consumer.weight[:, lo:hi].transpose(0, 1).reshape(n, -1))
+
+    def cat(parts: list[Tensor]) -> Tensor:
+        if not parts:
+            return torch.zeros(n, 0, dtype=torch.float64)
+        return torch.cat([p.detach().to("cpu", torch.float64) for p in parts], dim=1)
+
+    return cat(scaled), cat(plain), cat(inverse)
+
+
+def _scaled_cost(alpha: Tensor, beta: Tensor, gamma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """min over d > 0 of h(d) = α d² − 2β d + γ / d² − 2δ / d for every pair (α, γ per column, β, δ per pair):
+    ``(h_min, d)``. A grid over t = log d, then golden-section search around the best grid point."""
+    def h(t: Tensor) -> Tensor:
+        e = t.exp()
+        return alpha * e * e - 2 * beta * e + gamma / (e * e) - 2 * delta / e
+
+    grid = torch.linspace(-LOG_RANGE, LOG_RANGE, _GRID, dtype=torch.float64)
+    values = torch.stack([h(t.expand_as(beta)) for t in grid])
+    best = values.argmin(0)
+    step = grid[1] - grid[0]
+    lo = (grid[best] - step).clamp(min=-LOG_RANGE)
+    hi = (grid[best] + step).clamp(max=LOG_RANGE)
+    r = (math.sqrt(5) - 1) / 2
+    x1, x2 = hi - r * (hi - lo), lo + r * (hi - lo)
+    f1, f2 = h(x1), h(x2)
+    for _ in range(_GOLDEN):
+        left = f1 < f2  # the minimum is in [lo, x2]
+        hi = torch.where(left, x2, hi)
+        lo = torch.where(left, lo, x1)
+        x2n = torch.where(left, x1, lo + r * (hi - lo))
+        x1n = torch.where(left, hi - r * (hi - lo), x2)
+        f1, f2 = torch.where(left, h(x1n), f2), torch.where(left, f1, h(x2n))
+        x1, x2 = x1n, x2n
+    t = (lo + hi) / 2
+    # nothing scales (no rows, no columns): d = 1
+    t = torch.where((alpha + gamma == 0).expand_as(t), torch.zeros_like(t), t)
+    return h(t), t.exp()
+
+
+def block_step(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor], scales: str) -> tuple[Tensor, Tensor]:
+    """``(π, d)`` of one block: the pairing and scales minimising Σ_i f_{i, π(i)} (module docstring), d indexed
+    by B's units as :func:`~symstitch.symmetry.compose` takes them."""
+    (sa, wa, ca), (sb, wb, cb) = a, b
+    beta, delta, plain = sa @ sb.T, ca @ cb.T, wa @ wb.T
+    if scales == "none":
+        score, d = beta + delta + plain, torch.ones_like(beta)
+    elif scales == "sign":
+        signed = beta + delta
+        score, d = signed.abs() + plain, torch.where(signed < 0, -1.0, 1.0).to(beta)
+    else:
+        alpha, gamma = (sb * sb).sum(1)[None, :], (cb * cb).sum(1)[None, :]
+        cost, d = _scaled_cost(alpha, beta, gamma, delta)
+        if scales == "nonzero":  # d < 0 as well: d = −e^t turns (β, δ) into (−β, −δ)
+            cost_neg, d_neg = _scaled_cost(alpha, -beta, gamma, -delta)
+            d = torch.where(cost_neg < cost, -d_neg, d)
+            cost = torch.minimum(cost, cost_neg)
+        score = 2 * plain - cost  # −f up to terms of one row or one column, which no pairing changes
+    _, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    perm = torch.as_tensor(cols, dtype=torch.long)
+    rows = torch.arange(len(perm))
+    out = torch.empty(len(perm), dtype=torch.float64)
+    out[perm] = d[rows, perm]
+    return perm, out
+
+
+def objective(a_sites: dict[str, Site], b_sites: dict[str, Site], sites: list[AlignmentSite]) -> float:
+    """Σ over the sites' weights of ‖θ_A − θ_B‖² (each tensor counted once per site that touches it)."""
+    total = 0.0
+    for site in sites:
+        for lo, hi in site.block_ranges():
+            for x, y in zip(unit_weights(a_sites[site.point], lo, hi), unit_weights(b_sites[site.point], lo, hi)):
+                total += float((x - y).square().sum())
+    return total
+
+
+@METHODS.register("weight")
+def weight_matching(a: PointNetwork, b: PointNetwork, sites: list[AlignmentSite], *, max_iter: int = 100,
+                    seed: int = 0, tol: float = 1e-7, init: Optional[dict[str, Tensor]] = None
+                    ) -> tuple[dict[str, Tensor], dict]:
+    """g at every site by coordinate descent (module docstring); ``init``: starting elements (default identity)."""
+    work = copy.deepcopy(b)
+    elements = {s.point: torch.eye(s.size, dtype=torch.float64) for s in sites}
+    for site in sites:
+        if init is not None and site.point in init:
+            elements[site.point] = init[site.point].to(torch.float64)
+            act_(work, site.point, elements[site.point])
+    a_sites = a.symmetry_sites()
+    generator = torch.Generator().manual_seed(seed)
+    passes, converged, settled = 0, False, False
+    for passes in range(1, max_iter + 1):
+        moved = permuted = False
+        for k in torch.randperm(len(sites), generator=generator).tolist():
+            site = sites[k]
+            b_site = work.symmetry_sites()[site.point]
+            blocks = []
+            for lo, hi in site.block_ranges():
+                perm, d = block_step(unit_weights(a_sites[site.point], lo, hi), unit_weights(b_site, lo, hi),
+                                     site.scales)
+                if not torch.equal(perm, torch.arange(len(perm))):
+                    moved = permuted = True
+                elif float((d.abs().log()).abs().max()) > tol:
+                    moved = True
+                    if settled and site.scales == "positive":
+                        d = d**OVER_RELAXATION
+                blocks.append(compose(perm, d))
+            delta = torch.block_diag(*blocks)
+            act_(work, site.point, delta)
+            elements[site.point] = delta @ elements[site.point]
+        if not moved:
+            converged = True
+            break
+        settled = not permuted  # a pass that moved only scales: from now on the scale steps are over-relaxed
+    return elements, {"passes": passes, "converged": converged,
+                      "distance": objective(a_sites, work.symmetry_sites(), sites)}
+
+
+__all__ = ["block_step", "objective", "unit_weights", "weight_matching"]
