@@ -206,9 +206,11 @@ def names(value: Any) -> list[str]:
 
 
 def pairs(items: Sequence[Any], kind: str) -> list[tuple[Any, Any]]:
-    """Pairs of ``items``: ``unordered`` (i < j), ``ordered`` (i ≠ j) or ``self`` (i = j)."""
+    """Pairs of ``items``: ``unordered`` (i < j), ``ordered`` (i ≠ j), ``self`` (i = j) or ``disjoint`` (items 0–1,
+    2–3, …: no network in two pairs, so the pairs are independent samples)."""
     kinds = {
         "unordered": [(a, b) for i, a in enumerate(items) for b in items[i + 1:]],
+        "disjoint": [(items[i], items[i + 1]) for i in range(0, len(items) - 1, 2)],
         "ordered": [(a, b) for a in items for b in items if a != b],
         "self": [(a, a) for a in items],
     }

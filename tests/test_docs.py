@@ -75,6 +75,7 @@ def test_the_readme_python_runs_as_written(monkeypatch):
         block = block.replace("x, y = ...", "x, y = torch.randn(50, 8, 4, 4).relu(), torch.randn(50, 8, 4, 4).relu()")
         exec(compile("import torch\n" + block, "README.md", "exec"), namespace)
     assert isinstance(namespace["r"].penalty_pts, float)
+    assert set(namespace["path"].barrier_loss) == {"interpolated", "reestimated"}
     assert len(namespace["rows"]) == 19 * 19 * 4  # every pair of ResNet-20's points, the four metrics
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(namespace["ga"].eval()(x), namespace["a"].eval()(x), rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""Similarity metrics (docs/method.md §3, §7): plain float64 references, invariances, streaming, edges, two networks.
+"""Similarity metrics (docs/method.md §3, §8): plain float64 references, invariances, streaming, edges, two networks.
 
 The references (``ref_*``) are the one home of the written-out float64 forms of the metrics; the tests of the
 fused kernels (test_metrics_fast) compare with them too."""

@@ -58,7 +58,7 @@ def test_fast_equals_the_float64_reference_on_random_inputs(name, case):
         x, y = torch.randn(40, 9, 6, generator=gen(11)), torch.randn(40, 9, 6, generator=gen(12)).relu()
     x0, y0 = x.clone(), y.clone()
     reference = ref_similarity(name, x, y)
-    # the float64 path equals the reference; the float32 path keeps float64 accuracy where docs/method.md §7 asks
+    # the float64 path equals the reference; the float32 path keeps float64 accuracy where docs/method.md §8 asks
     assert float(M.similarity(name, x.double(), y.double())) == pytest.approx(reference, abs=1e-12)
     assert float(M.similarity(name, x, y)) == pytest.approx(reference, abs=2e-6)
     assert torch.equal(x, x0) and torch.equal(y, y0)  # the caller's tensors are untouched

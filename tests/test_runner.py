@@ -125,7 +125,8 @@ def test_pairs_and_names():
     assert pairs([0, 1, 2], "unordered") == [(0, 1), (0, 2), (1, 2)]
     assert pairs([0, 1], "ordered") == [(0, 1), (1, 0)]
     assert pairs([0, 1], "self") == [(0, 0), (1, 1)]
-    with pytest.raises(ValueError, match="pairs is one of unordered, ordered, self"):
+    assert pairs([0, 1, 2, 3, 4], "disjoint") == [(0, 1), (2, 3)]  # seed 4 has no partner: left out
+    with pytest.raises(ValueError, match="pairs is one of unordered, disjoint, ordered, self"):
         pairs([0], "all")
     assert names("a, b,,c") == ["a", "b", "c"] and names([1, "x"]) == ["1", "x"]
 

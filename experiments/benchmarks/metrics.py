@@ -13,7 +13,7 @@ folder first on the path: in part 2 one process answers the calls one at a time,
    kernels; torch.profiler self time, device time on a GPU) over the wall time of one profiled call. Rate =
    nominal FLOPs / our median time: CKA counts two full kernels, 2·n²·C·H·W each (ours computes only the
    upper triangle, so this is the rate a full-kernel GEMM would need); Procrustes counts its C×C
-   cross-product, 2·n·H·W·C² (it runs in float64, docs/method.md §7). "of GEMM" = rate / the GEMM rate of part 1.
+   cross-product, 2·n·H·W·C² (it runs in float64, docs/method.md §8). "of GEMM" = rate / the GEMM rate of part 1.
    After the rows of each shape, the two parts of the Procrustes moments timed alone: the float64 conversion
    pass over both inputs and the float64 GEMMs on inputs already converted, beside the time 10× the baseline
    would need.

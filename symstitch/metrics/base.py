@@ -1,4 +1,4 @@
-"""What every metric family shares (docs/method.md §3, §7): the layouts of features, the matching of two
+"""What every metric family shares (docs/method.md §3, §8): the layouts of features, the matching of two
 feature points' shapes, the inputs every metric refuses, and the float64 summed states of the torchmetrics
 classes. The families are :mod:`symstitch.metrics.procrustes` and :mod:`symstitch.metrics.cka`.
 
@@ -23,7 +23,7 @@ never a number:
   says nothing about it), all-zero features included;
 * NaN or Inf values.
 
-Numerics (docs/method.md §7): every sum over inputs is accumulated in float64 (the states of the streaming
+Numerics (docs/method.md §8): every sum over inputs is accumulated in float64 (the states of the streaming
 classes are float64 sums, :class:`_Sums`); the argument of every square root is clamped at 0; the caller's
 tensors are never modified. The metrics are measurements: they are computed without gradients
 (``requires_grad`` inputs are read, not differentiated). float16 and bfloat16 features are computed in float32.

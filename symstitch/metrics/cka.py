@@ -19,7 +19,7 @@ Shapes are matched as in :func:`~symstitch.metrics.base.match_features`: zero ch
 unchanged and enter the G_ReLU kernel as candidates of value 0; a grid reached by uniform nearest upsampling
 leaves the G_ReLU kernel unchanged and scales the linear one, which CKA ignores, so the native grid is used.
 
-Numerics (docs/method.md §7). Means, norms and every HSIC sum are accumulated in float64; the kernel GEMMs run
+Numerics (docs/method.md §8). Means, norms and every HSIC sum are accumulated in float64; the kernel GEMMs run
 in float32 for float32 features (they are the cost) and in float64 for float64 features. A channel whose
 centred norm is below :data:`CONSTANT_TOL` of its norm counts as constant and is set exactly to zero (otherwise
 G_ReLU-CKA would blow rounding noise up to a unit-norm channel). Features whose largest magnitude is outside
