@@ -32,6 +32,11 @@ def test_merge_command_on_two_zoo_networks(mcnn_lib, tmp_path, capsys):
     assert (report_dir / "merge_curves.png").stat().st_size > 10_000
     md = (report_dir / "report.md").read_text()
     assert "## Merging up to the intertwiner groups" in md and "| mcnn×0.125 | full (weight) | reestimated | 1 |" in md
+    from symstitch.merge import MergeExperiment
+    from symstitch.report import collect
+
+    part = MergeExperiment.report(collect(out)["merge"], tmp_path / "part")  # the section report.md holds
+    assert part.lines and "\n".join(part.lines).strip() in md and part.figures[0].exists()
     records = [json.loads(p.read_text()) for p in (out / "cells").rglob("*.json")]
     full = [r for r in records if r["cell"]["group"] == "full"][0]["result"]
     assert len(full["lambdas"]) == 3 and set(full["loss"]) == {"interpolated", "reestimated"}
@@ -123,3 +128,16 @@ def test_report_table_and_paired_verdicts(tmp_path):
     assert "no difference resolved" in text  # none vs permutations: the interval contains 0
     assert (tmp_path / "merge.csv").read_text().count("\n") == 10
     assert section.stats["merge/toy/full (weight)/interpolated/barrier"] == pytest.approx(1.0333333, rel=1e-6)
+
+
+def test_a_cell_as_a_wandb_run():
+    from symstitch.merge import MergeExperiment
+    from symstitch.runner import CellRecord
+
+    rec = _record("toy", "0-1", "weight", "full", {"interpolated": 0.5, "reestimated": 0.1})
+    record = CellRecord("merge", "toy/s0-s1/weight-full", rec["cell"], rec["result"], 3.0, machine={"cpu": "x"})
+    config, summary = MergeExperiment({"source": "a", "target": "b"}).wandb_fields(record)
+    assert config["group"] == "full" and config["machine"] == {"cpu": "x"}
+    assert summary == {"barrier_loss/interpolated": 0.5, "barrier_loss/reestimated": 0.1,
+                       "barrier_acc_pts/interpolated": 5.0, "barrier_acc_pts/reestimated": 1.0,
+                       "midpoint_acc/interpolated": 0.85, "midpoint_acc/reestimated": 0.89, "seconds": 3.0}

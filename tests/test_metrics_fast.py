@@ -267,7 +267,7 @@ def test_pair_engines_merge_like_one_pass():
                 "procrustes": MP._PairMoments(["relu", "orthogonal"], points, points)}
 
     def feed(objs, xs):
-        with MP._Recorder(nets[0], nets[1], points, points) as rec:
+        with MP.FeatureRecorder(nets[0], nets[1], points, points) as rec:
             for xb in xs:
                 MP._update_pairs(objs, {}, rec.run(xb), points, points, 128, False)
 

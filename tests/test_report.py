@@ -352,14 +352,15 @@ def test_each_experiment_kind_owns_its_section(built, tmp_path):
     root, md = built
     text = md.read_text()
     found = report.collect(root)
-    # the dissection section reads real tallies; tests/test_dissect_experiment.py checks it the same way
-    assert set(found) == set(SECTIONS) - {"dissect"}
+    # the dissection and merge sections read real results; tests/test_dissect_experiment.py and
+    # tests/test_merge_experiment.py check them the same way
+    assert set(found) == set(SECTIONS) - {"dissect", "merge"}
     for kind in found:
         part = EXPERIMENTS.get(kind).report(found[kind], tmp_path / kind)
         assert part.lines and "\n".join(part.lines).strip() in text
         assert all(p.exists() and p.is_relative_to(tmp_path / kind) for p in [*part.csvs.values(), *part.figures])
-    with pytest.raises(KeyError, match="no report section for experiment 'merge'; known: zoo, stitch"):
-        report.section("merge", [], tmp_path)
+    with pytest.raises(KeyError, match="no report section for experiment 'fusion'; known: zoo, stitch"):
+        report.section("fusion", [], tmp_path)
 
 
 def test_a_section_that_cannot_read_its_cells_costs_only_itself(tmp_path, capsys):

@@ -25,17 +25,22 @@ from torch import nn
 from symstitch.align import evaluation_loader
 from symstitch.checkpoints import classifier_spec, read_checkpoint
 from symstitch.io import write_json
-from symstitch.library import architecture, check_same_data, load_model, model_spec, resolve_model
+from symstitch.library import (architecture, check_same_data, datamodule_settings, load_model, model_spec,
+                               resolve_model)
 from symstitch.merge.alignment import align
 from symstitch.merge.methods import METHODS
 from symstitch.merge.path import BN_MODES, batch_norms, interpolate, merge_path, reestimate_batchnorm
 from symstitch.merge.sites import GROUP_CHOICES
-from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, PairExperiment, names
+from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
 
 
 def _plain(net: nn.Module) -> nn.Module:
-    """The module itself: a GraphNet's wrapped model, or the network."""
-    return getattr(net, "model", net) if type(net).__name__ in ("TracedNet", "HookedNet", "GraphNet") else net
+    """The module a reference's weights belong to: the model a wrapper (:class:`~symstitch.graph.GraphNet`) holds as
+    its submodule ``model`` when the wrapper holds nothing else, else the network itself."""
+    inner = getattr(net, "model", None)
+    if isinstance(inner, nn.Module) and {f"model.{k}" for k in inner.state_dict()} == set(net.state_dict()):
+        return inner
+    return net
 
 
 def save_merged(net: nn.Module, like: str, folder: Path, stem: str = "midpoint", info: Optional[dict] = None) -> Path:
@@ -122,6 +127,13 @@ class MergeExperiment(PairExperiment):
         test = evaluation_loader(source, s["data"], "test", s["test_images"], s["batch_size"])
         return train, test
 
+    def wandb_fields(self, record: CellRecord) -> tuple[dict, dict]:
+        """A cell as a W&B run: its settings, and per BatchNorm mode its barriers and midpoint accuracy."""
+        r = record.result
+        summary = {f"{what}/{mode}": value for what in ("barrier_loss", "barrier_acc_pts", "midpoint_acc")
+                   for mode, value in (r.get(what) or {}).items()}
+        return {**record.cell, "machine": record.machine}, {**summary, "seconds": record.seconds}
+
     def run_cell(self, cell: Cell, out: Path) -> Optional[dict]:
         s, p = self.settings, cell.params
         device = "cuda" if torch.cuda.is_available() else None
@@ -135,7 +147,9 @@ class MergeExperiment(PairExperiment):
         elif p["method"] == "weight":
             options = {"max_iter": int(s["max_iter"]), "seed": int(s["seed"])}
         elif p["method"] == "stitch":
-            options = {"epochs": int(s["stitch_epochs"]), "seed": int(s["seed"]), "data": s["data"] or None}
+            # the networks' own data (their checkpoints say which): in-memory networks would otherwise get digits
+            options = {"epochs": int(s["stitch_epochs"]), "seed": int(s["seed"]),
+                       "data": {**datamodule_settings(p["source"]), **(s["data"] or {})} or None}
         start = time.perf_counter()
         al = align(a, b, p["method"], p["group"], **options)
         align_seconds = time.perf_counter() - start
