@@ -12,7 +12,7 @@ costs
 (primes: B with the current alignment). Permutations only: d = 1, the step is git-re-basin's, the Hungarian
 method on Σ ⟨a_i, a'_j⟩ + ⟨w_i, w'_j⟩ + ⟨c_i, c'_j⟩. Signed permutations: d = ±1, whichever is better per pair.
 Positive scales (G_ReLU): d_ij = argmin_{d > 0} f_ij(d) for every pair (a search over log d on a grid, then
-golden-section refinement), and the Hungarian method on min_d f_ij. The step's element Δ = P_π·diag(d) is applied
+safeguarded Newton steps), and the Hungarian method on min_d f_ij. The step's element Δ = P_π·diag(d) is applied
 to the working copies (:class:`Working`: rows and columns gathered, scales multiplied) and composed into the
 site's g. Sites are visited in a random
 order (``seed``) until a whole pass moves no unit and no scale by more than ``tol``, or ``max_iter`` passes.
@@ -36,8 +36,8 @@ Tensor = torch.Tensor
 
 #: log d is searched in [−LOG_RANGE, LOG_RANGE] (d from 0.0025 to 400)
 LOG_RANGE = 6.0
-_GRID = 49
-_GOLDEN = 40
+_GRID = 25
+_NEWTON = 12
 #: once the permutations have settled, a scale step moves log d by this multiple of its optimum (successive
 #: over-relaxation: without BatchNorm the scales of consecutive sites are coupled, and plain coordinate descent
 #: creeps towards them)
@@ -115,32 +115,35 @@ def unit_weights(site: Site, lo: int, hi: int, values: Optional[Working] = None)
 
 def _scaled_cost(alpha: Tensor, beta: Tensor, gamma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     """min over d > 0 of h(d) = α d² − 2β d + γ / d² − 2δ / d for every pair (α, γ per column, β, δ per pair):
-    ``(h_min, d)``. A grid over t = log d, then golden-section search around the best grid point."""
+    ``(h_min, d)``. In t = log d: the best point of a grid, then safeguarded Newton steps inside the grid cell's
+    bracket (a bisection where h'' ≤ 0 or Newton would leave it), which converge to machine precision."""
     def h(t: Tensor) -> Tensor:
         e = t.exp()
         return alpha * e * e - 2 * beta * e + gamma / (e * e) - 2 * delta / e
 
     grid = torch.linspace(-LOG_RANGE, LOG_RANGE, _GRID, dtype=torch.float64)
-    values = torch.stack([h(t.expand_as(beta)) for t in grid])
-    best = values.argmin(0)
-    step = grid[1] - grid[0]
-    lo = (grid[best] - step).clamp(min=-LOG_RANGE)
-    hi = (grid[best] + step).clamp(max=LOG_RANGE)
-    r = (math.sqrt(5) - 1) / 2
-    x1, x2 = hi - r * (hi - lo), lo + r * (hi - lo)
-    f1, f2 = h(x1), h(x2)
-    for _ in range(_GOLDEN):
-        left = f1 < f2  # the minimum is in [lo, x2]
-        hi = torch.where(left, x2, hi)
-        lo = torch.where(left, lo, x1)
-        x2n = torch.where(left, x1, lo + r * (hi - lo))
-        x1n = torch.where(left, hi - r * (hi - lo), x2)
-        f1, f2 = torch.where(left, h(x1n), f2), torch.where(left, f1, h(x2n))
-        x1, x2 = x1n, x2n
-    t = (lo + hi) / 2
-    # nothing scales (no rows, no columns): d = 1
-    t = torch.where((alpha + gamma == 0).expand_as(t), torch.zeros_like(t), t)
-    return h(t), t.exp()
+    shape = torch.broadcast_shapes(alpha.shape, beta.shape)
+    best_value = torch.full(shape, math.inf, dtype=torch.float64)
+    best = torch.zeros(shape, dtype=torch.float64)
+    for t in grid:
+        value = h(t.expand(shape))
+        better = value < best_value
+        best_value = torch.where(better, value, best_value)
+        best = torch.where(better, t, best)
+    step = float(grid[1] - grid[0])
+    lo, hi, t = (best - step).clamp(min=-LOG_RANGE), (best + step).clamp(max=LOG_RANGE), best
+    for _ in range(_NEWTON):
+        e, f = t.exp(), (-t).exp()
+        d1 = 2 * alpha * e * e - 2 * beta * e - 2 * gamma * f * f + 2 * delta * f  # h'(t)
+        d2 = 4 * alpha * e * e - 2 * beta * e + 4 * gamma * f * f - 2 * delta * f  # h''(t)
+        lo = torch.where(d1 < 0, t, lo)  # the minimum lies on the descending side
+        hi = torch.where(d1 > 0, t, hi)
+        newton = t - d1 / torch.where(d2 > 0, d2, torch.ones_like(d2))
+        t = torch.where((d2 > 0) & (newton >= lo) & (newton <= hi), newton, (lo + hi) / 2)
+    t = torch.where((alpha + gamma == 0).expand_as(t), torch.zeros_like(t), t)  # nothing scales: d = 1
+    value = h(t)
+    keep = best_value < value  # Newton never does worse than the grid: keep the grid's point if it did
+    return torch.where(keep, best_value, value), torch.where(keep, best, t).exp()
 
 
 def block_step(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor], scales: str) -> tuple[Tensor, Tensor]:
