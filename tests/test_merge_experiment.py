@@ -5,7 +5,6 @@ verdicts on records with known numbers."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

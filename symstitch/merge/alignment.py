@@ -35,6 +35,7 @@ from symstitch.merge.sites import GROUP_CHOICES, AlignmentSite, alignment_sites
 
 Tensor = torch.Tensor
 
+
 @dataclass
 class Alignment:
     """What :func:`align` found: ``elements[site.point]`` = g_s (float64, g_s·h_B ≈ h_A) for each of ``sites``;

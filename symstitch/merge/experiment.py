@@ -23,13 +23,14 @@ import yaml
 from torch import nn
 
 from symstitch.align import evaluation_loader
+from symstitch.batchnorm import batch_norms
 from symstitch.checkpoints import classifier_spec, read_checkpoint
 from symstitch.io import write_json
 from symstitch.library import (architecture, check_same_data, datamodule_settings, load_model, model_spec,
                                resolve_model)
 from symstitch.merge.alignment import align
 from symstitch.merge.methods import METHODS
-from symstitch.merge.path import BN_MODES, batch_norms, interpolate, merge_path, reestimate_batchnorm
+from symstitch.merge.path import BN_MODES, interpolate, merge_path, reestimate_batchnorm
 from symstitch.merge.sites import GROUP_CHOICES
 from symstitch.runner import EXPERIMENTS, PAIR_OPTIONS, Cell, CellRecord, PairExperiment, names
 

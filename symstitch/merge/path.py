@@ -20,8 +20,8 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from symstitch.batchnorm import batch_norms, reestimating
 from symstitch.inputs import batch_images, labelled_batch, loader_normalization
 
 Tensor = torch.Tensor
@@ -51,36 +51,22 @@ def interpolate(a: nn.Module, b: nn.Module, lam: float) -> nn.Module:
     return out
 
 
-def batch_norms(net: nn.Module) -> list[_BatchNorm]:
-    return [m for m in net.modules() if isinstance(m, _BatchNorm)]
-
-
 @torch.no_grad()
 def reestimate_batchnorm(net: nn.Module, data: Iterable[Any], normalize: Optional[Any] = None,
                          device: Optional[str] = None) -> nn.Module:
     """``net`` (in place, returned in eval mode) with every BatchNorm's running statistics re-estimated on one pass
-    of ``data``: reset, cumulative average (``momentum=None``), only the BatchNorms in train mode. Momentum is
-    restored afterwards."""
-    norms = batch_norms(net)
-    if not norms:
-        return net.eval()
-    normalizer = loader_normalization(data, normalize)
-    dev = torch.device(device) if device else next(net.parameters()).device
-    momenta = [m.momentum for m in norms]
-    net.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    seen = 0
-    for batch in data:
-        net(batch_images(batch, normalizer).to(dev))
-        seen += 1
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    if not seen:
-        raise ValueError("re-estimating BatchNorm statistics needs data: the loader yielded no batches")
-    return net.eval()
+    of ``data`` (:func:`symstitch.batchnorm.reestimating`: reset, cumulative average)."""
+    with reestimating(net) as norms:
+        if norms:
+            normalizer = loader_normalization(data, normalize)
+            dev = torch.device(device) if device else next(net.parameters()).device
+            seen = 0
+            for batch in data:
+                net(batch_images(batch, normalizer).to(dev))
+                seen += 1
+            if not seen:
+                raise ValueError("re-estimating BatchNorm statistics needs data: the loader yielded no batches")
+    return net
 
 
 @torch.no_grad()
@@ -162,5 +148,5 @@ def merge_path(a: nn.Module, b: nn.Module, test: Iterable[Any], train: Optional[
     return path
 
 
-__all__ = ["BN_MODES", "MergePath", "barrier", "batch_norms", "evaluate", "interpolate", "lambdas", "merge_path",
+__all__ = ["BN_MODES", "MergePath", "barrier", "evaluate", "interpolate", "lambdas", "merge_path",
            "reestimate_batchnorm"]

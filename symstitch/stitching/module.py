@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
+from symstitch.batchnorm import reestimating
 from symstitch.data import DataModule, LoaderData, TensorImageDataset, normalize_batch
 from symstitch.library import check_same_data, load_pair, ref_identity, ref_text
 from symstitch.lightning_adapters import find_unused_parameters
@@ -495,17 +495,11 @@ class StitchingModule(pl.LightningModule):
         the pass) and put in train mode for the pass; the copy of B only ever runs ``forward_from(·, point)``,
         so its BatchNorms before the point are never used. Each DDP rank makes the same pass over all the
         training images, so every rank ends with the same statistics. The stored networks are untouched."""
-        suffix, layer = copy.deepcopy(self.target_net).eval(), copy.deepcopy(layer).eval()
-        norms = [m for net in (suffix, layer) for m in net.modules() if isinstance(m, _BatchNorm)]
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None
-            norm.train()
-        if norms:
-            for h, carry in self._training_prefix():
-                suffix.forward_from(layer(h), self.point, carry)
-        for norm in norms:
-            norm.eval()
+        suffix, layer = copy.deepcopy(self.target_net), copy.deepcopy(layer)
+        with reestimating(suffix, layer) as norms:
+            if norms:
+                for h, carry in self._training_prefix():
+                    suffix.forward_from(layer(h), self.point, carry)
         return suffix, layer
 
     def _training_prefix(self, with_labels: bool = False, limit: Optional[int] = None) -> Iterator[Any]:
