@@ -260,6 +260,26 @@ def test_weight_step_finds_scaled_permutation_exactly():
     assert torch.equal(found_d, torch.ones(n, dtype=torch.float64))
 
 
+def test_activation_scales_are_the_norm_ratio():
+    """A's unit 0 is B's unit 1 times 3; A's unit 1 is weakly correlated with B's unit 0 and 2× its norm: the
+    scale of a matched pair is ‖Y_i‖ / ‖X_π(i)‖ (3 and 2), not the least-squares ρ‖Y_i‖ / ‖X_π(i)‖, which shrinks
+    with the correlation."""
+    from symstitch.merge.activation import norm_ratio_scales
+    from symstitch.stitch_layers import ChannelMatch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1000, 2, generator=generator, dtype=torch.float64)  # B's units (ReLU-like: non-negative)
+    other = torch.rand(1000, generator=generator, dtype=torch.float64)
+    weak = 0.2 * x[:, 0] + other
+    y = torch.stack([3 * x[:, 1], 2 * weak * x[:, 0].norm() / weak.norm()], dim=1)  # A's units
+    match = ChannelMatch(y.T @ x, (x * x).sum(0), (y * y).sum(0))
+    perm = match.permutation()
+    assert perm.tolist() == [1, 0]
+    d = norm_ratio_scales(match, perm)
+    assert torch.allclose(d, torch.tensor([2.0, 3.0], dtype=torch.float64))
+    assert match.scales(perm)[0] < 2.0  # least squares: shrunk by the correlation
+
+
 def test_scaled_cost_matches_brute_force():
     generator = torch.Generator().manual_seed(1)
     alpha, gamma = torch.rand(1, 6, generator=generator, dtype=torch.float64) + 0.1, \

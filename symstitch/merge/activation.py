@@ -5,11 +5,15 @@ For each block of a site, with X = B's and Y = A's activations over every input 
 that hold the block (a residual stream: every block output of the stages that hold it)::
 
     M_ij = ⟨Ŷ_i, X̂_j⟩   (channels scaled to unit norm)       π = argmax_π Σ_i M_{i, π(i)}   (|M| for signed groups)
-    d_{π(i)} = ⟨Y_i, X_{π(i)}⟩ / ‖X_{π(i)}‖²                (least squares per matched pair, then the group's kind:
-                                                             positive for ReLU, its sign for tanh, 1 for permutations)
+    d_{π(i)} = sign⟨Y_i, X_{π(i)}⟩ ‖Y_i‖ / ‖X_{π(i)}‖          (then the group's kind: positive for ReLU, ±1 for
+                                                             tanh, 1 for permutations)
 
-and g = P_π·diag(d) (:func:`symstitch.symmetry.compose`), so that (g·h_B)_i = d_{π(i)} h_B,π(i) ≈ h_A,i. For
-B = g₀⁻¹·A the solution is g₀ exactly on every unit that is neither dead nor a copy of another. The moments are
+and g = P_π·diag(d) (:func:`symstitch.symmetry.compose`), so that (g·h_B)_i = d_{π(i)} h_B,π(i) ≈ h_A,i: each
+matched unit of B brought to the norm of A's, the scale that G_ReLU-Procrustes's normalisation X̂ = X / ‖X‖
+implies. For B = g₀⁻¹·A the solution is g₀ exactly on every unit that is neither dead nor a copy of another. Not
+the least-squares scale ⟨Y_i, X_π(i)⟩ / ‖X_π(i)‖² = ρ‖Y_i‖ / ‖X_π(i)‖, exact under g₀ too but shrinking with the
+pair's correlation ρ: towards 0 on weakly matched units, whose outgoing weights then grow by 1/d and are averaged
+into the merged network (docs/method.md §7 has the measurement). The moments are
 those of G_ReLU-Procrustes (:mod:`symstitch.metrics.procrustes`, float64), recorded with the similarity
 metrics' :class:`~symstitch.metrics.pairwise.FeatureRecorder`; the matching is the G stitch's
 (:class:`~symstitch.stitch_layers.ChannelMatch`).
@@ -61,6 +65,17 @@ def record_moments(a: PointNetwork, b: PointNetwork, points: list[str], data: It
     return {p: tuple(t.cpu() for t in v) for p, v in sums.items()}
 
 
+def norm_ratio_scales(match: ChannelMatch, perm: Tensor) -> Tensor:
+    """d_{π(i)} = ‖Y_i‖ / ‖X_{π(i)}‖ with the sign of ⟨Y_i, X_{π(i)}⟩ (0 where either unit is zero: the site's kind
+    then makes it 1), indexed by B's units as :func:`~symstitch.symmetry.compose` takes them."""
+    rows = torch.arange(len(perm))
+    d = torch.zeros(len(perm), dtype=torch.float64)
+    alive = (match.y_sq > 0) & (match.x_sq[perm] > 0)
+    ratio = (match.y_sq / match.x_sq[perm].clamp_min(1e-300)).sqrt() * torch.sign(match.cross[rows, perm])
+    d[perm] = torch.where(alive, ratio, torch.zeros_like(ratio))
+    return d
+
+
 def site_element(site: AlignmentSite, moments: dict[str, tuple[Tensor, ...]]) -> Tensor:
     """g of one site from the moments of its points (module docstring), block by block."""
     blocks = []
@@ -71,8 +86,7 @@ def site_element(site: AlignmentSite, moments: dict[str, tuple[Tensor, ...]]) ->
         sq_b = sum(moments[p][2][lo:hi] for p in holders)
         match = ChannelMatch(cross, sq_b, sq_a)  # Y = A, X = B: A ≈ g·B
         perm = match.permutation(signed=site.scales in ("sign", "nonzero"))
-        d = project_scales(torch.where(sq_b > 0, match.scales(perm), torch.zeros_like(sq_b)), site.scales)
-        blocks.append(compose(perm, d))
+        blocks.append(compose(perm, project_scales(norm_ratio_scales(match, perm), site.scales)))
     return torch.block_diag(*blocks)
 
 
@@ -90,4 +104,4 @@ def activation_matching(a: PointNetwork, b: PointNetwork, sites: list[AlignmentS
     return {site.point: site_element(site, moments) for site in sites}, {"points": len(points)}
 
 
-__all__ = ["activation_matching", "record_moments", "site_element"]
+__all__ = ["activation_matching", "norm_ratio_scales", "record_moments", "site_element"]
