@@ -376,27 +376,32 @@ def stitch_lasso(summary: Sequence[dict], path: Path, note: str = "") -> Path:
 
 
 def merge_curves(summary: Sequence[dict], path: Path, note: str = "") -> Path:
-    """Test loss (left) and accuracy (right) along λ, one row per network family: one colour per alignment,
-    BatchNorm re-estimated solid, interpolated dashed; the line is the mean over pairs and the band its 95 %
-    t-interval. ``summary``: :func:`symstitch.reports.merge.merge_summary`."""
+    """Test loss (left, log scale) and accuracy (right) along λ, one row per network family: one colour per
+    alignment, BatchNorm re-estimated solid, interpolated dashed; the line is the mean over pairs, the band the
+    range over pairs (lowest to highest). ``summary``: :func:`symstitch.reports.merge.merge_summary`."""
     families = list(dict.fromkeys(s["family"] for s in summary))
-    fig, axes = plt.subplots(len(families), 2, figsize=(10, 3.2 * len(families)), squeeze=False)
+    fig, axes = plt.subplots(len(families), 2, figsize=(12.5, 3.2 * len(families)), squeeze=False)
     colours: dict[str, str] = {}
     for row, family in zip(axes, families):
         for s in (s for s in summary if s["family"] == family):
             colour = colours.setdefault(s["alignment"], f"C{len(colours) % 10}")
             style = "-" if s["bn"] == "reestimated" else "--"
             for ax, what in zip(row, ("loss", "acc")):
-                mean = np.array([v["mean"] for v in s[what]])
-                half = np.array([v["half"] if v["n"] > 1 and np.isfinite(v["half"]) else 0.0 for v in s[what]])
-                ax.plot(s["lambdas"], mean, style, color=colour, marker="o", markersize=2.5,
+                ax.plot(s["lambdas"], [v["mean"] for v in s[what]], style, color=colour, marker="o", markersize=2.5,
                         label=f"{s['alignment']}, BN {s['bn']}")
-                ax.fill_between(s["lambdas"], mean - half, mean + half, color=colour, alpha=0.12, linewidth=0)
+                ax.fill_between(s["lambdas"], [v["min"] for v in s[what]], [v["max"] for v in s[what]],
+                                color=colour, alpha=0.1, linewidth=0)
         row[0].set_ylabel(f"{family}\ntest loss")
         row[0].set_yscale("log")
         row[1].set_ylabel("test accuracy (%)")
         for ax in row:
             ax.set_xlabel("λ (0: A, 1: aligned B)")
             ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=6, loc="lower center")
+    handles, labels = [], []
+    for row in axes:  # every family's lines, each label once
+        for h, label in zip(*row[1].get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    axes[0][1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, path, note)

@@ -87,6 +87,7 @@ def _identifiable(a: nn.Module, points: list[str], data) -> dict[str, torch.Tens
     return out
 
 
+@pytest.mark.groundtruth
 @pytest.mark.parametrize("arch,width", ARCHS)
 def test_ground_truth_every_zoo_architecture(arch, width, one_thread):
     """B = g₀·A: weight matching finds g = g₀⁻¹ at every site, g·B has A's weights, and the line between A and g·B
@@ -120,6 +121,7 @@ def test_ground_truth_every_zoo_architecture(arch, width, one_thread):
         assert _weights_close(a, al.apply(b)) < 1e-4
 
 
+@pytest.mark.groundtruth
 def test_signed_permutations_for_tanh(one_thread):
     """A tanh network without max-pooling (any module, through the network interface): its group is the signed
     permutations, B = g₀·A with random signs is undone by both methods, signs included."""
@@ -183,6 +185,7 @@ def trained_pair(mcnn_lib):
     return load_model(ref_a), load_model(ref_b), train, test
 
 
+@pytest.mark.groundtruth
 def test_scales_matter(trained_pair):
     """B = P·D·A with D far from 1: permutation-only alignment finds P but leaves D, and the line from A to it
     rises; the G_ReLU alignment removes D as well and the barrier with it."""
@@ -201,6 +204,7 @@ def test_scales_matter(trained_pair):
         assert barriers["permutations"] > 0.05, (method, barriers)
 
 
+@pytest.mark.groundtruth
 def test_torchvision_model_aligned_where_the_action_reaches(one_thread):
     """A torchvision ResNet-18 through the network interface: the block-internal ReLUs are aligned, the residual
     streams (an activation read by several layers) are named as unreached with the reason; B = g·A at the

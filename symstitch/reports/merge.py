@@ -54,9 +54,14 @@ def merge_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return rows, curves
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    """:func:`~symstitch.reports.common.interval_stats` and the range (``min``, ``max``) of the values."""
+    return {**interval_stats(values), "min": min(values), "max": max(values)}
+
+
 def merge_summary(rows: list[dict], curves: list[dict]) -> list[dict]:
     """One entry per (family, alignment, BatchNorm mode): interval statistics over pairs of the barrier (loss),
-    the midpoint's accuracy (%), and of loss and accuracy at every λ (for the figure)."""
+    the midpoint's accuracy (%), and of loss and accuracy at every λ with their range over pairs (the figure)."""
     summary = []
     keys = list(dict.fromkeys((r["family"], r["alignment"], r["group"], r["bn"]) for r in rows))
     for family, label, group, mode in keys:
@@ -68,8 +73,8 @@ def merge_summary(rows: list[dict], curves: list[dict]) -> list[dict]:
                         "barrier_acc": interval_stats([r["barrier_acc_pts"] for r in mine]),
                         "midpoint_acc": interval_stats([100 * r["midpoint_acc"] for r in mine]),
                         "lambdas": lams,
-                        "loss": [interval_stats([c["loss"] for c in points if c["lambda"] == t]) for t in lams],
-                        "acc": [interval_stats([100 * c["acc"] for c in points if c["lambda"] == t]) for t in lams]})
+                        "loss": [_spread([c["loss"] for c in points if c["lambda"] == t]) for t in lams],
+                        "acc": [_spread([100 * c["acc"] for c in points if c["lambda"] == t]) for t in lams]})
     return summary
 
 
