@@ -58,11 +58,11 @@ def test_merge_command_on_two_torchvision_models(tmp_path, capsys):
         torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
         refs.append(f"{{class_path: torchvision.models.resnet18, init_args: {{num_classes: 10}}, state_dict: {path}}}")
     out = tmp_path / "tv"
-    assert main(["merge", "--source", refs[0], "--target", refs[1], "--methods", "weight", "--groups", "full",
+    assert main(["merge", "--source", refs[0], "--target", refs[1], "--methods", "activation", "--groups", "full",
                  "--lambdas", "3", "--bn", "reestimated", "--match-images", "32", "--test-images", "32",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "full (weight): loss barrier reestimated" in printed
+    assert "full (activation): loss barrier reestimated" in printed
     record = json.loads(next((out / "cells").rglob("*.json")).read_text())["result"]
     assert len(record["alignment"]["sites"]) == 8 and record["alignment"]["unaligned"]  # the streams: why not
     midpoint = out / record["midpoint"]
