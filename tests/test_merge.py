@@ -209,7 +209,7 @@ def test_torchvision_model_aligned_where_the_action_reaches(one_thread):
     """A torchvision ResNet-18 through the network interface: the block-internal ReLUs are aligned, the residual
     streams (an activation read by several layers) are named as unreached with the reason; B = g·A at the
     reached sites is undone and the barrier is 0."""
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     torch.manual_seed(0)
     a = _alive(torchvision.models.resnet18(num_classes=10), torch.Generator().manual_seed(1))
     net = as_network(a)
@@ -243,7 +243,7 @@ def test_refusals():
         align(models.build("mcnn", width=0.125), models.build("mcnn", width=0.125), "bogus")
     with pytest.raises(ValueError, match="group is one of none, permutations, full"):
         align(models.build("mcnn", width=0.125), models.build("mcnn", width=0.125), "weight", "orthogonal")
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     tv = torchvision.models.resnet18(num_classes=10)
     with pytest.raises(ValueError, match=r"cannot align at relu: .*read by 2 operations.*; alignable points: layer1.0.relu"):
         align(tv, tv, "weight", points=["relu"])

@@ -25,7 +25,7 @@ from torch import nn
 
 from symstitch.graph import as_network
 from symstitch.network import Site
-from symstitch.symmetry import GROUPS, IntertwinerGroup, intertwiner_group
+from symstitch.symmetry import intertwiner_group
 
 Tensor = torch.Tensor
 
@@ -99,7 +99,7 @@ def alignment_sites(net: nn.Module) -> tuple[list[AlignmentSite], dict[str, str]
         point = max(points, key=lambda p: (sites[p].channels, -points.index(p)))  # the widest, the first of those
         site = sites[point]
         group = intertwiner_group(net.point_activation(point))
-        scales = SCALES[_group_name(group)]
+        scales = SCALES[group.nonlinearity.group]  # the kind's registry name
         if scales in ("sign", "nonzero") and any(isinstance(m, torch.nn.MaxPool2d) for m in site.between):
             scales = "none" if scales == "sign" else "positive"  # max-pooling commutes with positive scales only
         out.append(AlignmentSite(point, tuple(points), tuple(sites[p].channels for p in points), tuple(site.blocks),
@@ -109,14 +109,6 @@ def alignment_sites(net: nn.Module) -> tuple[list[AlignmentSite], dict[str, str]
     unreached = {p: net.no_action_reason(p) or "no weight-space action is defined there"
                  for p in net.feature_points if p not in sites}
     return out, unreached
-
-
-def _group_name(group: IntertwinerGroup) -> str:
-    """The registry name of an intertwiner group's kind."""
-    for name in GROUPS:
-        if isinstance(group, GROUPS.get(name)):
-            return name
-    raise ValueError(f"unknown group kind {group!r}")
 
 
 def project_scales(d: Tensor, kind: ScaleKind) -> Tensor:
